@@ -1,0 +1,181 @@
+"""Qwen3Embedder: the public face for embedding text, modelled on sentence-transformers."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from qwen3_jax.hub import resolve_model
+from qwen3_jax.loader import load_model
+from qwen3_jax.model import Qwen3Model
+from qwen3_jax.sharding import batch_sharding, shard_count
+from qwen3_jax.tokenize import (TextTokenizer, bucket_length, format_instruction, pad_batch,
+                                read_sentence_transformers_files)
+
+MIN_DIM = 32
+DEFAULT_TOKEN_BUDGET = 16384
+
+
+def last_token_index(valid: jax.Array) -> jax.Array:
+    """Index of the last real token of each row [B], whatever side the padding is on."""
+    return valid.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
+
+
+def _embed_batch(graphdef, state, ids, valid):
+    """Hidden state of each row's last real token (the appended <|endoftext|>), float32 [B, D]."""
+    hidden = nnx.merge(graphdef, state)(ids, valid)
+    return hidden[jnp.arange(ids.shape[0]), last_token_index(valid)].astype(jnp.float32)
+
+
+def check_texts(texts) -> list[str]:
+    """A list of strings, or a clear error naming the first item that is not one."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+    return list(texts)
+
+
+def plan_batches(lengths: Sequence[int], *, batch_size: int, token_budget: int, max_length: int,
+                 multiple: int = 1) -> list[tuple[np.ndarray, int, int]]:
+    """Groups texts longest first into (indices, padded length, padded rows) batches.
+
+    A batch takes as many of the next texts as its longest one's bucket allows within the token
+    budget, so only few (rows, length) shapes occur and shorter texts pad little.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        length = bucket_length(lengths[order[start]], max_length)
+        rows = max(1, min(batch_size, token_budget // length))
+        chosen = order[start:start + rows]
+        padded_rows = rows if len(chosen) == rows else min(rows, 1 << (len(chosen) - 1).bit_length())
+        padded_rows = -(-padded_rows // multiple) * multiple
+        batches.append((chosen, length, padded_rows))
+        start += len(chosen)
+    return batches
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norms == 0, 1.0, norms)
+
+
+class Qwen3Embedder:
+    """Encodes texts into Qwen3-Embedding vectors: last-token pooling, MRL dims, L2 normalisation."""
+
+    def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, prompts: dict[str, str] | None = None,
+                 max_length: int | None = None, mesh: Mesh | None = None, padding_side: str = "right",
+                 token_budget: int = DEFAULT_TOKEN_BUDGET):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: choose 'left' or 'right'")
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.prompts = dict(prompts or {})
+        self.max_length = max_length or self.config.max_position_embeddings
+        self.mesh = mesh
+        self.padding_side = padding_side
+        self.token_budget = token_budget
+        graphdef, self._state = nnx.split(model)
+        self._inputs = batch_sharding(mesh)
+        self._forward = jax.jit(functools.partial(_embed_batch, graphdef),
+                                in_shardings=(None, self._inputs, self._inputs), out_shardings=self._inputs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "float32", param_dtype: str | None = None,
+                        max_length: int | None = None, attention: str = "auto", mesh: Mesh | None = None,
+                        fsdp: bool = False, revision: str | None = None, cache_dir: str | None = None,
+                        strict: bool = False, **kwargs) -> "Qwen3Embedder":
+        """Loads a local checkpoint folder or a hub id ("Qwen/Qwen3-Embedding-0.6B")."""
+        folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
+        model = load_model(folder, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh,
+                           fsdp=fsdp, strict=strict)
+        prompts, st_max_length = read_sentence_transformers_files(folder)
+        return cls(model, TextTokenizer.from_folder(folder), prompts=prompts,
+                   max_length=max_length or st_max_length, mesh=mesh, **kwargs)
+
+    @property
+    def dimension(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def compiled_programs(self) -> int:
+        """How many (batch, length) programs the forward pass has compiled so far."""
+        return self._forward._cache_size()
+
+    def resolve_prefix(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str:
+        """The string put before every text: at most one of the three ways of choosing it."""
+        if sum(x is not None for x in (prompt_name, prompt, instruction)) > 1:
+            raise ValueError("pass at most one of prompt_name, prompt and instruction")
+        if instruction is not None:
+            return format_instruction(instruction)
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                known = ", ".join(self.prompts) or "none (no config_sentence_transformers.json)"
+                raise ValueError(f"prompt_name={prompt_name!r} is unknown; this model has: {known}")
+            return self.prompts[prompt_name]
+        return prompt or ""
+
+    def check_dim(self, dim: int | None) -> int:
+        hidden = self.config.hidden_size
+        if dim is None:
+            return hidden
+        low = min(MIN_DIM, hidden)
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not low <= dim <= hidden:
+            raise ValueError(f"dim={dim!r} is outside {low}..{hidden} supported by this model")
+        return int(dim)
+
+    def encode(self, texts: Sequence[str] | str, *, prompt_name: str | None = None, prompt: str | None = None,
+               instruction: str | None = None, dim: int | None = None, batch_size: int = 32,
+               normalize: bool = True, max_length: int | None = None) -> np.ndarray:
+        """Embeds texts: float32 [n, dim or hidden] (a single string gives [dim]).
+
+        `instruction` formats queries as "Instruct: {instruction}\\nQuery:{text}"; `prompt_name`
+        uses the prompts of config_sentence_transformers.json; `dim` truncates (MRL) before normalising.
+        """
+        single = isinstance(texts, str)
+        texts = check_texts([texts] if single else texts)
+        dim = self.check_dim(dim)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        max_length = max_length or self.max_length
+        prefix = self.resolve_prefix(prompt_name, prompt, instruction)
+        pooled = self.embed_token_ids(self.tokenizer.encode([prefix + t for t in texts], max_length),
+                                      batch_size=batch_size, max_length=max_length)
+        out = pooled[:, :dim]
+        if normalize:
+            out = normalize_rows(out)
+        return out[0] if single else out
+
+    def embed_token_ids(self, rows: Sequence[Sequence[int]], *, batch_size: int = 32,
+                        max_length: int | None = None) -> np.ndarray:
+        """Pooled, unnormalised last hidden states [n, hidden] for already tokenized rows."""
+        out = np.zeros((len(rows), self.config.hidden_size), np.float32)
+        batches = plan_batches([len(r) for r in rows], batch_size=batch_size, token_budget=self.token_budget,
+                               max_length=max_length or self.max_length, multiple=shard_count(self.mesh))
+        pending = []
+        for indices, length, padded_rows in batches:
+            ids, valid = pad_batch([rows[i] for i in indices], length, padded_rows,
+                                   self.tokenizer.end_of_text_id, self.padding_side)
+            ids, valid = jax.device_put((ids, valid), self._inputs)
+            pending.append((indices, self._forward(self._state, ids, valid)))
+        for indices, result in pending:
+            out[indices] = np.asarray(result)[: len(indices)]
+        return out
+
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine similarity matrix [len(a), len(b)] (rows are normalised first)."""
+        a, b = np.atleast_2d(np.asarray(a, np.float32)), np.atleast_2d(np.asarray(b, np.float32))
+        if a.shape[-1] != b.shape[-1]:
+            raise ValueError(f"cannot compare {a.shape[-1]}-dim and {b.shape[-1]}-dim embeddings")
+        return normalize_rows(a) @ normalize_rows(b).T

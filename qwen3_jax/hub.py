@@ -1,0 +1,35 @@
+"""Turning a model name into a local folder: a folder is used as it is, a hub id is fetched once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Only what inference needs: configs, weights, tokenizer and sentence-transformers module files.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "1_Pooling/*", "merges.txt", "vocab.json"]
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                  cache_dir: str | None = None) -> Path:
+    """A local checkpoint folder for a path or a Hugging Face hub id such as "Qwen/Qwen3-Embedding-0.6B"."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    looks_local = path.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1 or path.exists()
+    if looks_local:
+        raise FileNotFoundError(f"model folder {text!r} does not exist: pass a checkpoint folder or a hub id")
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            text, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{text!r} is not in the local Hugging Face cache and the hub cannot be reached (offline?): "
+            "download it where there is a network, or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{text!r} is neither a local folder nor a model on the hub") from None
+    except HfHubHTTPError as err:
+        raise FileNotFoundError(f"could not fetch {text!r} from the hub ({err}); pass a local folder") from None

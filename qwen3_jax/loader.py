@@ -1,0 +1,73 @@
+"""Building a Qwen3Model from a checkpoint folder: abstract parameters, then streamed weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.model import Qwen3Model
+from qwen3_jax.sharding import FSDP, TENSOR_PARALLEL, partition_spec
+from qwen3_jax.weights import RULES_BY_PATH, CheckpointFolder, load_arrays
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(dtype) -> jnp.dtype:
+    """"float32" | "bfloat16" | "float16" (or a jnp dtype) -> jnp.dtype, with a clear error otherwise."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def abstract_model(cfg: Qwen3Config, *, param_dtype, dtype, attention: str, with_lm_head: bool) -> Qwen3Model:
+    """The model with shapes and dtypes only: no parameter memory is allocated."""
+    return nnx.eval_shape(lambda: Qwen3Model(cfg, param_dtype=param_dtype, dtype=dtype, attention_impl=attention,
+                                             with_lm_head=with_lm_head, rngs=nnx.Rngs(0)))
+
+
+def parameter_shardings(model: Qwen3Model, mesh: Mesh | None, *, fsdp: bool = False):
+    """A function from parameter path to its sharding, derived from the weight table's logical axes."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return lambda path: device
+    shapes = {path: var.shape for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    rules = FSDP if fsdp else TENSOR_PARALLEL
+
+    def sharding(path: tuple[str, ...]) -> NamedSharding:
+        rule = RULES_BY_PATH[path]
+        axes = (("layers",) if rule.per_layer else ()) + rule.axes
+        return NamedSharding(mesh, partition_spec(axes, shapes[path], mesh, rules))
+
+    return sharding
+
+
+def load_model(folder: str | Path, *, dtype="float32", param_dtype=None, attention: str = "auto",
+               mesh: Mesh | None = None, fsdp: bool = False, with_lm_head: bool = False,
+               strict: bool = False) -> Qwen3Model:
+    """Reads config.json and the safetensors weights of `folder` into a ready Qwen3Model.
+
+    `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: same as dtype).
+    """
+    cfg = Qwen3Config.from_hf(folder)
+    compute = parse_dtype(dtype)
+    stored = parse_dtype(param_dtype) if param_dtype is not None else compute
+    ckpt = CheckpointFolder(folder)
+    model = abstract_model(cfg, param_dtype=stored, dtype=compute, attention=attention,
+                           with_lm_head=with_lm_head and "lm_head.weight" in ckpt.location)
+    if with_lm_head and not cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.location:
+        raise ValueError(f"{folder}: config.json says tie_word_embeddings=false but there is no "
+                         "lm_head.weight; is this an embedding checkpoint rather than a reranker?")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    flat = list(nnx.to_flat_state(params))
+    abstract = {path: var.get_value() for path, var in flat}
+    loaded = dict(load_arrays(ckpt, abstract, parameter_shardings(model, mesh, fsdp=fsdp),
+                              cfg.num_hidden_layers, strict=strict))
+    params = nnx.from_flat_state([(path, var.replace(loaded[path])) for path, var in flat])
+    return nnx.merge(graphdef, params, rest)

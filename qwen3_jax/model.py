@@ -1,0 +1,144 @@
+"""The Qwen3 decoder in Flax NNX: embedding, scanned decoder layers, final RMSNorm.
+
+Dimension letters: B batch, T tokens, D model width, N query heads, K kv heads, G query heads
+per kv head, H head dim, F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen3_jax.attention import attention
+from qwen3_jax.config import Qwen3Config
+
+_init = nnx.initializers.normal(stddev=0.02)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as Qwen3 computes it: normalise in float32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rotary_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """sin and cos [B, T, H/2] in float32 for integer positions [B, T]."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on [B, T, heads, H], computed in float32."""
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def positions_from_mask(valid: jax.Array) -> jax.Array:
+    """0..n-1 over the real tokens of each row, whatever side the padding is on."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with per-head q/k RMSNorm before RoPE."""
+
+    def __init__(self, cfg: Qwen3Config, *, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.wq = nnx.Param(_init(rngs.params(), (d, n, h), param_dtype))
+        self.wk = nnx.Param(_init(rngs.params(), (d, k, h), param_dtype))
+        self.wv = nnx.Param(_init(rngs.params(), (d, k, h), param_dtype))
+        self.wo = nnx.Param(_init(rngs.params(), (n, h, d), param_dtype))
+        self.q_norm = nnx.Param(jnp.ones((h,), param_dtype))
+        self.k_norm = nnx.Param(jnp.ones((h,), param_dtype))
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x, sin, cos, valid, *, impl: str):
+        dtype = x.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dtype))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dtype))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
+        q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), sin, cos)
+        k = apply_rotary(rms_norm(k, self.k_norm[...], self.eps), sin, cos)
+        out = attention(q, k, v, valid, impl=impl)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: Qwen3Config, *, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.w_gate = nnx.Param(_init(rngs.params(), (d, f), param_dtype))
+        self.w_up = nnx.Param(_init(rngs.params(), (d, f), param_dtype))
+        self.w_down = nnx.Param(_init(rngs.params(), (f, d), param_dtype))
+
+    def __call__(self, x):
+        dtype = x.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...].astype(dtype))
+        up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...].astype(dtype))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: Qwen3Config, *, param_dtype, rngs: nnx.Rngs):
+        self.input_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype))
+        self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype))
+        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x, sin, cos, valid, *, impl: str):
+        x = x + self.attn(rms_norm(x, self.input_norm[...], self.eps), sin, cos, valid, impl=impl)
+        return x + self.mlp(rms_norm(x, self.post_norm[...], self.eps))
+
+
+class Qwen3Model(nnx.Module):
+    """Qwen3 backbone returning the final-normed hidden states [B, T, D].
+
+    The decoder layers are one DecoderLayer whose parameters carry a leading L axis, applied with
+    `jax.lax.scan`, so compile time does not grow with depth.
+    """
+
+    def __init__(self, cfg: Qwen3Config, *, param_dtype=jnp.float32, dtype=jnp.float32,
+                 attention_impl: str = "auto", with_lm_head: bool = False, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.attention_impl = attention_impl
+        self.embed = nnx.Param(_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_layers(layer_rngs):
+            return DecoderLayer(cfg, param_dtype=param_dtype, rngs=layer_rngs)
+
+        self.layers = stacked_layers(rngs)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype))
+        if with_lm_head and not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+
+    def __call__(self, ids: jax.Array, valid: jax.Array, *, return_layer_states: bool = False):
+        """ids, valid [B, T] -> normed hidden states [B, T, D] (and each layer's output [L, B, T, D])."""
+        cfg = self.config
+        x = self.embed[...].astype(self.dtype)[ids]
+        sin, cos = rotary_angles(positions_from_mask(valid), cfg.head_dim, cfg.rope_theta)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def step(h, one_layer_state):
+            h = nnx.merge(graphdef, one_layer_state)(h, sin, cos, valid, impl=self.attention_impl)
+            return h, (h if return_layer_states else None)
+
+        x, layer_outputs = jax.lax.scan(step, x, layer_state)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return (x, layer_outputs) if return_layer_states else x
+
+    def output_rows(self, token_ids) -> jax.Array:
+        """Rows of the output projection for the given vocabulary ids [V', D] (tied or separate head)."""
+        table = self.lm_head if hasattr(self, "lm_head") else self.embed
+        return table[...][jnp.asarray(token_ids)].astype(self.dtype)

@@ -1,0 +1,64 @@
+"""Device meshes and the logical-axis rules that turn parameter axes into PartitionSpecs."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "model")
+# Tensor parallelism: heads, MLP width and vocabulary split over "model".
+TENSOR_PARALLEL = {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model"}
+# FSDP additionally splits the model width of every matrix over "data".
+FSDP = {**TENSOR_PARALLEL, "embed": "data"}
+
+
+def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
+    """A ("data", "model") mesh over all (or the given) devices; `data` defaults to the rest."""
+    devices = list(devices if devices is not None else jax.devices())
+    if data is None:
+        data = len(devices) // model
+    if data < 1 or model < 1 or data * model != len(devices):
+        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices; "
+                         f"{len(devices)} are available")
+    return Mesh(np.array(devices).reshape(data, model), MESH_AXES)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """"data=4,model=2" -> {"data": 4, "model": 2} (the CLI's --mesh)."""
+    sizes = {}
+    for part in filter(None, spec.split(",")):
+        name, _, value = part.partition("=")
+        if name.strip() not in MESH_AXES or not value.strip().isdigit():
+            raise ValueError(f"--mesh {spec!r}: expected e.g. data=4,model=2")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                   rules: dict[str, str]) -> PartitionSpec:
+    """Maps logical axes to mesh axes; an axis whose size the mesh axis does not divide is replicated."""
+    spec, used = [], set()
+    for name, size in zip(axes, shape):
+        mesh_axis = rules.get(name) if name else None
+        if mesh_axis and mesh_axis not in used and size % mesh.shape[mesh_axis] == 0 \
+                and mesh.shape[mesh_axis] > 1:
+            spec.append(mesh_axis)
+            used.add(mesh_axis)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
+    """Inputs and outputs: the batch split over "data", replicated over "model"."""
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def shard_count(mesh: Mesh | None) -> int:
+    """How many ways a batch is split; batches are padded to a multiple of it."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in ("data",))

@@ -1,0 +1,90 @@
+"""Tokenization for Qwen3-Embedding: exactly one trailing <|endoftext|>, instructions, length buckets."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def format_instruction(instruction: str) -> str:
+    """The query prompt Qwen3-Embedding was trained with; documents get none."""
+    return f"Instruct: {instruction}\nQuery:"
+
+
+def bucket_length(num_tokens: int, limit: int, minimum: int = 16) -> int:
+    """Padded length for a batch whose longest row has `num_tokens`: a small fixed set of sizes.
+
+    Powers of two up to 512, then steps of a quarter of the enclosing power of two, so that padding
+    stays small while a stream of many lengths compiles only a handful of programs.
+    """
+    size = minimum
+    while size < num_tokens:
+        power = 1 << (size.bit_length() - 1)
+        size += power if size < 512 else power // 4
+    return min(size, limit)
+
+
+class TextTokenizer:
+    """A `tokenizers` Tokenizer that always ends every input with exactly one <|endoftext|>."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.end_of_text_id = tokenizer.token_to_id(END_OF_TEXT)
+        if self.end_of_text_id is None:
+            raise ValueError(f"the tokenizer has no {END_OF_TEXT} token; is this a Qwen3 tokenizer?")
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "TextTokenizer":
+        file = Path(folder) / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: the checkpoint folder needs its tokenizer.json")
+        return cls(Tokenizer.from_file(str(file)))
+
+    def encode(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        """Token ids per text: the text's own tokens, cut to max_length - 1, then <|endoftext|>.
+
+        The checkpoint's post-processor is bypassed, so the result is the same whether or not its
+        tokenizer.json appends the end-of-text token itself. Truncation warns once per call.
+        """
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} leaves no room for text and <|endoftext|>")
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        ids = [encoding.ids for encoding in encodings]
+        too_long = [i for i, row in enumerate(ids) if len(row) >= max_length]
+        if too_long:
+            warnings.warn(f"{len(too_long)} text(s) (first: index {too_long[0]}) exceed max_length="
+                          f"{max_length} tokens and were truncated; <|endoftext|> was kept", stacklevel=3)
+        return [row[: max_length - 1] + [self.end_of_text_id] for row in ids]
+
+
+def pad_batch(rows: Sequence[Sequence[int]], length: int, batch: int, pad_id: int,
+              side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    """ids and a validity mask [batch, length]; rows beyond len(rows) are all padding."""
+    ids = np.full((batch, length), pad_id, dtype=np.int32)
+    valid = np.zeros((batch, length), dtype=bool)
+    for i, row in enumerate(rows):
+        start = 0 if side == "right" else length - len(row)
+        ids[i, start:start + len(row)] = row
+        valid[i, start:start + len(row)] = True
+    return ids, valid
+
+
+def read_sentence_transformers_files(folder: Path) -> tuple[dict[str, str], int | None]:
+    """The prompts of config_sentence_transformers.json and max_seq_length of sentence_bert_config.json."""
+    prompts, max_length = {}, None
+    prompt_file = folder / "config_sentence_transformers.json"
+    if prompt_file.is_file():
+        prompts = dict(json.loads(prompt_file.read_text()).get("prompts") or {})
+    length_file = folder / "sentence_bert_config.json"
+    if length_file.is_file():
+        max_length = json.loads(length_file.read_text()).get("max_seq_length")
+    return prompts, max_length

@@ -1,0 +1,183 @@
+"""Checkpoints for the tests, written to disk at test time by transformers in the published layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+END_OF_TEXT = "<|endoftext|>"
+QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+CORPUS = [
+    "The capital of China is Beijing.", "Gravity is a force that attracts two bodies towards each other.",
+    "What is the capital of China?", "Explain gravity", "机器学习是人工智能的一个分支。", "東京は日本の首都です。",
+    "Emoji test 🚀🔥 works", "def add(a, b):\n    return a + b", "JAX compiles numerical programs with XLA.",
+]
+
+
+def tiny_tokenizer():
+    """A small byte-level BPE tokenizer with the Qwen3 special tokens, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[END_OF_TEXT, "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return tok
+
+
+def base_tokenizer():
+    """The real Qwen3 tokenizer when QWEN3_TOKENIZER_DIR points at it, else the tiny one."""
+    from tokenizers import Tokenizer
+
+    folder = os.environ.get("QWEN3_TOKENIZER_DIR")
+    if folder and (Path(folder) / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    return tiny_tokenizer()
+
+
+def with_appended_end_of_text(tok):
+    """The Qwen3-Embedding variant: a post-processor that appends <|endoftext|> to every input."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(tok.to_str())
+    eot = tok.token_to_id(END_OF_TEXT)
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {END_OF_TEXT}", pair=f"$A $B {END_OF_TEXT}",
+                                                       special_tokens=[(END_OF_TEXT, eot)])
+    return tok
+
+
+def save_tokenizer(tok, folder: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token=END_OF_TEXT)
+    fast.padding_side = "right"
+    fast.save_pretrained(folder)
+    # save_pretrained may rewrite the post-processor; keep exactly the tokenizer we were given.
+    (folder / "tokenizer.json").write_text(tok.to_str())
+
+
+def randomize(model, seed: int) -> None:
+    """Random values for every parameter, norms included, so a mis-mapped weight cannot hide."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(1.0 + 0.1 * noise if "norm" in name else 0.05 * noise)
+
+
+def hub_style_config(folder: Path) -> None:
+    """Rewrites config.json in the transformers-4.51 dialect of the published checkpoints."""
+    raw = json.loads((folder / "config.json").read_text())
+    rope = raw.pop("rope_parameters", None) or {}
+    raw["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", 1e6))
+    raw["torch_dtype"] = raw.pop("dtype", "float32")
+    raw["architectures"] = ["Qwen3ForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+
+
+def write_sentence_transformers_files(folder: Path, max_seq_length: int = 1024) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": json.loads((folder / "config.json").read_text())["hidden_size"],
+        "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True, "include_prompt": True}))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": QUERY_PROMPT, "document": ""}, "default_prompt_name": None,
+         "similarity_fn_name": "cosine"}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": max_seq_length, "do_lower_case": False}))
+
+
+def build_checkpoint(folder: Path, *, tokenizer, vocab_size: int, dtype: str = "float32", seed: int = 0,
+                     hub_config: bool = True, causal_lm: bool = False, tie: bool = False,
+                     layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, head_dim: int = 32,
+                     intermediate: int = 128, max_shard_size: str | None = None) -> Path:
+    """A random Qwen3 checkpoint in the published layout (keys without "model." unless causal_lm)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None)
+    model = (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+    randomize(model, seed)
+    model = model.to(getattr(torch, dtype))
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    if hub_config:
+        hub_style_config(folder)
+    save_tokenizer(tokenizer, folder)
+    write_sentence_transformers_files(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizers_pair():
+    """(base tokenizer, variant that appends <|endoftext|>), real Qwen3 ones when available."""
+    base = base_tokenizer()
+    return base, with_appended_end_of_text(base)
+
+
+@pytest.fixture(scope="session")
+def vocab_size(tokenizers_pair):
+    return tokenizers_pair[0].get_vocab_size(with_added_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizers_pair, vocab_size):
+    """fp32 embedding checkpoint, hub-style config, tokenizer that appends <|endoftext|>."""
+    return build_checkpoint(tmp_path_factory.mktemp("fp32"), tokenizer=tokenizers_pair[1], vocab_size=vocab_size)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_base_tokenizer(tmp_path_factory, checkpoint, tokenizers_pair):
+    """The same weights with the older tokenizer that does not append <|endoftext|>."""
+    folder = tmp_path_factory.mktemp("fp32-base-tok")
+    shutil.copytree(checkpoint, folder, dirs_exist_ok=True)
+    (folder / "tokenizer.json").write_text(tokenizers_pair[0].to_str())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoint_bf16(tmp_path_factory, tokenizers_pair, vocab_size):
+    """bf16 weights, sharded with an index, config in the transformers-5 dialect."""
+    return build_checkpoint(tmp_path_factory.mktemp("bf16"), tokenizer=tokenizers_pair[1], vocab_size=vocab_size,
+                            dtype="bfloat16", hub_config=False, max_shard_size="2MB")
+
+
+@pytest.fixture(scope="session")
+def sentence_transformer(checkpoint):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(checkpoint), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedder(checkpoint):
+    from qwen3_jax import Qwen3Embedder
+
+    return Qwen3Embedder.from_pretrained(checkpoint)
+
+
+def long_text(words: int = 450) -> str:
+    rng = np.random.default_rng(0)
+    vocab = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega graph tensor mesh".split()
+    return " ".join(rng.choice(vocab, words))
