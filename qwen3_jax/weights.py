@@ -219,7 +219,8 @@ def _read_shard(ckpt: CheckpointFolder, rule: WeightRule, spec, index: tuple[sli
                  for layer in layers]
         shard = np.stack(parts).astype(spec.dtype)
     else:
-        shard = np.asarray(to_ours(rule.layout, ckpt.array(rule.hf_name), spec.shape)[index], dtype=spec.dtype)
+        # A copy, never a view: the file may be rewritten while the model lives.
+        shard = np.array(to_ours(rule.layout, ckpt.array(rule.hf_name), spec.shape)[index], dtype=spec.dtype)
     if not np.isfinite(shard).all():
         message = f"{ckpt.folder}: weight {rule.hf_name} holds NaN or Inf values"
         if strict:

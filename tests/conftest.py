@@ -160,7 +160,7 @@ def checkpoint_base_tokenizer(tmp_path_factory, checkpoint, tokenizers_pair):
 def checkpoint_bf16(tmp_path_factory, tokenizers_pair, vocab_size):
     """bf16 weights, sharded with an index, config in the transformers-5 dialect."""
     return build_checkpoint(tmp_path_factory.mktemp("bf16"), tokenizer=tokenizers_pair[1], vocab_size=vocab_size,
-                            dtype="bfloat16", hub_config=False, max_shard_size="2MB")
+                            dtype="bfloat16", hub_config=False, max_shard_size="40KB")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,87 @@
+"""The qwen3-jax command line: argument parsing only; the work is done by the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--attention", default="auto",
+                        choices=["auto", "dense", "blockwise", "cudnn", "splash"])
+    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
+    parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen3-jax", description="Qwen3-Embedding / Reranker in JAX")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    embed = commands.add_parser("embed", help="embed texts")
+    _common(embed)
+    source = embed.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", nargs="+", help="texts to embed")
+    source.add_argument("--input", help=".txt (one text a line) or .jsonl with a text field")
+    embed.add_argument("--output", help=".npy or .jsonl; default: JSON lines on stdout")
+    prompt = embed.add_mutually_exclusive_group()
+    prompt.add_argument("--instruction", help="task instruction for queries")
+    prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json, e.g. query")
+    embed.add_argument("--dim", type=int, default=None, help="MRL output dimension")
+    return parser
+
+
+def _mesh(args):
+    if not args.mesh:
+        return None
+    from qwen3_jax.sharding import make_mesh, parse_mesh
+
+    return make_mesh(**parse_mesh(args.mesh))
+
+
+def run_embed(args) -> None:
+    from qwen3_jax import Qwen3Embedder
+    from qwen3_jax.textio import read_texts, write_embeddings
+
+    ids, texts = read_texts(args.input) if args.input else (list(range(len(args.text))), args.text)
+    model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype, attention=args.attention,
+                                          mesh=_mesh(args), fsdp=args.fsdp, max_length=args.max_length)
+    vectors = model.encode(texts, instruction=args.instruction, prompt_name=args.prompt_name, dim=args.dim,
+                           batch_size=args.batch_size)
+    if args.output:
+        write_embeddings(args.output, ids, vectors)
+        print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {args.output}", file=sys.stderr)
+    else:
+        for record_id, row in zip(ids, vectors):
+            print(json.dumps({"id": record_id, "embedding": [round(float(x), 7) for x in row]}))
+
+
+COMMANDS = {"embed": run_embed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        print(f"qwen3-jax: error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("qwen3-jax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line for users, the traceback under --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"qwen3-jax: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The qwen3-jax command line, run as a user would run it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qwen3_jax.cli import main
+from tests.conftest import CORPUS
+
+TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def test_embed_txt_to_npy_matches_the_library(checkpoint, embedder, tmp_path):
+    texts = [t for t in CORPUS if "\n" not in t]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    out = tmp_path / "out.npy"
+    assert main(["embed", "--model", str(checkpoint), "--input", str(tmp_path / "in.txt"),
+                 "--output", str(out), "--instruction", TASK, "--dim", "32"]) == 0
+    expected = embedder.encode(texts, instruction=TASK, dim=32)
+    assert np.abs(np.load(out) - expected).max() <= 1e-6
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_embed_jsonl_keeps_ids(checkpoint, embedder, tmp_path):
+    lines = [json.dumps({"id": f"doc-{i}", "text": t}) for i, t in enumerate(CORPUS[:3])]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "out.jsonl"
+    assert main(["embed", "--model", str(checkpoint), "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(out), "--prompt-name", "query"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["doc-0", "doc-1", "doc-2"]
+    expected = embedder.encode(CORPUS[:3], prompt_name="query")
+    assert np.abs(np.array([r["embedding"] for r in records]) - expected).max() <= 1e-6
+
+
+def test_failures_print_one_line_and_leave_no_file(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out.npy"
+    assert main(["embed", "--model", str(checkpoint), "--text", "a", "--dim", "7", "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qwen3-jax: error: dim=7 is outside 32..64 supported by this model"]
+    assert list(tmp_path.iterdir()) == []
+    assert main(["embed", "--model", str(tmp_path / "missing"), "--text", "a"]) == 1
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
+    assert main(["embed", "--model", str(checkpoint), "--input", str(tmp_path / "bad.jsonl")]) == 1
+    assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2_through_the_console_script(checkpoint):
+    env = dict(os.environ)
+    run = subprocess.run([sys.executable, "-m", "qwen3_jax.cli", "embed", "--text", "a"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "--model" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "qwen3_jax.cli", "embed", "--model", str(checkpoint),
+                          "--text", "hello", "--dim", "32"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout.splitlines()[0])
+    assert record["id"] == 0 and len(record["embedding"]) == 32
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["embed", "--model", str(tmp_path / "missing"), "--text", "a", "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".npz"])
+def test_unknown_output_format(checkpoint, tmp_path, suffix, capsys):
+    assert main(["embed", "--model", str(checkpoint), "--text", "a", "--output", str(tmp_path / f"o{suffix}")]) == 1
+    assert "must end in .npy or .jsonl" in capsys.readouterr().err

@@ -1,0 +1,142 @@
+"""Qwen3Embedder against sentence-transformers on the same checkpoint files."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from qwen3_jax import Qwen3Embedder
+from tests.conftest import CORPUS, QUERY_PROMPT, long_text
+from tests.reference import cosine_rows
+
+TASK = "Given a web search query, retrieve relevant passages that answer the query"
+MIXED = ["", long_text(), *CORPUS]
+
+
+def test_queries_match_sentence_transformers(embedder, sentence_transformer):
+    ours = embedder.encode(MIXED, prompt_name="query", batch_size=4)
+    ref = sentence_transformer.encode(MIXED, prompt_name="query", batch_size=4)
+    assert ours.shape == ref.shape == (len(MIXED), 64) and ours.dtype == np.float32
+    assert np.abs(ours - ref).max() <= 1e-4
+    by_instruction = embedder.encode(MIXED, instruction=TASK)
+    assert np.abs(by_instruction - ref).max() <= 1e-4
+
+
+def test_documents_match_sentence_transformers(embedder, sentence_transformer):
+    ours = embedder.encode(MIXED, batch_size=32)
+    ref = sentence_transformer.encode(MIXED, batch_size=3)
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(embedder.encode(MIXED, prompt_name="document") - ref).max() <= 1e-4
+
+
+def test_older_tokenizer_without_appended_token_gives_the_same_vectors(checkpoint_base_tokenizer,
+                                                                       sentence_transformer):
+    model = Qwen3Embedder.from_pretrained(checkpoint_base_tokenizer)
+    ref = sentence_transformer.encode(CORPUS, prompt_name="query")
+    assert np.abs(model.encode(CORPUS, prompt_name="query") - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("dim", [32, 48])
+def test_mrl_dims_truncate_then_normalise(embedder, sentence_transformer, dim):
+    ref = sentence_transformer.encode(CORPUS, truncate_dim=dim)
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    ours = embedder.encode(CORPUS, dim=dim)
+    assert ours.shape == (len(CORPUS), dim)
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_left_padding_gives_the_same_embeddings(checkpoint, embedder):
+    left = Qwen3Embedder.from_pretrained(checkpoint, padding_side="left")
+    assert np.abs(left.encode(MIXED) - embedder.encode(MIXED)).max() <= 1e-5
+
+
+def test_bf16_by_cosine(checkpoint_bf16, sentence_transformer):
+    model = Qwen3Embedder.from_pretrained(checkpoint_bf16, dtype="bfloat16")
+    ref = sentence_transformer.encode(MIXED, prompt_name="query")
+    assert cosine_rows(model.encode(MIXED, prompt_name="query"), ref).min() >= 0.99
+
+
+def test_similarity_matches_sentence_transformers(embedder, sentence_transformer):
+    q = embedder.encode(CORPUS[2:4], prompt_name="query")
+    d = embedder.encode(CORPUS[:2])
+    ref = sentence_transformer.similarity(sentence_transformer.encode(CORPUS[2:4], prompt_name="query"),
+                                          sentence_transformer.encode(CORPUS[:2])).numpy()
+    assert np.abs(embedder.similarity(q, d) - ref).max() <= 1e-4
+
+
+def test_inputs_in_any_order_and_shapes(embedder):
+    full = embedder.encode(MIXED)
+    one = embedder.encode(MIXED[3])
+    assert one.shape == (64,) and np.abs(one - full[3]).max() <= 1e-5
+    assert embedder.encode([]).shape == (0, 64)
+    assert embedder.encode([], dim=32).shape == (0, 32)
+    reordered = embedder.encode(MIXED[::-1], batch_size=3)
+    assert np.abs(reordered[::-1] - full).max() <= 1e-5
+
+
+def test_many_lengths_compile_few_programs(checkpoint):
+    model = Qwen3Embedder.from_pretrained(checkpoint)
+    texts = [" ".join(["word"] * n) for n in range(1, 200, 3)]
+    model.encode(texts, batch_size=8)
+    model.encode(texts[::2], batch_size=8)
+    assert model.compiled_programs <= 8
+
+
+def test_bad_inputs_get_clear_errors(embedder):
+    with pytest.raises(ValueError, match="dim=17 is outside 32..64"):
+        embedder.encode(["a"], dim=17)
+    with pytest.raises(ValueError, match="dim=65"):
+        embedder.encode(["a"], dim=65)
+    with pytest.raises(TypeError, match=r"texts\[1\] is int"):
+        embedder.encode(["a", 3])
+    with pytest.raises(ValueError, match="prompt_name='nope' is unknown; this model has: query, document"):
+        embedder.encode(["a"], prompt_name="nope")
+    with pytest.raises(ValueError, match="at most one"):
+        embedder.encode(["a"], prompt_name="query", instruction="x")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        embedder.encode(["a"], batch_size=0)
+
+
+def test_over_long_text_is_truncated_with_one_warning(embedder, sentence_transformer):
+    with pytest.warns(UserWarning, match="truncated") as caught:
+        ours = embedder.encode([long_text(), long_text(300)], max_length=64)
+    assert len(caught) == 1
+    sentence_transformer.max_seq_length = 64
+    try:
+        ref = sentence_transformer.encode([long_text(), long_text(300)])
+    finally:
+        sentence_transformer.max_seq_length = 1024
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_default_max_length_comes_from_sentence_bert_config(embedder):
+    assert embedder.max_length == 1024
+
+
+def test_prompts_are_read_from_the_checkpoint(embedder):
+    assert embedder.prompts["query"] == QUERY_PROMPT
+
+
+def _hub_cache(checkpoint, root, repo="Qwen/Qwen3-Embedding-0.6B"):
+    """The folder layout huggingface_hub keeps for a downloaded snapshot."""
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / ("0" * 40)
+    shutil.copytree(checkpoint, snapshot)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text("0" * 40)
+
+
+def test_hub_id_offline_uses_the_cache_or_says_what_to_do(checkpoint, tmp_path, monkeypatch, embedder):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="pass a local folder"):
+        Qwen3Embedder.from_pretrained("Qwen/Qwen3-Embedding-0.6B", cache_dir=str(tmp_path / "empty"))
+    _hub_cache(checkpoint, tmp_path / "cache")
+    model = Qwen3Embedder.from_pretrained("Qwen/Qwen3-Embedding-0.6B", cache_dir=str(tmp_path / "cache"))
+    assert np.abs(model.encode(CORPUS) - embedder.encode(CORPUS)).max() == 0
+
+
+def test_missing_local_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Qwen3Embedder.from_pretrained(tmp_path / "absent")
