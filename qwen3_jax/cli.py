@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--instruction", help="task instruction for queries")
     prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json, e.g. query")
     embed.add_argument("--dim", type=int, default=None, help="MRL output dimension")
+
+    rerank = commands.add_parser("rerank", help="score documents against a query with a Qwen3-Reranker")
+    _common(rerank)
+    rerank.add_argument("--query", required=True)
+    rerank.add_argument("--input", required=True, help=".txt or .jsonl of documents")
+    rerank.add_argument("--top-k", type=int, default=None)
+    rerank.add_argument("--instruction", default=None, help="task instruction (default: web search)")
     return parser
 
 
@@ -62,7 +69,21 @@ def run_embed(args) -> None:
             print(json.dumps({"id": record_id, "embedding": [round(float(x), 7) for x in row]}))
 
 
-COMMANDS = {"embed": run_embed}
+def run_rerank(args) -> None:
+    from qwen3_jax.reranker import Qwen3Reranker
+    from qwen3_jax.textio import read_texts
+
+    ids, documents = read_texts(args.input)
+    kwargs = {"max_length": args.max_length} if args.max_length else {}
+    model = Qwen3Reranker.from_pretrained(args.model, dtype=args.dtype, attention=args.attention,
+                                          mesh=_mesh(args), fsdp=args.fsdp, **kwargs)
+    for hit in model.rank(args.query, documents, top_k=args.top_k, instruction=args.instruction,
+                          batch_size=args.batch_size):
+        print(json.dumps({"id": ids[hit["index"]], "score": round(hit["score"], 7), "text": hit["document"]},
+                         ensure_ascii=False))
+
+
+COMMANDS = {"embed": run_embed, "rerank": run_rerank}
 
 
 def main(argv: list[str] | None = None) -> int:

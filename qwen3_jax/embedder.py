@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
-from qwen3_jax.sharding import batch_sharding, shard_count
-from qwen3_jax.tokenize import (TextTokenizer, bucket_length, format_instruction, pad_batch,
-                                read_sentence_transformers_files)
+from qwen3_jax.pooling import DEFAULT_TOKEN_BUDGET, LastTokenRunner
+from qwen3_jax.tokenize import TextTokenizer, format_instruction, read_sentence_transformers_files
 
 MIN_DIM = 32
-DEFAULT_TOKEN_BUDGET = 16384
-
-
-def last_token_index(valid: jax.Array) -> jax.Array:
-    """Index of the last real token of each row [B], whatever side the padding is on."""
-    return valid.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
-
-
-def _embed_batch(graphdef, state, ids, valid):
-    """Hidden state of each row's last real token (the appended <|endoftext|>), float32 [B, D]."""
-    hidden = nnx.merge(graphdef, state)(ids, valid)
-    return hidden[jnp.arange(ids.shape[0]), last_token_index(valid)].astype(jnp.float32)
 
 
 def check_texts(texts) -> list[str]:
@@ -42,26 +25,6 @@ def check_texts(texts) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
     return list(texts)
-
-
-def plan_batches(lengths: Sequence[int], *, batch_size: int, token_budget: int, max_length: int,
-                 multiple: int = 1) -> list[tuple[np.ndarray, int, int]]:
-    """Groups texts longest first into (indices, padded length, padded rows) batches.
-
-    A batch takes as many of the next texts as its longest one's bucket allows within the token
-    budget, so only few (rows, length) shapes occur and shorter texts pad little.
-    """
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        length = bucket_length(lengths[order[start]], max_length)
-        rows = max(1, min(batch_size, token_budget // length))
-        chosen = order[start:start + rows]
-        padded_rows = rows if len(chosen) == rows else min(rows, 1 << (len(chosen) - 1).bit_length())
-        padded_rows = -(-padded_rows // multiple) * multiple
-        batches.append((chosen, length, padded_rows))
-        start += len(chosen)
-    return batches
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -75,20 +38,13 @@ class Qwen3Embedder:
     def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, prompts: dict[str, str] | None = None,
                  max_length: int | None = None, mesh: Mesh | None = None, padding_side: str = "right",
                  token_budget: int = DEFAULT_TOKEN_BUDGET):
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side={padding_side!r}: choose 'left' or 'right'")
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
         self.prompts = dict(prompts or {})
         self.max_length = max_length or self.config.max_position_embeddings
-        self.mesh = mesh
-        self.padding_side = padding_side
-        self.token_budget = token_budget
-        graphdef, self._state = nnx.split(model)
-        self._inputs = batch_sharding(mesh)
-        self._forward = jax.jit(functools.partial(_embed_batch, graphdef),
-                                in_shardings=(None, self._inputs, self._inputs), out_shardings=self._inputs)
+        self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh,
+                                      padding_side=padding_side, token_budget=token_budget)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "float32", param_dtype: str | None = None,
@@ -110,7 +66,7 @@ class Qwen3Embedder:
     @property
     def compiled_programs(self) -> int:
         """How many (batch, length) programs the forward pass has compiled so far."""
-        return self._forward._cache_size()
+        return self.runner.compiled_programs
 
     def resolve_prefix(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str:
         """The string put before every text: at most one of the three ways of choosing it."""
@@ -145,32 +101,14 @@ class Qwen3Embedder:
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
         dim = self.check_dim(dim)
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1")
         max_length = max_length or self.max_length
         prefix = self.resolve_prefix(prompt_name, prompt, instruction)
-        pooled = self.embed_token_ids(self.tokenizer.encode([prefix + t for t in texts], max_length),
-                                      batch_size=batch_size, max_length=max_length)
+        rows = self.tokenizer.encode([prefix + t for t in texts], max_length)
+        pooled = self.runner(rows, batch_size=batch_size, max_length=max_length)
         out = pooled[:, :dim]
         if normalize:
             out = normalize_rows(out)
         return out[0] if single else out
-
-    def embed_token_ids(self, rows: Sequence[Sequence[int]], *, batch_size: int = 32,
-                        max_length: int | None = None) -> np.ndarray:
-        """Pooled, unnormalised last hidden states [n, hidden] for already tokenized rows."""
-        out = np.zeros((len(rows), self.config.hidden_size), np.float32)
-        batches = plan_batches([len(r) for r in rows], batch_size=batch_size, token_budget=self.token_budget,
-                               max_length=max_length or self.max_length, multiple=shard_count(self.mesh))
-        pending = []
-        for indices, length, padded_rows in batches:
-            ids, valid = pad_batch([rows[i] for i in indices], length, padded_rows,
-                                   self.tokenizer.end_of_text_id, self.padding_side)
-            ids, valid = jax.device_put((ids, valid), self._inputs)
-            pending.append((indices, self._forward(self._state, ids, valid)))
-        for indices, result in pending:
-            out[indices] = np.asarray(result)[: len(indices)]
-        return out
 
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

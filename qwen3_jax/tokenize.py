@@ -49,6 +49,10 @@ class TextTokenizer:
             raise FileNotFoundError(f"{file} not found: the checkpoint folder needs its tokenizer.json")
         return cls(Tokenizer.from_file(str(file)))
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The texts' own tokens, without any special token the post-processor would add."""
+        return [encoding.ids for encoding in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
     def encode(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
         """Token ids per text: the text's own tokens, cut to max_length - 1, then <|endoftext|>.
 
@@ -57,8 +61,7 @@ class TextTokenizer:
         """
         if max_length < 2:
             raise ValueError(f"max_length={max_length} leaves no room for text and <|endoftext|>")
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        ids = [encoding.ids for encoding in encodings]
+        ids = self.token_ids(texts)
         too_long = [i for i, row in enumerate(ids) if len(row) >= max_length]
         if too_long:
             warnings.warn(f"{len(too_long)} text(s) (first: index {too_long[0]}) exceed max_length="

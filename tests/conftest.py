@@ -29,6 +29,7 @@ def tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[END_OF_TEXT, "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.add_tokens(["yes", "no"])  # the reranker reads these two tokens' logits
     return tok
 
 
@@ -161,6 +162,13 @@ def checkpoint_bf16(tmp_path_factory, tokenizers_pair, vocab_size):
     """bf16 weights, sharded with an index, config in the transformers-5 dialect."""
     return build_checkpoint(tmp_path_factory.mktemp("bf16"), tokenizer=tokenizers_pair[1], vocab_size=vocab_size,
                             dtype="bfloat16", hub_config=False, max_shard_size="40KB")
+
+
+@pytest.fixture(scope="session", params=["untied", "tied"])
+def reranker_checkpoint(request, tmp_path_factory, tokenizers_pair, vocab_size):
+    """A causal-LM checkpoint ("model." keys) with a separate or a tied LM head, base tokenizer."""
+    return build_checkpoint(tmp_path_factory.mktemp(f"reranker-{request.param}"), tokenizer=tokenizers_pair[0],
+                            vocab_size=vocab_size, causal_lm=True, tie=request.param == "tied", seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -23,3 +23,28 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=-1, keepdims=True)
     b = b / np.linalg.norm(b, axis=-1, keepdims=True)
     return (a * b).sum(-1)
+
+
+def official_rerank_scores(folder, query: str, documents: list[str], instruction: str,
+                           max_length: int = 8192) -> np.ndarray:
+    """The Qwen3-Reranker model card's scoring recipe, run with transformers on the same files."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwen3_jax.reranker import PREFIX, SUFFIX
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager",
+                                                 dtype=torch.float32).eval()
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    prefix = tokenizer.encode(PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(SUFFIX, add_special_tokens=False)
+    pairs = [f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}" for doc in documents]
+    inputs = tokenizer(pairs, padding=False, truncation="longest_first", return_attention_mask=False,
+                       max_length=max_length - len(prefix) - len(suffix))
+    inputs["input_ids"] = [prefix + ids + suffix for ids in inputs["input_ids"]]
+    inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=max_length)
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, -1, :]
+    pair = torch.stack([logits[:, no], logits[:, yes]], dim=1)
+    return torch.nn.functional.log_softmax(pair, dim=1)[:, 1].exp().numpy()

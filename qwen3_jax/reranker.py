@@ -1,0 +1,96 @@
+"""Qwen3Reranker: relevance of a document to a query, read off the LM's "yes" / "no" logits."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from jax.sharding import Mesh
+
+from qwen3_jax.embedder import check_texts
+from qwen3_jax.hub import resolve_model
+from qwen3_jax.loader import load_model
+from qwen3_jax.model import Qwen3Model
+from qwen3_jax.pooling import DEFAULT_TOKEN_BUDGET, LastTokenRunner
+from qwen3_jax.tokenize import TextTokenizer
+
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+          "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_MAX_LENGTH = 8192
+
+
+def format_pair(instruction: str, query: str, document: str) -> str:
+    """The user turn of the official reranker prompt."""
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+
+
+class Qwen3Reranker:
+    """Scores (query, document) pairs with a Qwen3-Reranker checkpoint: P("yes") in [0, 1]."""
+
+    def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, max_length: int = DEFAULT_MAX_LENGTH,
+                 mesh: Mesh | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        vocab = tokenizer.tokenizer
+        self.yes_id, self.no_id = vocab.token_to_id("yes"), vocab.token_to_id("no")
+        if self.yes_id is None or self.no_id is None:
+            raise ValueError("the tokenizer has no 'yes' / 'no' tokens; is this a Qwen3-Reranker checkpoint?")
+        self.prefix_ids, self.suffix_ids = tokenizer.token_ids([PREFIX, SUFFIX])
+        if len(self.prefix_ids) + len(self.suffix_ids) >= max_length:
+            raise ValueError(f"max_length={max_length} leaves no room between the prompt's prefix and suffix")
+        # Only two rows of the output projection are ever needed: "no" and "yes".
+        self.answer_rows = np.asarray(model.output_rows([self.no_id, self.yes_id]), np.float32)
+        self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh, token_budget=token_budget)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "float32", param_dtype: str | None = None,
+                        attention: str = "auto", mesh: Mesh | None = None, fsdp: bool = False,
+                        revision: str | None = None, cache_dir: str | None = None, strict: bool = False,
+                        **kwargs) -> "Qwen3Reranker":
+        """Loads a local reranker folder or a hub id ("Qwen/Qwen3-Reranker-0.6B"); tied or separate LM head."""
+        folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
+        model = load_model(folder, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh,
+                           fsdp=fsdp, with_lm_head=True, strict=strict)
+        return cls(model, TextTokenizer.from_folder(folder), mesh=mesh, **kwargs)
+
+    def prompt_ids(self, pairs: Sequence[tuple[str, str]], instruction: str) -> list[list[int]]:
+        """Token ids of each prompt; an over-long document is cut inside the document part."""
+        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        bodies = self.tokenizer.token_ids([format_pair(instruction, q, d) for q, d in pairs])
+        cut = sum(len(body) > budget for body in bodies)
+        if cut:
+            warnings.warn(f"{cut} prompt(s) exceed max_length={self.max_length} tokens; their documents were "
+                          "truncated (the prompt's prefix and suffix are kept)", stacklevel=3)
+        return [self.prefix_ids + body[:budget] + self.suffix_ids for body in bodies]
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None,
+                    batch_size: int = 16) -> np.ndarray:
+        """P("yes") for each (query, document) pair, float32 [n]."""
+        pairs = list(pairs)
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise TypeError(f"pairs[{i}] must be a (query, document) pair of strings")
+        rows = self.prompt_ids(pairs, instruction or DEFAULT_INSTRUCTION)
+        hidden = self.runner(rows, batch_size=batch_size, max_length=self.max_length)
+        logits = np.einsum("BD,AD->BA", hidden, self.answer_rows)          # A: ("no", "yes")
+        return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)
+
+    def score(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
+              batch_size: int = 16) -> np.ndarray:
+        """P("yes") of each document for one query, float32 [len(documents)]."""
+        documents = check_texts(documents)
+        return self.score_pairs([(query, d) for d in documents], instruction=instruction, batch_size=batch_size)
+
+    def rank(self, query: str, documents: Sequence[str], *, top_k: int | None = None,
+             instruction: str | None = None, batch_size: int = 16) -> list[dict]:
+        """Documents sorted by score: [{"index", "score", "document"}], the best `top_k` of them."""
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} must be at least 1")
+        scores = self.score(query, documents, instruction=instruction, batch_size=batch_size)
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [{"index": int(i), "score": float(scores[i]), "document": documents[i]} for i in order]
