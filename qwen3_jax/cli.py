@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +23,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "dense", "blockwise", "cudnn", "splash"])
     parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
     parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
+    parser.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                        help="multi-process: host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                        help="multi-process: how many processes (env JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                        help="multi-process: this process's rank (env JAX_PROCESS_ID)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-process job found from the environment (TPU pod slices)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -45,11 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _mesh(args):
-    if not args.mesh:
-        return None
-    from qwen3_jax.sharding import make_mesh, parse_mesh
+    """Joins the multi-process job first when asked, then builds the --mesh over all its devices."""
+    from qwen3_jax.sharding import initialize_distributed, make_mesh, parse_mesh
 
+    if args.coordinator or args.distributed:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if not args.mesh:
+        return make_mesh() if args.coordinator or args.distributed else None
     return make_mesh(**parse_mesh(args.mesh))
+
+
+def _is_writer() -> bool:
+    """Only the first process of a multi-process job writes results."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def run_embed(args) -> None:
@@ -61,6 +85,8 @@ def run_embed(args) -> None:
                                           mesh=_mesh(args), fsdp=args.fsdp, max_length=args.max_length)
     vectors = model.encode(texts, instruction=args.instruction, prompt_name=args.prompt_name, dim=args.dim,
                            batch_size=args.batch_size)
+    if not _is_writer():
+        return
     if args.output:
         write_embeddings(args.output, ids, vectors)
         print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {args.output}", file=sys.stderr)
@@ -77,8 +103,9 @@ def run_rerank(args) -> None:
     kwargs = {"max_length": args.max_length} if args.max_length else {}
     model = Qwen3Reranker.from_pretrained(args.model, dtype=args.dtype, attention=args.attention,
                                           mesh=_mesh(args), fsdp=args.fsdp, **kwargs)
-    for hit in model.rank(args.query, documents, top_k=args.top_k, instruction=args.instruction,
-                          batch_size=args.batch_size):
+    hits = model.rank(args.query, documents, top_k=args.top_k, instruction=args.instruction,
+                      batch_size=args.batch_size)
+    for hit in hits if _is_writer() else []:
         print(json.dumps({"id": ids[hit["index"]], "score": round(hit["score"], 7), "text": hit["document"]},
                          ensure_ascii=False))
 

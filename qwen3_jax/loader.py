@@ -26,16 +26,19 @@ def parse_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def abstract_model(cfg: Qwen3Config, *, param_dtype, dtype, attention: str, with_lm_head: bool) -> Qwen3Model:
+def abstract_model(cfg: Qwen3Config, *, param_dtype, dtype, attention: str, with_lm_head: bool,
+                   mesh: Mesh | None = None) -> Qwen3Model:
     """The model with shapes and dtypes only: no parameter memory is allocated."""
+    vocab_multiple = mesh.shape["model"] if mesh is not None else 1
     return nnx.eval_shape(lambda: Qwen3Model(cfg, param_dtype=param_dtype, dtype=dtype, attention_impl=attention,
-                                             with_lm_head=with_lm_head, rngs=nnx.Rngs(0)))
+                                             with_lm_head=with_lm_head, vocab_multiple=vocab_multiple,
+                                             rngs=nnx.Rngs(0)))
 
 
 def parameter_shardings(model: Qwen3Model, mesh: Mesh | None, *, fsdp: bool = False):
     """A function from parameter path to its sharding, derived from the weight table's logical axes."""
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return lambda path: device
     shapes = {path: var.shape for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     rules = FSDP if fsdp else TENSOR_PARALLEL
@@ -60,7 +63,7 @@ def load_model(folder: str | Path, *, dtype="float32", param_dtype=None, attenti
     stored = parse_dtype(param_dtype) if param_dtype is not None else compute
     ckpt = CheckpointFolder(folder)
     model = abstract_model(cfg, param_dtype=stored, dtype=compute, attention=attention,
-                           with_lm_head=with_lm_head and "lm_head.weight" in ckpt.location)
+                           with_lm_head=with_lm_head and "lm_head.weight" in ckpt.location, mesh=mesh)
     if with_lm_head and not cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.location:
         raise ValueError(f"{folder}: config.json says tie_word_embeddings=false but there is no "
                          "lm_head.weight; is this an embedding checkpoint rather than a reranker?")
@@ -68,6 +71,6 @@ def load_model(folder: str | Path, *, dtype="float32", param_dtype=None, attenti
     flat = list(nnx.to_flat_state(params))
     abstract = {path: var.get_value() for path, var in flat}
     loaded = dict(load_arrays(ckpt, abstract, parameter_shardings(model, mesh, fsdp=fsdp),
-                              cfg.num_hidden_layers, strict=strict))
+                              cfg, strict=strict))
     params = nnx.from_flat_state([(path, var.replace(loaded[path])) for path, var in flat])
     return nnx.merge(graphdef, params, rest)

@@ -107,11 +107,14 @@ class Qwen3Model(nnx.Module):
     """
 
     def __init__(self, cfg: Qwen3Config, *, param_dtype=jnp.float32, dtype=jnp.float32,
-                 attention_impl: str = "auto", with_lm_head: bool = False, rngs: nnx.Rngs):
+                 attention_impl: str = "auto", with_lm_head: bool = False, vocab_multiple: int = 1,
+                 rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.attention_impl = attention_impl
-        self.embed = nnx.Param(_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+        # Vocabulary rows padded to a multiple of the tensor-parallel axis; the extra rows stay zero.
+        vocab_rows = -(-cfg.vocab_size // vocab_multiple) * vocab_multiple
+        self.embed = nnx.Param(_init(rngs.params(), (vocab_rows, cfg.hidden_size), param_dtype))
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -121,7 +124,7 @@ class Qwen3Model(nnx.Module):
         self.layers = stacked_layers(rngs)
         self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype))
         if with_lm_head and not cfg.tie_word_embeddings:
-            self.lm_head = nnx.Param(_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+            self.lm_head = nnx.Param(_init(rngs.params(), (vocab_rows, cfg.hidden_size), param_dtype))
 
     def __call__(self, ids: jax.Array, valid: jax.Array, *, return_layer_states: bool = False):
         """ids, valid [B, T] -> normed hidden states [B, T, D] (and each layer's output [L, B, T, D])."""

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qwen3_jax.model import Qwen3Model
-from qwen3_jax.sharding import batch_sharding, shard_count
+from qwen3_jax.sharding import batch_sharding, fetch_global, put_global, shard_count
 from qwen3_jax.tokenize import bucket_length, pad_batch
 
 DEFAULT_TOKEN_BUDGET = 16384
@@ -86,8 +86,8 @@ class LastTokenRunner:
         for indices, length, padded_rows in batches:
             ids, valid = pad_batch([rows[i] for i in indices], length, padded_rows, self.pad_id,
                                    self.padding_side)
-            ids, valid = jax.device_put((ids, valid), self._inputs)
+            ids, valid = put_global(ids, self._inputs), put_global(valid, self._inputs)
             pending.append((indices, self._forward(self._state, ids, valid)))
         for indices, result in pending:
-            out[indices] = np.asarray(result)[: len(indices)]
+            out[indices] = fetch_global(result)[: len(indices)]
         return out

@@ -55,10 +55,33 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: M
 def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
     """Inputs and outputs: the batch split over "data", replicated over "model"."""
     if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return NamedSharding(mesh, PartitionSpec("data"))
 
 
 def shard_count(mesh: Mesh | None) -> int:
     """How many ways a batch is split; batches are padded to a multiple of it."""
     return 1 if mesh is None else math.prod(mesh.shape[a] for a in ("data",))
+
+
+def put_global(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from host data that every process holds: each process sends only its shards."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def fetch_global(array: jax.Array) -> np.ndarray:
+    """The whole array on every process's host (an all-gather when it spans several processes)."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, cpu_collectives: str = "gloo") -> None:
+    """Joins a multi-process JAX job. Without arguments JAX reads its environment (TPU pods, SLURM,
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); CPU processes talk through gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
+from qwen3_jax.config import Qwen3Config
 from qwen3_jax.safetensors_file import CheckpointError, SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -94,6 +95,14 @@ def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return to_hf(layout, np.broadcast_to(np.zeros((), np.int8), shape)).shape
 
 
+def hf_layer_shape(rule: WeightRule, shape: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
+    """The published shape of one tensor for our parameter `shape` (stacked, vocab-padded) ."""
+    one = shape[1:] if rule.per_layer else shape
+    if rule.axes[0] == "vocab":
+        one = (vocab_size,) + one[1:]
+    return hf_shape(rule.layout, one)
+
+
 def hf_key(rule: WeightRule, layer: int | None = None) -> str:
     return rule.hf_name.format(layer=layer) if rule.per_layer else rule.hf_name
 
@@ -156,15 +165,14 @@ class CheckpointFolder:
         return file.shape(stored)
 
 
-def check_keys(ckpt: CheckpointFolder, shapes: dict[tuple[str, ...], tuple[int, ...]], num_layers: int) -> None:
+def check_keys(ckpt: CheckpointFolder, shapes: dict[tuple[str, ...], tuple[int, ...]], cfg: Qwen3Config) -> None:
     """Raises one error naming every missing, unexpected and mis-shaped tensor."""
     expected: dict[str, tuple[int, ...]] = {}
     for path, shape in shapes.items():
         rule = RULES_BY_PATH[path]
-        layers = range(num_layers) if rule.per_layer else [None]
-        one = shape[1:] if rule.per_layer else shape
+        layers = range(cfg.num_hidden_layers) if rule.per_layer else [None]
         for layer in layers:
-            expected[hf_key(rule, layer)] = hf_shape(rule.layout, one)
+            expected[hf_key(rule, layer)] = hf_layer_shape(rule, shape, cfg.vocab_size)
     known_unused = {"lm_head.weight"} | {key for key in ckpt.location if key.endswith(IGNORED)}
     missing = sorted(set(expected) - set(ckpt.location))
     unexpected = sorted(set(ckpt.location) - set(expected) - known_unused)
@@ -182,14 +190,14 @@ def check_keys(ckpt: CheckpointFolder, shapes: dict[tuple[str, ...], tuple[int, 
 
 
 def load_arrays(ckpt: CheckpointFolder, abstract: dict[tuple[str, ...], jax.ShapeDtypeStruct],
-                shardings: Callable[[tuple[str, ...]], jax.sharding.Sharding], num_layers: int, *,
+                shardings: Callable[[tuple[str, ...]], jax.sharding.Sharding], cfg: Qwen3Config, *,
                 strict: bool = False) -> Iterator[tuple[tuple[str, ...], jax.Array]]:
     """Streams each parameter from disk straight into its dtype and sharding.
 
     Each device's shard is read from the memory-mapped files on its own, so no host ever holds a
     full copy of a tensor that is split across devices. Non-finite weights warn (error if strict).
     """
-    check_keys(ckpt, {path: spec.shape for path, spec in abstract.items()}, num_layers)
+    check_keys(ckpt, {path: spec.shape for path, spec in abstract.items()}, cfg)
     for path, spec in abstract.items():
         rule, sharding = RULES_BY_PATH[path], shardings(path)
         # A replicated shard is read once and dropped after its last device took it.
@@ -221,6 +229,9 @@ def _read_shard(ckpt: CheckpointFolder, rule: WeightRule, spec, index: tuple[sli
     else:
         # A copy, never a view: the file may be rewritten while the model lives.
         shard = np.array(to_ours(rule.layout, ckpt.array(rule.hf_name), spec.shape)[index], dtype=spec.dtype)
+    wanted = tuple(len(range(n)[s]) for s, n in zip(index, spec.shape))
+    if shard.shape != wanted:  # rows of a padded vocabulary beyond the checkpoint's: zeros
+        shard = np.pad(shard, [(0, w - n) for w, n in zip(wanted, shard.shape)])
     if not np.isfinite(shard).all():
         message = f"{ckpt.folder}: weight {rule.hf_name} holds NaN or Inf values"
         if strict:
@@ -229,14 +240,16 @@ def _read_shard(ckpt: CheckpointFolder, rule: WeightRule, spec, index: tuple[sli
     return shard
 
 
-def iter_hf_tensors(arrays: dict[tuple[str, ...], np.ndarray], num_layers: int,
+def iter_hf_tensors(arrays: dict[tuple[str, ...], np.ndarray], cfg: Qwen3Config,
                     prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
     """Our parameters back as (published name, torch-layout array), one tensor at a time."""
     for path, array in arrays.items():
         rule = RULES_BY_PATH[path]
         name_prefix = "" if rule.hf_name in _UNPREFIXED else prefix
+        if rule.axes[0] == "vocab":
+            array = array[: cfg.vocab_size]
         if rule.per_layer:
-            for layer in range(num_layers):
+            for layer in range(cfg.num_hidden_layers):
                 yield name_prefix + hf_key(rule, layer), np.ascontiguousarray(to_hf(rule.layout, array[layer]))
         else:
             yield name_prefix + rule.hf_name, np.ascontiguousarray(to_hf(rule.layout, array))

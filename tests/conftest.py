@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Eight simulated CPU devices for the mesh tests; set before JAX starts. Single-device code uses the first.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 END_OF_TEXT = "<|endoftext|>"
 QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
 CORPUS = [
