@@ -55,6 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--input", required=True, help=".txt or .jsonl of documents")
     rerank.add_argument("--top-k", type=int, default=None)
     rerank.add_argument("--instruction", default=None, help="task instruction (default: web search)")
+
+    bench = commands.add_parser("bench", help="time our encode against sentence-transformers")
+    which = bench.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="checkpoint folder or hub id")
+    which.add_argument("--random", choices=["0.6B", "4B", "8B"], help="random weights of a published shape")
+    bench.add_argument("--layers", type=int, default=None, help="with --random: fewer layers")
+    bench.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
+                       help="with --random: folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--texts", type=int, default=32)
+    bench.add_argument("--words", default="60-140", help="words per text, MIN-MAX")
+    bench.add_argument("--tokens", type=int, default=None, help="one text of exactly this many tokens instead")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--attention", default="auto", choices=["auto", "dense", "blockwise", "cudnn", "splash"])
+    bench.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
+    bench.add_argument("--json", help="also write the figures to this file")
+    bench.add_argument("--debug", action="store_true")
     return parser
 
 
@@ -110,7 +128,22 @@ def run_rerank(args) -> None:
                          ensure_ascii=False))
 
 
-COMMANDS = {"embed": run_embed, "rerank": run_rerank}
+def run_bench(args) -> None:
+    from qwen3_jax.bench import run_benchmark
+
+    low, _, high = args.words.partition("-")
+    result = run_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
+                           dtype=args.dtype, texts=args.texts, min_words=int(low), max_words=int(high or low),
+                           tokens=args.tokens, batch_size=args.batch_size, repeats=args.repeats,
+                           attention=args.attention, reference=not args.no_reference)
+    if args.json:
+        from qwen3_jax.textio import atomic_output
+
+        with atomic_output(args.json) as handle:
+            json.dump(result, handle, indent=2)
+
+
+COMMANDS = {"embed": run_embed, "rerank": run_rerank, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

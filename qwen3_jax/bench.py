@@ -1,0 +1,179 @@
+"""`qwen3-jax bench`: our encode and sentence-transformers on the same texts, in the same run."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen3_jax.config import Qwen3Config
+
+WORDS = ("the of and to in is was for on that with as by at from his her an which or were are be this "
+         "model vector search query document language retrieval embedding attention layer token memory "
+         "compute device mesh shard river mountain history science music city garden winter paper light "
+         "system network energy market policy health water school travel story design answer question").split()
+
+
+def synthetic_texts(count: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:
+    """Deterministic English-like texts of min..max words."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, int(n))).capitalize() + "."
+            for n in rng.integers(min_words, max_words + 1, count)]
+
+
+def random_checkpoint(size: str, layers: int | None, tokenizer_dir: Path, folder: Path, dtype: str) -> Path:
+    """Writes a random-weight checkpoint of a published shape, in the published layout, with transformers."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from qwen3_jax.config import preset
+
+    cfg = preset(size, **({"num_hidden_layers": layers} if layers else {}))
+    hf_config = transformers.Qwen3Config(**{k: v for k, v in cfg.to_hf_dict().items()
+                                            if k not in ("architectures", "torch_dtype")})
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.Qwen3Model(hf_config).to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    _add_end_of_text_post_processor(folder / "tokenizer.json")
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": cfg.hidden_size, "pooling_mode_lasttoken": True,
+         "pooling_mode_mean_tokens": False, "include_prompt": True}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32768}))
+    return folder
+
+
+def _add_end_of_text_post_processor(path: Path) -> None:
+    """The Qwen3-Embedding tokenizer appends <|endoftext|>; make the benchmark's copy do the same."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(path))
+    eot = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", pair="$A $B <|endoftext|>", special_tokens=[("<|endoftext|>", eot)])
+    tok.save(str(path))
+
+
+def forward_flops(cfg: Qwen3Config, lengths) -> float:
+    """Matrix FLOPs of one forward pass over texts of these token lengths (full T x T attention)."""
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    n, k, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
+    per_token = 2 * layers * (d * h * (2 * n + 2 * k) + 3 * d * f)
+    lengths = np.asarray(lengths, np.float64)
+    return float(per_token * lengths.sum() + layers * 4 * n * h * (lengths**2).sum())
+
+
+def matmul_gflops(dtype, size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a plain square matrix product in JAX on the default device."""
+    key = jax.random.PRNGKey(0)
+    a = jax.random.normal(key, (size, size), dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), dtype)
+    product = jax.jit(jnp.dot)
+    product(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_benchmark(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None,
+                  dtype: str, texts: int, min_words: int, max_words: int, tokens: int | None,
+                  batch_size: int, repeats: int, attention: str, reference: bool, out=print) -> dict:
+    """Times our encode against sentence-transformers on the same texts; returns and prints the figures."""
+    from qwen3_jax.embedder import Qwen3Embedder
+
+    with tempfile.TemporaryDirectory(prefix="qwen3-jax-bench-") as tmp:
+        if random:
+            if not tokenizer or not (Path(tokenizer) / "tokenizer.json").is_file():
+                raise FileNotFoundError("--random needs --tokenizer DIR (or QWEN3_TOKENIZER_DIR) holding a Qwen3 "
+                                        "tokenizer.json")
+            start = time.perf_counter()
+            folder = random_checkpoint(random, layers, Path(tokenizer), Path(tmp), "bfloat16")
+            out(f"random {random} checkpoint ({layers or 'all'} layers) written in {time.perf_counter() - start:.1f} s")
+        else:
+            from qwen3_jax.hub import resolve_model
+            folder = resolve_model(model)
+        corpus = synthetic_texts(texts, min_words, max_words) if tokens is None else \
+            [" ".join(np.random.default_rng(0).choice(WORDS, tokens))]
+        max_length = tokens or 8192
+
+        start = time.perf_counter()
+        ours = Qwen3Embedder.from_pretrained(folder, dtype=dtype, attention=attention, max_length=max_length)
+        load_s = time.perf_counter() - start
+        cfg = ours.config
+        lengths = [len(r) for r in ours.tokenizer.encode(corpus, max_length)]
+        rss_after_load = peak_rss_gib()
+
+        def run_ours():
+            return ours.encode(corpus, batch_size=batch_size)
+
+        start = time.perf_counter()
+        ours_out = run_ours()
+        first_call_s = time.perf_counter() - start
+
+        st = None
+        if reference:
+            import torch
+            from sentence_transformers import SentenceTransformer
+
+            st = SentenceTransformer(str(folder), device="cpu" if jax.default_backend() == "cpu" else "cuda",
+                                     model_kwargs={"dtype": getattr(torch, dtype)})
+            st.max_seq_length = max_length
+            st_out = st.encode(corpus, batch_size=batch_size)
+        ours_times, st_times = [], []
+        for _ in range(repeats):                        # alternate, so drift hits both alike
+            start = time.perf_counter()
+            ours_out = run_ours()
+            ours_times.append(time.perf_counter() - start)
+            if st is not None:
+                start = time.perf_counter()
+                st_out = st.encode(corpus, batch_size=batch_size)
+                st_times.append(time.perf_counter() - start)
+
+        num_tokens = sum(lengths)
+        ours_s = statistics.median(ours_times)
+        flops = forward_flops(cfg, lengths)
+        peak = matmul_gflops(jnp.dtype(dtype))
+        result = {
+            "device": f"{jax.default_backend()} x{jax.device_count()} ({jax.devices()[0].device_kind})",
+            "shape": f"hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} heads={cfg.num_attention_heads}/"
+                     f"{cfg.num_key_value_heads}", "dtype": dtype, "attention": attention,
+            "texts": len(corpus), "tokens": num_tokens, "max_tokens": max(lengths),
+            "ours_tokens_per_s": num_tokens / ours_s, "ours_s": ours_s,
+            "compile_s": max(first_call_s - ours_s, 0.0), "compiled_programs": ours.compiled_programs,
+            "load_s": load_s, "gflops": flops / ours_s / 1e9, "matmul_gflops": peak,
+            "peak_rss_gib_after_load": rss_after_load,
+        }
+        result["fraction_of_matmul"] = result["gflops"] / peak
+        if st is not None:
+            st_s = statistics.median(st_times)
+            result.update(reference_tokens_per_s=num_tokens / st_s, reference_s=st_s, ratio=st_s / ours_s,
+                          max_abs_diff=float(np.abs(ours_out - st_out).max()))
+        result["peak_rss_gib"] = peak_rss_gib()
+    for key, value in result.items():
+        out(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
+    return result
