@@ -73,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--debug", action="store_true")
+
+    convert = commands.add_parser("convert", help="Hugging Face safetensors <-> Orbax checkpoints")
+    convert.add_argument("source", help="Hugging Face folder, hub id, or Orbax folder made by this command")
+    convert.add_argument("destination", help="output folder (written elsewhere first, renamed at the end)")
+    convert.add_argument("--to", required=True, choices=["orbax", "hf"])
+    convert.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                         help="stored dtype (default: keep the source's)")
+    convert.add_argument("--max-shard-size", default="5GB", help="--to hf: split files above this size")
+    convert.add_argument("--mesh", default=None, help="shard while converting, e.g. model=2")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    convert.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error")
+    convert.add_argument("--debug", action="store_true")
+
+    verify = commands.add_parser("verify", help="compare one checkpoint in transformers and in qwen3-jax")
+    verify.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    verify.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    verify.add_argument("--debug", action="store_true")
     return parser
 
 
@@ -143,7 +160,25 @@ def run_bench(args) -> None:
             json.dump(result, handle, indent=2)
 
 
-COMMANDS = {"embed": run_embed, "rerank": run_rerank, "bench": run_bench}
+def run_convert(args) -> None:
+    from qwen3_jax.convert import convert
+    from qwen3_jax.hub import resolve_model
+    from qwen3_jax.sharding import make_mesh, parse_mesh
+
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    done = convert(resolve_model(args.source), args.destination, to=args.to, dtype=args.dtype,
+                   max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, strict=args.strict, mesh=mesh)
+    print(f"wrote {done}", file=sys.stderr)
+
+
+def run_verify(args) -> int:
+    from qwen3_jax.verify import verify
+
+    return verify(args.model, dtype=args.dtype)
+
+
+COMMANDS = {"embed": run_embed, "rerank": run_rerank, "bench": run_bench, "convert": run_convert,
+            "verify": run_verify}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen3-jax: error: --batch-size must be at least 1", file=sys.stderr)
         return 2
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("qwen3-jax: interrupted", file=sys.stderr)
         return 130
@@ -161,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"qwen3-jax: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

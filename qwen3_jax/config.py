@@ -139,8 +139,6 @@ class Qwen3Config:
             "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": self.checkpoint_dtype,
             "use_sliding_window": False,
-            "bos_token_id": 151643,
-            "eos_token_id": 151643,
         }
 
 

@@ -52,19 +52,27 @@ def parameter_shardings(model: Qwen3Model, mesh: Mesh | None, *, fsdp: bool = Fa
 
 
 def load_model(folder: str | Path, *, dtype="float32", param_dtype=None, attention: str = "auto",
-               mesh: Mesh | None = None, fsdp: bool = False, with_lm_head: bool = False,
+               mesh: Mesh | None = None, fsdp: bool = False, with_lm_head: bool | None = False,
                strict: bool = False) -> Qwen3Model:
-    """Reads config.json and the safetensors weights of `folder` into a ready Qwen3Model.
+    """Reads config.json and the safetensors weights of `folder` (or an Orbax checkpoint made by
+    `qwen3-jax convert`) into a ready Qwen3Model.
 
     `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: same as dtype).
+    `with_lm_head`: True requires an output head (a reranker), None loads one if present, False skips it.
     """
+    from qwen3_jax.convert import is_orbax_folder, load_orbax
+
+    if is_orbax_folder(folder):
+        return load_orbax(folder, dtype=dtype, attention=attention, mesh=mesh, fsdp=fsdp,
+                          with_lm_head=with_lm_head is not False)
     cfg = Qwen3Config.from_hf(folder)
     compute = parse_dtype(dtype)
     stored = parse_dtype(param_dtype) if param_dtype is not None else compute
     ckpt = CheckpointFolder(folder)
+    has_head = "lm_head.weight" in ckpt.location
     model = abstract_model(cfg, param_dtype=stored, dtype=compute, attention=attention,
-                           with_lm_head=with_lm_head and "lm_head.weight" in ckpt.location, mesh=mesh)
-    if with_lm_head and not cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.location:
+                           with_lm_head=has_head and with_lm_head is not False, mesh=mesh)
+    if with_lm_head and not cfg.tie_word_embeddings and not has_head:
         raise ValueError(f"{folder}: config.json says tie_word_embeddings=false but there is no "
                          "lm_head.weight; is this an embedding checkpoint rather than a reranker?")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

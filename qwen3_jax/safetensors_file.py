@@ -90,6 +90,16 @@ class SafetensorsFile:
                              offset=start).reshape(shape)
 
 
+    def release(self, name: str) -> None:
+        """Drops the tensor's pages from this process's memory (they stay in the OS page cache)."""
+        _, _, begin, end = self.entries[name]
+        page = mmap.PAGESIZE
+        start = (self._data_start + begin) // page * page
+        stop = self._data_start + end
+        if stop > start and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
                       metadata: Mapping[str, str] | None = None) -> int:
     """Writes tensors (name, array) to one file; returns the bytes of tensor data written."""

@@ -164,6 +164,10 @@ class CheckpointFolder:
         file, stored = self.location[key]
         return file.shape(stored)
 
+    def release(self, key: str) -> None:
+        file, stored = self.location[key]
+        file.release(stored)
+
 
 def check_keys(ckpt: CheckpointFolder, shapes: dict[tuple[str, ...], tuple[int, ...]], cfg: Qwen3Config) -> None:
     """Raises one error naming every missing, unexpected and mis-shaped tensor."""
@@ -221,14 +225,18 @@ def _index_key(index: tuple[slice, ...]) -> tuple:
 
 def _read_shard(ckpt: CheckpointFolder, rule: WeightRule, spec, index: tuple[slice, ...],
                 strict: bool) -> np.ndarray:
+    # Always a copy, never a view of the file (which may be rewritten while the model lives); each
+    # tensor's mapped pages are dropped once copied, so host memory stays near one tensor.
     if rule.per_layer:
-        layers = range(spec.shape[0])[index[0]]
-        parts = [to_ours(rule.layout, ckpt.array(hf_key(rule, layer)), spec.shape[1:])[index[1:]]
-                 for layer in layers]
-        shard = np.stack(parts).astype(spec.dtype)
+        keys = [hf_key(rule, layer) for layer in range(spec.shape[0])[index[0]]]
+        first = to_ours(rule.layout, ckpt.array(keys[0]), spec.shape[1:])[index[1:]]
+        shard = np.empty((len(keys),) + first.shape, spec.dtype)
+        for i, key in enumerate(keys):
+            shard[i] = to_ours(rule.layout, ckpt.array(key), spec.shape[1:])[index[1:]]
+            ckpt.release(key)
     else:
-        # A copy, never a view: the file may be rewritten while the model lives.
         shard = np.array(to_ours(rule.layout, ckpt.array(rule.hf_name), spec.shape)[index], dtype=spec.dtype)
+        ckpt.release(rule.hf_name)
     wanted = tuple(len(range(n)[s]) for s, n in zip(index, spec.shape))
     if shard.shape != wanted:  # rows of a padded vocabulary beyond the checkpoint's: zeros
         shard = np.pad(shard, [(0, w - n) for w, n in zip(wanted, shard.shape)])

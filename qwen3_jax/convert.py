@@ -1,0 +1,203 @@
+"""Checkpoint conversion: Hugging Face safetensors <-> Orbax, through the one weight table.
+
+Every output is written to a temporary folder beside the destination and renamed into place at the
+end, so an interrupted conversion never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.loader import abstract_model, load_model, parameter_shardings, parse_dtype
+from qwen3_jax.model import Qwen3Model
+from qwen3_jax.safetensors_file import write_safetensors
+from qwen3_jax.weights import INDEX_FILE, SINGLE_FILE, CheckpointFolder, iter_hf_tensors
+
+ORBAX_META = "qwen3_jax.json"
+ORBAX_PARAMS = "params"
+# Files that travel with the weights: tokenizer, sentence-transformers modules, generation settings.
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "generation_config.json", "modules.json",
+                   "config_sentence_transformers.json", "sentence_bert_config.json")
+COMPANION_DIRS = ("1_Pooling", "2_Normalize")
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def parse_size(text: str | int) -> int:
+    """"5GB" / "500MB" / "40KB" / 1234 -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "B": 1}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * factor)
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
+
+
+@contextlib.contextmanager
+def staged_folder(destination: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder that becomes `destination` only if the block finishes."""
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination} already exists; pass --overwrite to replace it")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            shutil.rmtree(destination)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy_companions(source: Path, destination: Path) -> None:
+    for name in COMPANION_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, destination / name)
+    for name in COMPANION_DIRS:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, destination / name)
+
+
+def export_config(cfg: Qwen3Config, source: str | Path | None, dtype_name: str) -> dict:
+    """The source's own config.json (every field kept) with the stored dtype, else one built from cfg."""
+    file = Path(source) / "config.json" if source is not None else None
+    raw = json.loads(file.read_text()) if file is not None and file.is_file() else cfg.to_hf_dict()
+    raw["dtype" if "dtype" in raw else "torch_dtype"] = dtype_name
+    return raw
+
+
+def _host_params(model: Qwen3Model) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Each parameter gathered to the host, one at a time."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        yield path, np.asarray(jax.device_get(var.get_value()))
+
+
+def export_hf(model: Qwen3Model, destination: str | Path, *, source: str | Path | None = None,
+              dtype: str | None = None, prefix: str = "", max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
+              overwrite: bool = False) -> Path:
+    """Writes `model` as a Hugging Face folder: published names, torch layouts, safetensors shards.
+
+    Above `max_shard_bytes` the weights are split into `model-0000i-of-0000n.safetensors` files with a
+    `model.safetensors.index.json`. Tokenizer and sentence-transformers files are copied from `source`.
+    """
+    cfg = model.config
+    target = parse_dtype(dtype) if dtype else None
+    limit = parse_size(max_shard_bytes)
+    with staged_folder(destination, overwrite) as staging:
+        shards: list[list[tuple[str, np.ndarray]]] = [[]]
+        size = 0
+        arrays = dict(_host_params(model))
+        stored_dtype = None
+        for name, tensor in iter_hf_tensors(arrays, cfg, prefix=prefix):
+            tensor = tensor.astype(target) if target is not None else tensor
+            stored_dtype = tensor.dtype
+            if shards[-1] and size + tensor.nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tensor))
+            size += tensor.nbytes
+        del arrays
+        weight_map, total = {}, 0
+        for i, tensors in enumerate(shards):
+            file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            total += write_safetensors(staging / file, tensors, metadata={"format": "pt"})
+            weight_map.update({name: file for name, _ in tensors})
+        if len(shards) > 1:
+            (staging / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (staging / "config.json").write_text(json.dumps(
+            export_config(cfg, source, str(np.dtype(stored_dtype))), indent=2))
+        if source is not None:
+            copy_companions(Path(source), staging)
+    return Path(destination)
+
+
+def is_orbax_folder(folder: str | Path) -> bool:
+    return (Path(folder) / ORBAX_META).is_file() and (Path(folder) / ORBAX_PARAMS).is_dir()
+
+
+def save_orbax(model: Qwen3Model, destination: str | Path, *, source: str | Path | None = None,
+               prefix: str = "", overwrite: bool = False) -> Path:
+    """Saves the parameters as an Orbax checkpoint with config.json and the companion files beside them."""
+    import orbax.checkpoint as ocp
+
+    with staged_folder(destination, overwrite) as staging:
+        params = nnx.state(model, nnx.Param).to_pure_dict()
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((staging / ORBAX_PARAMS).absolute(), params)
+        checkpointer.wait_until_finished()
+        (staging / "config.json").write_text(json.dumps(
+            export_config(model.config, source, str(model.embed[...].dtype)), indent=2))
+        (staging / ORBAX_META).write_text(json.dumps({
+            "format": "qwen3-jax orbax", "key_prefix": prefix, "has_lm_head": hasattr(model, "lm_head"),
+            "param_dtype": str(model.embed[...].dtype), "vocab_rows": int(model.embed[...].shape[0])}))
+        if source is not None:
+            copy_companions(Path(source), staging)
+    return Path(destination)
+
+
+def load_orbax(folder: str | Path, *, dtype="float32", attention: str = "auto", mesh: Mesh | None = None,
+               fsdp: bool = False, with_lm_head: bool = False) -> Qwen3Model:
+    """Restores an Orbax checkpoint straight into the shardings of `mesh` (or one device)."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder)
+    meta = json.loads((folder / ORBAX_META).read_text())
+    cfg = Qwen3Config.from_hf(folder)
+    model = abstract_model(cfg, param_dtype=parse_dtype(meta["param_dtype"]), dtype=parse_dtype(dtype),
+                           attention=attention, with_lm_head=with_lm_head and meta["has_lm_head"], mesh=mesh)
+    if model.embed.shape[0] != meta["vocab_rows"]:
+        raise ValueError(f"{folder}: saved with {meta['vocab_rows']} vocabulary rows, the mesh needs "
+                         f"{model.embed.shape[0]}; restore with the mesh it was saved for, or re-convert")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    sharding = parameter_shardings(model, mesh, fsdp=fsdp)
+    target = nnx.from_flat_state([
+        (path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(path))))
+        for path, var in nnx.to_flat_state(params)]).to_pure_dict()
+    restored = ocp.StandardCheckpointer().restore((folder / ORBAX_PARAMS).absolute(), target)
+    nnx.replace_by_pure_dict(params, restored)
+    return nnx.merge(graphdef, params, rest)
+
+
+def hf_key_prefix(folder: str | Path) -> str:
+    """The key prefix a Hugging Face folder uses ("model." for base / reranker checkpoints)."""
+    return "model." if CheckpointFolder(folder).prefixed else ""
+
+
+def convert(source: str | Path, destination: str | Path, *, to: str, dtype: str | None = None,
+            max_shard_bytes: int | str = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+            strict: bool = False, mesh: Mesh | None = None) -> Path:
+    """One conversion step: an HF folder or Orbax folder `source` -> `to` ("orbax" or "hf")."""
+    source = Path(source)
+    if to not in ("orbax", "hf"):
+        raise ValueError(f"--to {to!r}: choose orbax or hf")
+    if Path(destination).exists() and not overwrite:
+        raise FileExistsError(f"{destination} already exists; pass --overwrite to replace it")
+    if is_orbax_folder(source):
+        meta = json.loads((source / ORBAX_META).read_text())
+        prefix = meta["key_prefix"]
+        model = load_orbax(source, dtype=meta["param_dtype"], mesh=mesh, with_lm_head=True)
+    else:
+        cfg = Qwen3Config.from_hf(source)
+        stored = dtype or cfg.checkpoint_dtype
+        prefix = hf_key_prefix(source)
+        model = load_model(source, dtype=stored, param_dtype=stored, mesh=mesh, with_lm_head=None, strict=strict)
+    if to == "orbax":
+        return save_orbax(model, destination, source=source, prefix=prefix, overwrite=overwrite)
+    return export_hf(model, destination, source=source, dtype=dtype, prefix=prefix,
+                     max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -1,0 +1,120 @@
+"""Broken and hostile checkpoint files: each gets a clear error, never a silent wrong model."""
+
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from qwen3_jax import load_model
+from qwen3_jax.cli import main
+from qwen3_jax.safetensors_file import CheckpointError, SafetensorsFile, write_safetensors
+
+
+def _raw_file(path, header: dict, data: bytes = b""):
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def test_header_length_past_the_end(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    with pytest.raises(CheckpointError, match="header length 1000000 runs past the end"):
+        SafetensorsFile(tmp_path / "x.safetensors")
+
+
+def test_tiny_and_garbled_files(tmp_path):
+    (tmp_path / "a.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="truncated"):
+        SafetensorsFile(tmp_path / "a.safetensors")
+    (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        SafetensorsFile(tmp_path / "b.safetensors")
+
+
+def test_overlapping_offsets(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    with pytest.raises(CheckpointError, match="'a' and 'b' overlap"):
+        SafetensorsFile(_raw_file(tmp_path / "x.safetensors", header, bytes(12)))
+
+
+def test_offsets_past_the_data_and_wrong_sizes(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    with pytest.raises(CheckpointError, match="run past the data"):
+        SafetensorsFile(_raw_file(tmp_path / "x.safetensors", header, bytes(8)))
+    header = {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}
+    with pytest.raises(CheckpointError, match="do not match shape"):
+        SafetensorsFile(_raw_file(tmp_path / "y.safetensors", header, bytes(16)))
+
+
+@pytest.mark.parametrize("dtype", ["I64", "F8_E4M3", "complex"])
+def test_unsupported_dtype(tmp_path, dtype):
+    header = {"a": {"dtype": dtype, "shape": [2], "data_offsets": [0, 16]}}
+    with pytest.raises(CheckpointError, match=f"unsupported dtype '{dtype}'"):
+        SafetensorsFile(_raw_file(tmp_path / "x.safetensors", header, bytes(16)))
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _point_index(folder, shard):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_absolute_shard_path_is_refused(checkpoint_bf16, tmp_path):
+    folder = _copy(checkpoint_bf16, tmp_path / "abs")
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(next(folder.glob("model-*.safetensors")), outside)
+    _point_index(folder, str(outside))
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        load_model(folder)
+
+
+def test_link_leaving_the_folder_is_refused(checkpoint_bf16, tmp_path):
+    folder = _copy(checkpoint_bf16, tmp_path / "link")
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(next(folder.glob("model-*.safetensors")), outside)
+    os.symlink(outside, folder / "model-link.safetensors")
+    _point_index(folder, "model-link.safetensors")
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        load_model(folder)
+
+
+def test_remote_code_is_never_run(checkpoint, tmp_path):
+    folder = _copy(checkpoint, tmp_path / "remote")
+    marker = tmp_path / "executed"
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    load_model(folder)
+    assert not marker.exists()
+
+
+def _with_nan(checkpoint, folder):
+    _copy(checkpoint, folder)
+    from qwen3_jax.weights import CheckpointFolder
+
+    ckpt = CheckpointFolder(folder)
+    tensors = {k: np.array(ckpt.array(k)) for k in ckpt.location}
+    del ckpt
+    tensors["layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+    write_safetensors(folder / "model.safetensors", tensors.items())
+    return folder
+
+
+def test_non_finite_weights_warn_or_fail_under_strict(checkpoint, tmp_path):
+    folder = _with_nan(checkpoint, tmp_path / "nan")
+    with pytest.warns(UserWarning, match="up_proj.weight holds NaN or Inf"):
+        load_model(folder)
+    with pytest.raises(CheckpointError, match="up_proj.weight holds NaN or Inf"):
+        load_model(folder, strict=True)
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "hf", "--strict"]) == 1
+    assert not (tmp_path / "out").exists()
