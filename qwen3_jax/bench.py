@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import warnings
 import statistics
 import tempfile
 import time
@@ -118,18 +119,22 @@ def run_benchmark(*, model: str | None, random: str | None, layers: int | None, 
             from qwen3_jax.hub import resolve_model
             folder = resolve_model(model)
         corpus = synthetic_texts(texts, min_words, max_words) if tokens is None else \
-            [" ".join(np.random.default_rng(0).choice(WORDS, tokens))]
+            synthetic_texts(texts, tokens, tokens)     # one token a word, cut to exactly `tokens` below
         max_length = tokens or 8192
 
         start = time.perf_counter()
         ours = Qwen3Embedder.from_pretrained(folder, dtype=dtype, attention=attention, max_length=max_length)
         load_s = time.perf_counter() - start
         cfg = ours.config
-        lengths = [len(r) for r in ours.tokenizer.encode(corpus, max_length)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # texts cut to exactly `tokens` on purpose
+            lengths = [len(r) for r in ours.tokenizer.encode(corpus, max_length)]
         rss_after_load = peak_rss_gib()
 
         def run_ours():
-            return ours.encode(corpus, batch_size=batch_size)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return ours.encode(corpus, batch_size=batch_size)
 
         start = time.perf_counter()
         ours_out = run_ours()
@@ -168,12 +173,35 @@ def run_benchmark(*, model: str | None, random: str | None, layers: int | None, 
             "load_s": load_s, "gflops": flops / ours_s / 1e9, "matmul_gflops": peak,
             "peak_rss_gib_after_load": rss_after_load,
         }
-        result["fraction_of_matmul"] = result["gflops"] / peak
+        result["fraction_of_matmul"] = result["gflops"] / peak      # model FLOPs utilisation vs a plain matmul
+        result["padded_tokens_computed"] = ours.runner.tokens_computed / max(ours.runner.tokens_embedded, 1)
         if st is not None:
             st_s = statistics.median(st_times)
             result.update(reference_tokens_per_s=num_tokens / st_s, reference_s=st_s, ratio=st_s / ours_s,
-                          max_abs_diff=float(np.abs(ours_out - st_out).max()))
+                          max_abs_diff=float(np.abs(ours_out - st_out).max()),
+                          min_cosine=float((ours_out * st_out).sum(-1).min()))
         result["peak_rss_gib"] = peak_rss_gib()
     for key, value in result.items():
         out(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
     return result
+
+
+# The accelerator comparison: bf16, 0.6B and 4B shapes, 512-token texts, batches of 32 and 128.
+GPU_SUITE = [("0.6B", 32), ("0.6B", 128), ("4B", 32), ("4B", 128)]
+
+
+def run_suite(*, tokenizer: str | None, layers: int | None, repeats: int, out=print) -> list[dict]:
+    """Every GPU_SUITE configuration, ours against sentence-transformers (torch sdpa), one table at the end."""
+    rows = []
+    for size, batch in GPU_SUITE:
+        out(f"\n== {size}, bf16, {batch} texts of 512 tokens ==")
+        result = run_benchmark(model=None, random=size, layers=layers, tokenizer=tokenizer, dtype="bfloat16",
+                               texts=batch, min_words=0, max_words=0, tokens=512, batch_size=batch,
+                               repeats=repeats, attention="auto", reference=True, out=out)
+        rows.append({"size": size, "batch": batch, **result})
+    out(f"\n{'model':>6} {'batch':>5} {'ours tok/s':>11} {'torch tok/s':>11} {'ratio':>6} {'MFU vs matmul':>13} "
+        f"{'min cos':>8}")
+    for r in rows:
+        out(f"{r['size']:>6} {r['batch']:>5} {r['ours_tokens_per_s']:11.0f} {r['reference_tokens_per_s']:11.0f} "
+            f"{r['ratio']:6.2f} {r['fraction_of_matmul']:13.2f} {r['min_cosine']:8.4f}")
+    return rows

@@ -31,6 +31,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="multi-process: this process's rank (env JAX_PROCESS_ID)")
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-process job found from the environment (TPU pod slices)")
+    parser.add_argument("--compile-cache", default=None,
+                        help="folder for JAX's persistent compilation cache (env JAX_COMPILATION_CACHE_DIR)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -60,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     which = bench.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="checkpoint folder or hub id")
     which.add_argument("--random", choices=["0.6B", "4B", "8B"], help="random weights of a published shape")
+    which.add_argument("--suite", choices=["gpu"], help="gpu: bf16 0.6B and 4B, batch 32 and 128, 512 tokens")
     bench.add_argument("--layers", type=int, default=None, help="with --random: fewer layers")
     bench.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
                        help="with --random: folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     bench.add_argument("--texts", type=int, default=32)
     bench.add_argument("--words", default="60-140", help="words per text, MIN-MAX")
-    bench.add_argument("--tokens", type=int, default=None, help="one text of exactly this many tokens instead")
+    bench.add_argument("--tokens", type=int, default=None, help="texts of exactly this many tokens instead")
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--attention", default="auto", choices=["auto", "dense", "blockwise", "cudnn", "splash"])
@@ -146,13 +149,16 @@ def run_rerank(args) -> None:
 
 
 def run_bench(args) -> None:
-    from qwen3_jax.bench import run_benchmark
+    from qwen3_jax.bench import run_benchmark, run_suite
 
-    low, _, high = args.words.partition("-")
-    result = run_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
-                           dtype=args.dtype, texts=args.texts, min_words=int(low), max_words=int(high or low),
-                           tokens=args.tokens, batch_size=args.batch_size, repeats=args.repeats,
-                           attention=args.attention, reference=not args.no_reference)
+    if args.suite:
+        result = run_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats)
+    else:
+        low, _, high = args.words.partition("-")
+        result = run_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
+                               dtype=args.dtype, texts=args.texts, min_words=int(low), max_words=int(high or low),
+                               tokens=args.tokens, batch_size=args.batch_size, repeats=args.repeats,
+                               attention=args.attention, reference=not args.no_reference)
     if args.json:
         from qwen3_jax.textio import atomic_output
 
@@ -187,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen3-jax: error: --batch-size must be at least 1", file=sys.stderr)
         return 2
     try:
+        if getattr(args, "compile_cache", None):
+            from qwen3_jax.pooling import enable_compilation_cache
+
+            enable_compilation_cache(args.compile_cache)
         status = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("qwen3-jax: interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
-from qwen3_jax.pooling import DEFAULT_TOKEN_BUDGET, LastTokenRunner
+from qwen3_jax.pooling import LastTokenRunner
 from qwen3_jax.tokenize import TextTokenizer, format_instruction, read_sentence_transformers_files
 
 MIN_DIM = 32
@@ -36,15 +36,14 @@ class Qwen3Embedder:
     """Encodes texts into Qwen3-Embedding vectors: last-token pooling, MRL dims, L2 normalisation."""
 
     def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, prompts: dict[str, str] | None = None,
-                 max_length: int | None = None, mesh: Mesh | None = None, padding_side: str = "right",
-                 token_budget: int = DEFAULT_TOKEN_BUDGET):
+                 max_length: int | None = None, mesh: Mesh | None = None, padding_side: str = "right"):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
         self.prompts = dict(prompts or {})
         self.max_length = max_length or self.config.max_position_embeddings
         self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh,
-                                      padding_side=padding_side, token_budget=token_budget)
+                                      padding_side=padding_side)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "float32", param_dtype: str | None = None,
@@ -97,6 +96,8 @@ class Qwen3Embedder:
 
         `instruction` formats queries as "Instruct: {instruction}\\nQuery:{text}"; `prompt_name`
         uses the prompts of config_sentence_transformers.json; `dim` truncates (MRL) before normalising.
+        `batch_size` sizes one forward pass as batch_size x 512 tokens: that many texts of up to 512
+        tokens, more shorter ones (packed several to a row), fewer longer ones.
         """
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)

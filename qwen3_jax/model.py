@@ -39,9 +39,11 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-def positions_from_mask(valid: jax.Array) -> jax.Array:
-    """0..n-1 over the real tokens of each row, whatever side the padding is on."""
-    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+def positions_from_segments(segments: jax.Array) -> jax.Array:
+    """0..n-1 within each text of a row (texts may be packed; padding may sit on either side)."""
+    index = jnp.arange(segments.shape[1])
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 class Attention(nnx.Module):
@@ -57,14 +59,14 @@ class Attention(nnx.Module):
         self.k_norm = nnx.Param(jnp.ones((h,), param_dtype))
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, sin, cos, valid, *, impl: str):
+    def __call__(self, x, sin, cos, segments, *, impl: str):
         dtype = x.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dtype))
         k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dtype))
         v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
         q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), sin, cos)
         k = apply_rotary(rms_norm(k, self.k_norm[...], self.eps), sin, cos)
-        out = attention(q, k, v, valid, impl=impl)
+        out = attention(q, k, v, segments, impl=impl)
         return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype))
 
 
@@ -94,8 +96,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, sin, cos, valid, *, impl: str):
-        x = x + self.attn(rms_norm(x, self.input_norm[...], self.eps), sin, cos, valid, impl=impl)
+    def __call__(self, x, sin, cos, segments, *, impl: str):
+        x = x + self.attn(rms_norm(x, self.input_norm[...], self.eps), sin, cos, segments, impl=impl)
         return x + self.mlp(rms_norm(x, self.post_norm[...], self.eps))
 
 
@@ -126,15 +128,20 @@ class Qwen3Model(nnx.Module):
         if with_lm_head and not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(_init(rngs.params(), (vocab_rows, cfg.hidden_size), param_dtype))
 
-    def __call__(self, ids: jax.Array, valid: jax.Array, *, return_layer_states: bool = False):
-        """ids, valid [B, T] -> normed hidden states [B, T, D] (and each layer's output [L, B, T, D])."""
+    def __call__(self, ids: jax.Array, segments: jax.Array, *, return_layer_states: bool = False):
+        """ids [B, T] and segments [B, T] -> normed hidden states [B, T, D] (and each layer's output).
+
+        `segments` is 0 on padding and a positive id per text, so several texts can share a row; a
+        boolean mask of real tokens (one text per row) works as well.
+        """
         cfg = self.config
+        segments = segments.astype(jnp.int32)
         x = self.embed[...].astype(self.dtype)[ids]
-        sin, cos = rotary_angles(positions_from_mask(valid), cfg.head_dim, cfg.rope_theta)
+        sin, cos = rotary_angles(positions_from_segments(segments), cfg.head_dim, cfg.rope_theta)
         graphdef, layer_state = nnx.split(self.layers)
 
         def step(h, one_layer_state):
-            h = nnx.merge(graphdef, one_layer_state)(h, sin, cos, valid, impl=self.attention_impl)
+            h = nnx.merge(graphdef, one_layer_state)(h, sin, cos, segments, impl=self.attention_impl)
             return h, (h if return_layer_states else None)
 
         x, layer_outputs = jax.lax.scan(step, x, layer_state)

@@ -13,7 +13,7 @@ from qwen3_jax.embedder import check_texts
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
-from qwen3_jax.pooling import DEFAULT_TOKEN_BUDGET, LastTokenRunner
+from qwen3_jax.pooling import LastTokenRunner
 from qwen3_jax.tokenize import TextTokenizer
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -32,7 +32,7 @@ class Qwen3Reranker:
     """Scores (query, document) pairs with a Qwen3-Reranker checkpoint: P("yes") in [0, 1]."""
 
     def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, max_length: int = DEFAULT_MAX_LENGTH,
-                 mesh: Mesh | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET):
+                 mesh: Mesh | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -45,7 +45,7 @@ class Qwen3Reranker:
             raise ValueError(f"max_length={max_length} leaves no room between the prompt's prefix and suffix")
         # Only two rows of the output projection are ever needed: "no" and "yes".
         self.answer_rows = np.asarray(model.output_rows([self.no_id, self.yes_id]), np.float32)
-        self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh, token_budget=token_budget)
+        self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "float32", param_dtype: str | None = None,

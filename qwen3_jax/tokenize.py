@@ -19,15 +19,15 @@ def format_instruction(instruction: str) -> str:
 
 
 def bucket_length(num_tokens: int, limit: int, minimum: int = 16) -> int:
-    """Padded length for a batch whose longest row has `num_tokens`: a small fixed set of sizes.
+    """Row length for `num_tokens`: one of a small fixed set of sizes, at most `limit`.
 
-    Powers of two up to 512, then steps of a quarter of the enclosing power of two, so that padding
-    stays small while a stream of many lengths compiles only a handful of programs.
+    16, 32, 64, then steps of a quarter of the enclosing power of two (80, 96, 112, 128, 160, ...),
+    so padding stays under 25% while a stream of many lengths compiles only a handful of programs.
     """
     size = minimum
     while size < num_tokens:
         power = 1 << (size.bit_length() - 1)
-        size += power if size < 512 else power // 4
+        size += power if size < 64 else power // 4
     return min(size, limit)
 
 

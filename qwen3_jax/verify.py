@@ -12,7 +12,6 @@ import numpy as np
 
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
-from qwen3_jax.pooling import last_token_index
 from qwen3_jax.tokenize import TextTokenizer, format_instruction, pad_batch
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
@@ -66,10 +65,10 @@ def verify(model: str, *, dtype: str = "float32", out=print) -> int:
         label = str(i) if i < len(ref_layers) else "final"
         out(f"{label:>6} {diff:12.3e} {scale:12.3e} {diff / scale:10.2e}")
 
-    last = last_token_index(jnp.asarray(valid))
+    last = valid.sum(axis=1) - 1                 # right padding: the appended <|endoftext|>
     rows_index = np.arange(len(rows))
-    ours_emb = _normalized(ours_final[rows_index, np.asarray(last)])
-    ref_emb = _normalized(ref_final[rows_index, np.asarray(last)])
+    ours_emb = _normalized(ours_final[rows_index, last])
+    ref_emb = _normalized(ref_final[rows_index, last])
     max_diff = float(np.abs(ours_emb - ref_emb).max())
     cosine = float((ours_emb * ref_emb).sum(-1).min())
     out(f"\nembeddings: max |diff| {max_diff:.3e}   min cosine {cosine:.6f}")

@@ -70,3 +70,23 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_unknown_output_format(checkpoint, tmp_path, suffix, capsys):
     assert main(["embed", "--model", str(checkpoint), "--text", "a", "--output", str(tmp_path / f"o{suffix}")]) == 1
     assert "must end in .npy or .jsonl" in capsys.readouterr().err
+
+
+def test_compile_cache_is_written(checkpoint, tmp_path):
+    cache = tmp_path / "jax-cache"
+    run = subprocess.run([sys.executable, "-m", "qwen3_jax.cli", "embed", "--model", str(checkpoint), "--text", "hi",
+                          "--compile-cache", str(cache)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert any(cache.iterdir())
+
+
+def test_bench_prints_figures_for_both_sides(checkpoint, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(checkpoint), "--texts", "6", "--words", "5-40", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ["ours_tokens_per_s", "reference_tokens_per_s", "ratio", "compiled_programs", "peak_rss_gib",
+                 "fraction_of_matmul"]:
+        assert name in printed
+    figures = json.loads(out.read_text())
+    assert figures["max_abs_diff"] <= 1e-4 and figures["texts"] == 6
