@@ -135,11 +135,23 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
                     implementation: str | None = "cudnn") -> jax.Array:
-    """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU (None lets XLA choose)."""
-    t = q.shape[1]
-    positions = jnp.arange(t)
-    mask = _mask(segments, segments, positions, positions)[:, None]     # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU (None lets XLA choose).
+
+    Uses cuDNN's causal-with-padding mask, so each row must hold one right-padded text: the
+    runner does not pack rows for this implementation (see `packs_rows`).
+    """
+    lengths = (segments > 0).sum(axis=1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                        key_value_seq_lengths=lengths, implementation=implementation)
+
+
+def packs_rows(impl: str, dtype) -> bool:
+    """Whether this implementation handles several texts per row (all but cuDNN's fused kernel)."""
+    resolved = choose_implementation(PACKED_ROW_HINT, dtype) if impl == "auto" else impl
+    return resolved != "cudnn"
+
+
+PACKED_ROW_HINT = 512
 
 
 SPLASH_BLOCK = 128

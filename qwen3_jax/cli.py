@@ -190,7 +190,7 @@ COMMANDS = {"embed": run_embed, "rerank": run_rerank, "bench": run_bench, "conve
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
-        print(f"qwen3-jax: error: --batch-size must be at least 1", file=sys.stderr)
+        print("qwen3-jax: error: --batch-size must be at least 1", file=sys.stderr)
         return 2
     try:
         if getattr(args, "compile_cache", None):

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from qwen3_jax.attention import packs_rows
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.sharding import batch_sharding, fetch_global, put_global, shard_count
 from qwen3_jax.tokenize import bucket_length
@@ -131,6 +132,9 @@ class LastTokenRunner:
         self.padding_side = padding_side
         graphdef, self._state = nnx.split(model)
         self._inputs = batch_sharding(mesh)
+        self.pack = packs_rows(model.attention_impl, model.dtype)
+        if not self.pack and padding_side != "right":
+            raise ValueError("cuDNN attention needs right padding; use padding_side='right'")
         self._forward = jax.jit(functools.partial(_last_hidden, graphdef),
                                 in_shardings=(None,) + (self._inputs,) * 3, out_shardings=self._inputs)
         self.tokens_embedded = self.tokens_computed = 0
@@ -150,7 +154,7 @@ class LastTokenRunner:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         out = np.zeros((len(texts), self.model.config.hidden_size), np.float32)
         batches = plan_batches([len(t) for t in texts], token_budget=batch_size * PACK_LENGTH,
-                               max_length=max_length, multiple=shard_count(self.mesh))
+                               max_length=max_length, multiple=shard_count(self.mesh), pack=self.pack)
         pending = []
         for batch in batches:
             arrays = layout_batch(batch, texts, self.pad_id, self.padding_side)

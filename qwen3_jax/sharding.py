@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -61,7 +59,7 @@ def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
 
 def shard_count(mesh: Mesh | None) -> int:
     """How many ways a batch is split; batches are padded to a multiple of it."""
-    return 1 if mesh is None else math.prod(mesh.shape[a] for a in ("data",))
+    return 1 if mesh is None else mesh.shape["data"]
 
 
 def put_global(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

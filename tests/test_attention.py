@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qwen3_jax.attention import attention, blockwise_attention, dense_attention, fused_attention
+from qwen3_jax.attention import attention, blockwise_attention, dense_attention, fused_attention, packs_rows
 from qwen3_jax.config import preset
 from qwen3_jax.model import Qwen3Model
 
@@ -37,9 +37,15 @@ def test_blockwise_matches_dense(length, block):
     _close_on_real_tokens(blockwise_attention(q, k, v, seg, block_size=block), dense_attention(q, k, v, seg), seg, 1e-5)
 
 
-def test_dot_product_attention_path_matches_dense():
-    q, k, v, seg = _inputs(3, 96)
+def test_dot_product_attention_path_matches_dense_on_unpacked_rows():
+    q, k, v, _ = _inputs(3, 96)
+    seg = jnp.asarray((np.arange(96)[None] < np.array([[96], [50], [1]])).astype(np.int32))
     _close_on_real_tokens(fused_attention(q, k, v, seg, implementation=None), dense_attention(q, k, v, seg), seg, 1e-5)
+
+
+def test_rows_are_not_packed_for_cudnn():
+    assert not packs_rows("cudnn", jnp.bfloat16)
+    assert packs_rows("dense", jnp.float32) and packs_rows("blockwise", jnp.bfloat16)
 
 
 def test_splash_in_interpret_mode_matches_dense():

@@ -90,3 +90,16 @@ def test_bench_prints_figures_for_both_sides(checkpoint, tmp_path, capsys):
         assert name in printed
     figures = json.loads(out.read_text())
     assert figures["max_abs_diff"] <= 1e-4 and figures["texts"] == 6
+
+
+def test_gpu_suite_runs_end_to_end_on_a_small_stand_in(monkeypatch, capsys):
+    """The accelerator suite's code path, shrunk to one 1-layer 0.6B-shape case that the CPU can run."""
+    import qwen3_jax.bench
+
+    tokenizer = os.environ.get("QWEN3_TOKENIZER_DIR")
+    if not tokenizer:
+        pytest.skip("QWEN3_TOKENIZER_DIR is not set: --random needs the real Qwen3 tokenizer")
+    monkeypatch.setattr(qwen3_jax.bench, "GPU_SUITE", [("0.6B", 2)])
+    assert main(["bench", "--suite", "gpu", "--layers", "1", "--repeats", "1", "--tokenizer", tokenizer]) == 0
+    table = capsys.readouterr().out.splitlines()[-1].split()
+    assert table[:2] == ["0.6B", "2"] and float(table[-1]) >= 0.99      # bf16 by cosine against torch
