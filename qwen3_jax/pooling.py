@@ -23,7 +23,8 @@ from qwen3_jax.model import Qwen3Model
 from qwen3_jax.sharding import batch_sharding, fetch_global, put_global, shard_count
 from qwen3_jax.tokenize import bucket_length
 
-PACK_LENGTH = 512          # short texts share rows of this many tokens
+PACK_LENGTHS = (256, 512)  # texts up to 256 tokens share rows of 256, up to 512 rows of 512
+TOKENS_PER_TEXT = 512      # a forward pass holds batch_size x 512 tokens
 TOKENS_PER_SLOT = 16       # a row of R tokens holds at most R // 16 texts (fixes the output shape)
 ROW_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -54,8 +55,8 @@ def plan_batches(lengths: Sequence[int], *, token_budget: int, max_length: int, 
     """Packs texts, longest first, into batches of rows (see the module docstring).
 
     Each row takes the longest remaining text, then the shortest ones from the other end of the queue
-    while they fit, then the next longest that still fit. The last batch picks the (rows, length) shape that holds
-    what is left with the fewest padded tokens.
+    while they fit, then the next longest that still fit. The last batch picks the (rows, length)
+    shape that holds what is left with the fewest padded tokens.
     """
     order = [int(i) for i in np.argsort(-np.asarray(lengths), kind="stable")]
 
@@ -78,11 +79,11 @@ def plan_batches(lengths: Sequence[int], *, token_budget: int, max_length: int, 
     batches, lo, hi = [], 0, len(order) - 1
     while lo <= hi:
         longest = bucket_length(lengths[order[lo]], max_length)
-        length = max(longest, min(PACK_LENGTH, max_length)) if pack else longest
+        length = next((n for n in PACK_LENGTHS if longest <= n <= max_length), longest) if pack else longest
         capacity = max([c for c in ROW_COUNTS if c * length <= token_budget], default=1)
         rows, next_lo, next_hi = fill(lo, hi, length, capacity)
         if next_lo > next_hi:                     # the last batch: the tightest shape that holds it all
-            best = (len(rows) * length, length, rows)
+            best = (_row_count(len(rows)) * length, length, rows)
             for size in sorted({bucket_length(n, max_length) for n in range(longest, length + 1)}):
                 for count in (c for c in ROW_COUNTS if c * size < best[0] and c <= capacity):
                     candidate, end_lo, end_hi = fill(lo, hi, size, count)
@@ -91,9 +92,13 @@ def plan_batches(lengths: Sequence[int], *, token_budget: int, max_length: int, 
                         break
             _, length, rows = best
         lo, hi = next_lo, next_hi
-        num_rows = next(c for c in ROW_COUNTS + (len(rows),) if c >= len(rows))
-        batches.append(Batch(rows, length, -(-num_rows // multiple) * multiple))
+        batches.append(Batch(rows, length, -(-_row_count(len(rows)) // multiple) * multiple))
     return batches
+
+
+def _row_count(rows: int) -> int:
+    """The smallest allowed row count that holds `rows`."""
+    return next((c for c in ROW_COUNTS if c >= rows), rows)
 
 
 def layout_batch(batch: Batch, texts: Sequence[Sequence[int]], pad_id: int, side: str = "right"):
@@ -153,7 +158,7 @@ class LastTokenRunner:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         out = np.zeros((len(texts), self.model.config.hidden_size), np.float32)
-        batches = plan_batches([len(t) for t in texts], token_budget=batch_size * PACK_LENGTH,
+        batches = plan_batches([len(t) for t in texts], token_budget=batch_size * TOKENS_PER_TEXT,
                                max_length=max_length, multiple=shard_count(self.mesh), pack=self.pack)
         pending = []
         for batch in batches:
