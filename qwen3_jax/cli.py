@@ -9,6 +9,9 @@ import sys
 import traceback
 
 
+ATTENTION = ("auto", "dense", "blockwise", "cudnn", "splash")   # qwen3_jax.attention.IMPLEMENTATIONS
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value else None
@@ -19,8 +22,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--attention", default="auto",
-                        choices=["auto", "dense", "blockwise", "cudnn", "splash"])
+    parser.add_argument("--attention", default="auto", choices=ATTENTION)
     parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
     parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
     parser.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokens", type=int, default=None, help="texts of exactly this many tokens instead")
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--attention", default="auto", choices=["auto", "dense", "blockwise", "cudnn", "splash"])
+    bench.add_argument("--attention", default="auto", choices=ATTENTION)
     bench.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--debug", action="store_true")

@@ -92,36 +92,44 @@ def export_hf(model: Qwen3Model, destination: str | Path, *, source: str | Path 
               overwrite: bool = False) -> Path:
     """Writes `model` as a Hugging Face folder: published names, torch layouts, safetensors shards.
 
-    Above `max_shard_bytes` the weights are split into `model-0000i-of-0000n.safetensors` files with a
-    `model.safetensors.index.json`. Tokenizer and sentence-transformers files are copied from `source`.
+    Parameters are gathered to the host one at a time and each shard is written once full, so host
+    memory stays near one shard. Above `max_shard_bytes` the weights are split into
+    `model-0000i-of-0000n.safetensors` files with a `model.safetensors.index.json`. Tokenizer and
+    sentence-transformers files are copied from `source`.
     """
-    cfg = model.config
     target = parse_dtype(dtype) if dtype else None
     limit = parse_size(max_shard_bytes)
     with staged_folder(destination, overwrite) as staging:
-        shards: list[list[tuple[str, np.ndarray]]] = [[]]
-        size = 0
-        arrays = dict(_host_params(model))
-        stored_dtype = None
-        for name, tensor in iter_hf_tensors(arrays, cfg, prefix=prefix):
+        written: list[tuple[Path, list[str]]] = []
+        pending: list[tuple[str, np.ndarray]] = []
+        size, total, stored_dtype = 0, 0, None
+
+        def flush() -> None:
+            nonlocal total
+            file = staging / f"shard-{len(written):05d}.partial"
+            total += write_safetensors(file, pending, metadata={"format": "pt"})
+            written.append((file, [name for name, _ in pending]))
+            pending.clear()
+
+        for name, tensor in iter_hf_tensors(_host_params(model), model.config, prefix=prefix):
             tensor = tensor.astype(target) if target is not None else tensor
             stored_dtype = tensor.dtype
-            if shards[-1] and size + tensor.nbytes > limit:
-                shards.append([])
+            if pending and size + tensor.nbytes > limit:
+                flush()
                 size = 0
-            shards[-1].append((name, tensor))
+            pending.append((name, tensor))
             size += tensor.nbytes
-        del arrays
-        weight_map, total = {}, 0
-        for i, tensors in enumerate(shards):
-            file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            total += write_safetensors(staging / file, tensors, metadata={"format": "pt"})
-            weight_map.update({name: file for name, _ in tensors})
-        if len(shards) > 1:
+        flush()
+        weight_map = {}
+        for i, (file, names) in enumerate(written):
+            final = SINGLE_FILE if len(written) == 1 else f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            file.rename(staging / final)
+            weight_map.update({name: final for name in names})
+        if len(written) > 1:
             (staging / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (staging / "config.json").write_text(json.dumps(
-            export_config(cfg, source, str(np.dtype(stored_dtype))), indent=2))
+            export_config(model.config, source, str(np.dtype(stored_dtype))), indent=2))
         if source is not None:
             copy_companions(Path(source), staging)
     return Path(destination)

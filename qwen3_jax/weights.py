@@ -10,7 +10,7 @@ import json
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -248,10 +248,10 @@ def _read_shard(ckpt: CheckpointFolder, rule: WeightRule, spec, index: tuple[sli
     return shard
 
 
-def iter_hf_tensors(arrays: dict[tuple[str, ...], np.ndarray], cfg: Qwen3Config,
+def iter_hf_tensors(arrays: Iterable[tuple[tuple[str, ...], np.ndarray]], cfg: Qwen3Config,
                     prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-    """Our parameters back as (published name, torch-layout array), one tensor at a time."""
-    for path, array in arrays.items():
+    """Our parameters (path, array) back as (published name, torch-layout array), one tensor at a time."""
+    for path, array in arrays:
         rule = RULES_BY_PATH[path]
         name_prefix = "" if rule.hf_name in _UNPREFIXED else prefix
         if rule.axes[0] == "vocab":

@@ -79,3 +79,10 @@ def test_long_input_at_real_width_blockwise_equals_dense():
     b = jax.jit(lambda m, i, s: m(i, s))(blockwise, ids, seg)
     scale = float(jnp.abs(a).max())
     assert float(jnp.abs(a - b).max()) <= 1e-5 * max(scale, 1.0)
+
+
+def test_cli_offers_every_implementation():
+    from qwen3_jax.attention import IMPLEMENTATIONS
+    from qwen3_jax.cli import ATTENTION
+
+    assert ATTENTION == IMPLEMENTATIONS
