@@ -44,8 +44,13 @@ def random_checkpoint(size: str, layers: int | None, tokenizer_dir: Path, folder
     hf_config = transformers.Qwen3Config(**{k: v for k, v in cfg.to_hf_dict().items()
                                             if k not in ("architectures", "torch_dtype")})
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = transformers.Qwen3Model(hf_config).to(getattr(torch, dtype))
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))     # initialise straight in the stored dtype
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = transformers.Qwen3Model(hf_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.save_pretrained(folder)
     del model
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -73,6 +78,14 @@ def _add_end_of_text_post_processor(path: Path) -> None:
     tok.post_processor = processors.TemplateProcessing(
         single="$A <|endoftext|>", pair="$A $B <|endoftext|>", special_tokens=[("<|endoftext|>", eot)])
     tok.save(str(path))
+
+
+def _dtype_keyword() -> str:
+    """transformers 4.56 renamed from_pretrained's torch_dtype to dtype."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def forward_flops(cfg: Qwen3Config, lengths) -> float:
@@ -169,7 +182,7 @@ def run_benchmark(*, model: str | None, random: str | None, layers: int | None, 
             from sentence_transformers import SentenceTransformer
 
             st = SentenceTransformer(str(folder), device="cpu" if jax.default_backend() == "cpu" else "cuda",
-                                     model_kwargs={"dtype": getattr(torch, dtype)})
+                                     model_kwargs={_dtype_keyword(): getattr(torch, dtype)})
             st.max_seq_length = max_length
             st_out = st.encode(corpus, batch_size=batch_size)
         ours_times, st_times = [], []
