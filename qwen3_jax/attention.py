@@ -90,8 +90,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.
                         block_size: int = 256) -> jax.Array:
     """Memory-efficient attention: online softmax over key blocks, one query block at a time.
 
-    Never holds more than a [B, N, block, block] score tile, and never visits key blocks that
-    lie entirely after the query block (the causal mask hides them).
+    Never holds more than a [B, N, block, block] score tile, and skips the key blocks that lie
+    entirely after the query block (the causal mask hides them). Differentiable (scan and cond only),
+    so it serves fine-tuning as well as inference.
     """
     b, t, n, h = q.shape
     block = min(block_size, t)
@@ -106,7 +107,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.
         q_seg = jax.lax.dynamic_slice_in_dim(segments, i * block, block, axis=1)
         q_pos = i * block + jnp.arange(block)
 
-        def visit(j, carry):
+        def visit(carry, j):
             running_max, denom, acc = carry
             kb = jax.lax.dynamic_slice_in_dim(kt, j * block, block, axis=2)  # [B, K, S, H]
             vb = jax.lax.dynamic_slice_in_dim(vt, j * block, block, axis=2)
@@ -122,10 +123,13 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.
                                 preferred_element_type=jnp.float32)
             return new_max, denom, acc * correction[..., None] + update
 
+        def step(carry, j):                     # key blocks after the query block are skipped, not masked
+            return jax.lax.cond(j <= i, visit, lambda c, _: c, carry, j), None
+
         stats_shape = qb.shape[:-1]
         init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
                 jnp.zeros(qb.shape, jnp.float32))
-        _, denom, acc = jax.lax.fori_loop(0, i + 1, visit, init)
+        (_, denom, acc), _ = jax.lax.scan(step, init, jnp.arange(padded // block))
         return acc / jnp.where(denom == 0, 1.0, denom)[..., None]       # [B, K, G, Q, H]
 
     out = jax.lax.map(one_query_block, jnp.arange(padded // block))    # [blocks, B, K, G, Q, H]
