@@ -17,6 +17,8 @@ IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash")
 # Up to this many tokens "auto" uses the dense kernel on CPU; beyond, causal block skipping pays.
 DENSE_MAX_TOKENS = 256
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The row length at which packs_rows asks "auto" what it would choose.
+PACKED_ROW_HINT = 512
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
@@ -153,9 +155,6 @@ def packs_rows(impl: str, dtype) -> bool:
     """Whether this implementation handles several texts per row (all but cuDNN's fused kernel)."""
     resolved = choose_implementation(PACKED_ROW_HINT, dtype) if impl == "auto" else impl
     return resolved != "cudnn"
-
-
-PACKED_ROW_HINT = 512
 
 
 SPLASH_BLOCK = 128

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3_jax.config import Qwen3Config
+from qwen3_jax.tokenize import with_appended_end_of_text, write_sentence_transformers_files
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which or were are be this "
          "model vector search query document language retrieval embedding attention layer token memory "
@@ -37,6 +38,7 @@ def random_checkpoint(size: str, layers: int | None, tokenizer_dir: Path, folder
 
     import torch
     import transformers
+    from tokenizers import Tokenizer
 
     from qwen3_jax.config import preset
 
@@ -56,28 +58,10 @@ def random_checkpoint(size: str, layers: int | None, tokenizer_dir: Path, folder
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, folder / name)
-    _add_end_of_text_post_processor(folder / "tokenizer.json")
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": cfg.hidden_size, "pooling_mode_lasttoken": True,
-         "pooling_mode_mean_tokens": False, "include_prompt": True}))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32768}))
+    tokenizer = with_appended_end_of_text(Tokenizer.from_file(str(folder / "tokenizer.json")))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    write_sentence_transformers_files(folder, hidden_size=cfg.hidden_size, max_seq_length=32768)
     return folder
-
-
-def _add_end_of_text_post_processor(path: Path) -> None:
-    """The Qwen3-Embedding tokenizer appends <|endoftext|>; make the benchmark's copy do the same."""
-    from tokenizers import Tokenizer, processors
-
-    tok = Tokenizer.from_file(str(path))
-    eot = tok.token_to_id("<|endoftext|>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A <|endoftext|>", pair="$A $B <|endoftext|>", special_tokens=[("<|endoftext|>", eot)])
-    tok.save(str(path))
 
 
 def _dtype_keyword() -> str:

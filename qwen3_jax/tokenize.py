@@ -11,6 +11,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 END_OF_TEXT = "<|endoftext|>"
+QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
 
 
 def format_instruction(instruction: str) -> str:
@@ -29,6 +30,17 @@ def bucket_length(num_tokens: int, limit: int, minimum: int = 16) -> int:
         power = 1 << (size.bit_length() - 1)
         size += power if size < 64 else power // 4
     return min(size, limit)
+
+
+def with_appended_end_of_text(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy with the Qwen3-Embedding post-processor, which appends <|endoftext|> to every input."""
+    from tokenizers import processors
+
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    eot = copy.token_to_id(END_OF_TEXT)
+    copy.post_processor = processors.TemplateProcessing(
+        single=f"$A {END_OF_TEXT}", pair=f"$A $B {END_OF_TEXT}", special_tokens=[(END_OF_TEXT, eot)])
+    return copy
 
 
 class TextTokenizer:
@@ -91,3 +103,26 @@ def read_sentence_transformers_files(folder: Path) -> tuple[dict[str, str], int 
     if length_file.is_file():
         max_length = json.loads(length_file.read_text()).get("max_seq_length")
     return prompts, max_length
+
+
+def write_sentence_transformers_files(folder: Path, *, hidden_size: int, max_seq_length: int,
+                                      prompts: dict[str, str] | None = None) -> None:
+    """The module files sentence-transformers reads beside a Qwen3-Embedding checkpoint:
+    Transformer -> last-token Pooling -> Normalize, the prompts and max_seq_length."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": hidden_size, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True, "include_prompt": True}))
+    prompts = {"query": QUERY_PROMPT, "document": ""} if prompts is None else prompts
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": max_seq_length, "do_lower_case": False}))

@@ -14,8 +14,7 @@ import pytest
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-END_OF_TEXT = "<|endoftext|>"
-QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+from qwen3_jax.tokenize import END_OF_TEXT, QUERY_PROMPT, with_appended_end_of_text, write_sentence_transformers_files
 CORPUS = [
     "The capital of China is Beijing.", "Gravity is a force that attracts two bodies towards each other.",
     "What is the capital of China?", "Explain gravity", "机器学习是人工智能的一个分支。", "東京は日本の首都です。",
@@ -45,17 +44,6 @@ def base_tokenizer():
     if folder and (Path(folder) / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     return tiny_tokenizer()
-
-
-def with_appended_end_of_text(tok):
-    """The Qwen3-Embedding variant: a post-processor that appends <|endoftext|> to every input."""
-    from tokenizers import Tokenizer, processors
-
-    tok = Tokenizer.from_str(tok.to_str())
-    eot = tok.token_to_id(END_OF_TEXT)
-    tok.post_processor = processors.TemplateProcessing(single=f"$A {END_OF_TEXT}", pair=f"$A $B {END_OF_TEXT}",
-                                                       special_tokens=[(END_OF_TEXT, eot)])
-    return tok
 
 
 def save_tokenizer(tok, folder: Path) -> None:
@@ -89,26 +77,6 @@ def hub_style_config(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
 
 
-def write_sentence_transformers_files(folder: Path, max_seq_length: int = 1024) -> None:
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": json.loads((folder / "config.json").read_text())["hidden_size"],
-        "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": True, "include_prompt": True}))
-    (folder / "config_sentence_transformers.json").write_text(json.dumps(
-        {"prompts": {"query": QUERY_PROMPT, "document": ""}, "default_prompt_name": None,
-         "similarity_fn_name": "cosine"}))
-    (folder / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": max_seq_length, "do_lower_case": False}))
-
-
 def build_checkpoint(folder: Path, *, tokenizer, vocab_size: int, dtype: str = "float32", seed: int = 0,
                      hub_config: bool = True, causal_lm: bool = False, tie: bool = False,
                      layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, head_dim: int = 32,
@@ -130,7 +98,7 @@ def build_checkpoint(folder: Path, *, tokenizer, vocab_size: int, dtype: str = "
     if hub_config:
         hub_style_config(folder)
     save_tokenizer(tokenizer, folder)
-    write_sentence_transformers_files(folder)
+    write_sentence_transformers_files(folder, hidden_size=hidden, max_seq_length=1024)
     return folder
 
 
