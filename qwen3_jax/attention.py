@@ -13,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qwen3_jax.sharding import BATCH_AXIS
+
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash")
 # Up to this many tokens "auto" uses the dense kernel on CPU; beyond, causal block skipping pays.
 DENSE_MAX_TOKENS = 256
@@ -27,9 +29,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
     if impl == "auto":
         impl = choose_implementation(q.shape[1], q.dtype)
     if impl == "dense":
-        return dense_attention(q, k, v, segments)
+        return row_by_row(dense_attention, q, k, v, segments, rows_per_step=rows_per_step())
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, segments, block_size=block_size or default_block(q.shape[1]))
+        kernel = functools.partial(blockwise_attention, block_size=block_size or default_block(q.shape[1]))
+        return row_by_row(kernel, q, k, v, segments, rows_per_step=rows_per_step())
     if impl == "cudnn":
         return fused_attention(q, k, v, segments, implementation="cudnn")
     if impl == "splash":
@@ -49,11 +52,37 @@ def choose_implementation(num_tokens: int, dtype) -> str:
     return "dense" if num_tokens <= DENSE_MAX_TOKENS else "blockwise"
 
 
+def rows_per_step() -> int | None:
+    """How many rows the XLA kernels compute together: all at once on accelerators (None); on the
+    CPU one row per data shard at a time, so a row's scores stay in cache between the two products
+    and the softmax (1.3-2x faster there). The data-shard count comes from the mesh set with
+    `jax.set_mesh`, so each device loops over its own rows."""
+    if jax.default_backend() != "cpu":
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.shape.get(BATCH_AXIS, 1)
+
+
 def default_block(num_tokens: int) -> int:
     """Key/query block of the blockwise kernel: two blocks for short rows, 256 or 512 beyond."""
     if num_tokens < 512:
         return -(-num_tokens // 16) * 8
     return 256 if num_tokens <= 4096 else 512
+
+
+def row_by_row(kernel, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
+               rows_per_step: int | None) -> jax.Array:
+    """`kernel` on `rows_per_step` rows at a time (a loop over the rest), or on all rows when None.
+
+    The loop runs over the second factor of rows = [rows_per_step, steps], so rows split over data
+    shards stay on their device.
+    """
+    b = q.shape[0]
+    if rows_per_step is None or rows_per_step >= b or b % rows_per_step:
+        return kernel(q, k, v, segments)
+    to_steps = lambda x: jnp.swapaxes(x.reshape(rows_per_step, b // rows_per_step, *x.shape[1:]), 0, 1)
+    out = jax.lax.map(lambda xs: kernel(*xs), tuple(to_steps(x) for x in (q, k, v, segments)))
+    return jnp.swapaxes(out, 0, 1).reshape(q.shape)
 
 
 def _group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -78,10 +107,9 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
     """Reference attention: the full score matrix, softmax statistics in float32."""
     b, t, n, h = q.shape
     qg, kt, vt = _heads_first(q, k, v)
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kt, preferred_element_type=jnp.float32) * h**-0.5
     positions = jnp.arange(t)
-    mask = _mask(segments, segments, positions, positions)[:, None, None]
-    scores = jnp.where(mask, scores, _MASKED)
+    bias = jnp.where(_mask(segments, segments, positions, positions), 0.0, _MASKED)[:, None, None]
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kt, preferred_element_type=jnp.float32) * h**-0.5 + bias
     probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
     out = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), vt, preferred_element_type=jnp.float32)
     out = out / probs.sum(axis=-1, keepdims=True)                      # normalise after the product

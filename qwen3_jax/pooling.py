@@ -8,6 +8,7 @@ lengths compiles few (rows, R) programs and pads little. Input order is restored
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Sequence
@@ -161,10 +162,12 @@ class LastTokenRunner:
         batches = plan_batches([len(t) for t in texts], token_budget=batch_size * TOKENS_PER_TEXT,
                                max_length=max_length, multiple=shard_count(self.mesh), pack=self.pack)
         pending = []
-        for batch in batches:
-            arrays = layout_batch(batch, texts, self.pad_id, self.padding_side)
-            pending.append((batch, self._forward(self._state, *(put_global(a, self._inputs) for a in arrays))))
-            self.tokens_computed += batch.num_rows * batch.length
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            for batch in batches:       # under the mesh, attention loops over each device's own rows
+                arrays = layout_batch(batch, texts, self.pad_id, self.padding_side)
+                inputs = (put_global(a, self._inputs) for a in arrays)
+                pending.append((batch, self._forward(self._state, *inputs)))
+                self.tokens_computed += batch.num_rows * batch.length
         for batch, result in pending:
             pooled = fetch_global(result)
             for r, row in enumerate(batch.rows):

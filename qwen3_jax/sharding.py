@@ -6,7 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "model")
+BATCH_AXIS = "data"   # rows of a batch split over it; the other axis splits the model
+MESH_AXES = (BATCH_AXIS, "model")
 # Tensor parallelism: heads, MLP width and vocabulary split over "model".
 TENSOR_PARALLEL = {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model"}
 # FSDP additionally splits the model width of every matrix over "data".
@@ -54,12 +55,12 @@ def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
     """Inputs and outputs: the batch split over "data", replicated over "model"."""
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return NamedSharding(mesh, PartitionSpec("data"))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
 
 
 def shard_count(mesh: Mesh | None) -> int:
     """How many ways a batch is split; batches are padded to a multiple of it."""
-    return 1 if mesh is None else mesh.shape["data"]
+    return 1 if mesh is None else mesh.shape[BATCH_AXIS]
 
 
 def put_global(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

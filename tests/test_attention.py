@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qwen3_jax.attention import attention, blockwise_attention, dense_attention, fused_attention, packs_rows
+from qwen3_jax.attention import (attention, blockwise_attention, dense_attention, fused_attention, packs_rows,
+                                 row_by_row)
 from qwen3_jax.config import preset
 from qwen3_jax.model import Qwen3Model
 
@@ -88,7 +89,16 @@ def test_cli_offers_every_implementation():
     assert ATTENTION == IMPLEMENTATIONS
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "dense"])
+@pytest.mark.parametrize("rows_per_step", [1, 2])
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_row_loop_matches_all_rows_at_once(impl, rows_per_step):
+    q, k, v, seg = _inputs(4, 90)
+    kernel = {"dense": dense_attention, "blockwise": lambda *a: blockwise_attention(*a, block_size=32)}[impl]
+    looped = row_by_row(kernel, q, k, v, seg, rows_per_step=rows_per_step)
+    assert np.abs(np.asarray(looped) - np.asarray(kernel(q, k, v, seg))).max() <= 1e-6
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "dense rows"])
 def test_gradients_flow_through_every_cpu_kernel(impl):
     """Fine-tuning needs reverse-mode gradients; blockwise must agree with dense there too."""
     q, k, v, seg = _inputs(3, 80)
@@ -97,7 +107,8 @@ def test_gradients_flow_through_every_cpu_kernel(impl):
         out = kernel(q, k, v, seg)
         return jnp.sum(jnp.where(seg[..., None, None] > 0, out, 0.0) ** 2)
 
-    kernels = {"dense": dense_attention, "blockwise": lambda *a: blockwise_attention(*a, block_size=16)}
+    kernels = {"dense rows": lambda *a: row_by_row(dense_attention, *a, rows_per_step=1),
+               "blockwise": lambda *a: blockwise_attention(*a, block_size=16)}
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, kernels[impl])
     reference = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, dense_attention)
     for got, want in zip(grads, reference):

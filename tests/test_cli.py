@@ -92,6 +92,16 @@ def test_bench_prints_figures_for_both_sides(checkpoint, tmp_path, capsys):
     assert figures["max_abs_diff"] <= 1e-4 and figures["texts"] == 6
 
 
+def test_datasheet_peak_is_matched_by_device_kind():
+    from qwen3_jax.bench import datasheet_tflops
+
+    assert datasheet_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert datasheet_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert datasheet_tflops("NVIDIA H200", "bfloat16") == 989.4
+    assert datasheet_tflops("NVIDIA H100 80GB HBM3", "float32") is None
+    assert datasheet_tflops("cpu", "bfloat16") is None
+
+
 def test_gpu_suite_runs_end_to_end_on_a_small_stand_in(monkeypatch, capsys):
     """The accelerator suite's code path, shrunk to one 1-layer 0.6B-shape case that the CPU can run."""
     import qwen3_jax.bench

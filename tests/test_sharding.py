@@ -14,6 +14,7 @@ import qwen3_jax.weights
 from qwen3_jax import Qwen3Embedder, make_mesh
 from qwen3_jax.config import preset
 from qwen3_jax.loader import abstract_model, parameter_shardings
+from qwen3_jax.sharding import batch_sharding
 from tests.conftest import CORPUS, long_text
 
 TEXTS = ["", long_text(120), *CORPUS]
@@ -38,6 +39,18 @@ def test_mesh_layouts_match_one_device(checkpoint, single_device, layout):
     data, model, fsdp = LAYOUTS[layout]
     embedder = Qwen3Embedder.from_pretrained(checkpoint, mesh=_mesh(data, model), fsdp=fsdp)
     assert np.abs(embedder.encode(TEXTS, batch_size=4) - single_device).max() <= 1e-5
+
+
+def test_data_parallel_attention_stays_on_each_device(checkpoint):
+    """Under the mesh, the CPU's row-by-row attention loops over each device's own rows: a purely
+    data-parallel forward pass then exchanges nothing between devices."""
+    mesh = _mesh(8, 1)
+    runner = Qwen3Embedder.from_pretrained(checkpoint, mesh=mesh).runner
+    rows = jax.ShapeDtypeStruct((16, 64), np.int32, sharding=batch_sharding(mesh))
+    ends = jax.ShapeDtypeStruct((16, 4), np.int32, sharding=batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        program = runner._forward.lower(runner._state, rows, rows, ends).compile().as_text()
+    assert "all-gather" not in program and "all-to-all" not in program
 
 
 def _shard_shape(param):
