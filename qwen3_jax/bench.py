@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3_jax.config import Qwen3Config
+from qwen3_jax.model import project
 from qwen3_jax.tokenize import with_appended_end_of_text, write_sentence_transformers_files
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which or were are be this "
@@ -96,12 +98,13 @@ def datasheet_tflops(device_kind: str, dtype: str) -> float | None:
 
 def matmul_gflops(dtype, products: int = 10) -> float:
     """GFLOP/s of back-to-back square matrix products in JAX on the default device: a sustained rate,
-    as a forward pass sustains its own (2048 x 2048 on the CPU, 8192 x 8192 on accelerators)."""
+    as a forward pass sustains its own (2048 x 2048 on the CPU, 8192 x 8192 on accelerators), with the
+    model's own accumulation (`project`)."""
     size = 2048 if jax.default_backend() == "cpu" else 8192
     key = jax.random.PRNGKey(0)
     a = jax.random.normal(key, (size, size), dtype)
     b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), dtype)
-    product = jax.jit(jnp.dot)
+    product = jax.jit(functools.partial(project, "MK,KN->MN"))      # accumulating as the model does
     product(a, b).block_until_ready()
     start = time.perf_counter()
     for _ in range(products):
@@ -131,10 +134,11 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_benchmark(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None,
-                  dtype: str, texts: int, min_words: int, max_words: int, tokens: int | None,
-                  batch_size: int, repeats: int, attention: str, reference: bool, out=print) -> dict:
-    """Times our encode against sentence-transformers on the same texts; returns and prints the figures."""
+@contextlib.contextmanager
+def bench_models(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None, dtype: str,
+                 attention: str, max_length: int, reference: bool, out=print):
+    """Yields (ours, sentence-transformers or None, seconds our load took) for a hub id / folder or for a
+    random checkpoint of a published shape written to a temporary folder."""
     # torch shares the accelerator in this process: JAX must not grab most of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     from qwen3_jax.embedder import Qwen3Embedder
@@ -150,28 +154,9 @@ def run_benchmark(*, model: str | None, random: str | None, layers: int | None, 
         else:
             from qwen3_jax.hub import resolve_model
             folder = resolve_model(model)
-        corpus = synthetic_texts(texts, min_words, max_words) if tokens is None else \
-            synthetic_texts(texts, tokens, tokens)     # one token a word, cut to exactly `tokens` below
-        max_length = tokens or 8192
-
         start = time.perf_counter()
         ours = Qwen3Embedder.from_pretrained(folder, dtype=dtype, attention=attention, max_length=max_length)
         load_s = time.perf_counter() - start
-        cfg = ours.config
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")        # texts cut to exactly `tokens` on purpose
-            lengths = [len(r) for r in ours.tokenizer.encode(corpus, max_length)]
-        rss_after_load = peak_rss_gib()
-
-        def run_ours():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return ours.encode(corpus, batch_size=batch_size)
-
-        with compile_seconds() as compiling:
-            ours_out = run_ours()
-        compile_s = compiling[0]
-
         st = None
         if reference:
             import torch
@@ -180,9 +165,30 @@ def run_benchmark(*, model: str | None, random: str | None, layers: int | None, 
             st = SentenceTransformer(str(folder), device="cpu" if jax.default_backend() == "cpu" else "cuda",
                                      model_kwargs={_dtype_keyword(): getattr(torch, dtype)})
             st.max_seq_length = max_length
+        yield ours, st, load_s
+
+
+def compare(ours, st, corpus: list[str], *, batch_size: int, repeats: int, max_length: int, dtype: str,
+            attention: str) -> dict:
+    """Our encode and sentence-transformers' (when given) on `corpus`, alternating with a plain matrix
+    product, so drift hits all three alike; the figures as a dict."""
+    cfg = ours.config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # texts cut to exactly max_length on purpose
+        lengths = [len(r) for r in ours.tokenizer.encode(corpus, max_length)]
+
+        def run_ours():
+            return ours.encode(corpus, batch_size=batch_size)
+
+        rss_before = peak_rss_gib()
+        programs_before, computed_before, embedded_before = (
+            ours.compiled_programs, ours.runner.tokens_computed, ours.runner.tokens_embedded)
+        with compile_seconds() as compiling:
+            ours_out = run_ours()
+        if st is not None:
             st_out = st.encode(corpus, batch_size=batch_size)
         ours_times, st_times, matmul_rates = [], [], []
-        for _ in range(repeats):                        # alternate, so drift hits all alike
+        for _ in range(repeats):
             start = time.perf_counter()
             ours_out = run_ours()
             ours_times.append(time.perf_counter() - start)
@@ -192,49 +198,72 @@ def run_benchmark(*, model: str | None, random: str | None, layers: int | None, 
                 st_out = st.encode(corpus, batch_size=batch_size)
                 st_times.append(time.perf_counter() - start)
 
-        num_tokens = sum(lengths)
-        ours_s = statistics.median(ours_times)
-        flops = forward_flops(cfg, lengths)
-        peak = statistics.median(matmul_rates)
-        result = {
-            "device": f"{jax.default_backend()} x{jax.device_count()} ({jax.devices()[0].device_kind})",
-            "shape": f"hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} heads={cfg.num_attention_heads}/"
-                     f"{cfg.num_key_value_heads}", "dtype": dtype, "attention": attention,
-            "texts": len(corpus), "tokens": num_tokens, "max_tokens": max(lengths),
-            "ours_tokens_per_s": num_tokens / ours_s, "ours_s": ours_s,
-            "compile_s": compile_s, "compiled_programs": ours.compiled_programs,
-            "load_s": load_s, "gflops": flops / ours_s / 1e9, "matmul_gflops": peak,
-            "peak_rss_gib_after_load": rss_after_load,
-        }
-        result["fraction_of_matmul"] = result["gflops"] / peak      # model FLOPs utilisation vs a plain matmul
-        nominal = datasheet_tflops(jax.devices()[0].device_kind, dtype)
-        if nominal:
-            result["mfu_vs_datasheet"] = result["gflops"] / 1e3 / nominal
-        result["padded_tokens_computed"] = ours.runner.tokens_computed / max(ours.runner.tokens_embedded, 1)
-        if st is not None:
-            st_s = statistics.median(st_times)
-            result.update(reference_tokens_per_s=num_tokens / st_s, reference_s=st_s, ratio=st_s / ours_s,
-                          max_abs_diff=float(np.abs(ours_out - st_out).max()),
-                          min_cosine=float((ours_out * st_out).sum(-1).min()))
-        result["peak_rss_gib"] = peak_rss_gib()
+    num_tokens = sum(lengths)
+    ours_s = statistics.median(ours_times)
+    peak = statistics.median(matmul_rates)
+    result = {
+        "device": f"{jax.default_backend()} x{jax.device_count()} ({jax.devices()[0].device_kind})",
+        "shape": f"hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} heads={cfg.num_attention_heads}/"
+                 f"{cfg.num_key_value_heads}", "dtype": dtype, "attention": attention,
+        "texts": len(corpus), "batch_size": batch_size, "tokens": num_tokens, "max_tokens": max(lengths),
+        "ours_tokens_per_s": num_tokens / ours_s, "ours_s": ours_s,
+        "compile_s": compiling[0], "compiled_programs": ours.compiled_programs - programs_before,
+        "gflops": forward_flops(cfg, lengths) / ours_s / 1e9, "matmul_gflops": peak,
+        "peak_rss_gib_before": rss_before,
+    }
+    result["fraction_of_matmul"] = result["gflops"] / peak      # model FLOPs utilisation vs a plain matmul
+    nominal = datasheet_tflops(jax.devices()[0].device_kind, dtype)
+    if nominal:
+        result["mfu_vs_datasheet"] = result["gflops"] / 1e3 / nominal
+    embedded = ours.runner.tokens_embedded - embedded_before
+    result["padded_tokens_computed"] = (ours.runner.tokens_computed - computed_before) / max(embedded, 1)
+    if st is not None:
+        st_s = statistics.median(st_times)
+        result.update(reference_tokens_per_s=num_tokens / st_s, reference_s=st_s, ratio=st_s / ours_s,
+                      max_abs_diff=float(np.abs(ours_out - st_out).max()),
+                      min_cosine=float((ours_out * st_out).sum(-1).min()))
+    result["peak_rss_gib"] = peak_rss_gib()
+    return result
+
+
+def _print(result: dict, out) -> None:
     for key, value in result.items():
         out(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
+
+
+def run_benchmark(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None,
+                  dtype: str, texts: int, min_words: int, max_words: int, tokens: int | None,
+                  batch_size: int, repeats: int, attention: str, reference: bool, out=print) -> dict:
+    """Times our encode against sentence-transformers on the same texts; returns and prints the figures."""
+    corpus = synthetic_texts(texts, min_words, max_words) if tokens is None else \
+        synthetic_texts(texts, tokens, tokens)     # one token a word, cut to exactly `tokens`
+    max_length = tokens or 8192
+    with bench_models(model=model, random=random, layers=layers, tokenizer=tokenizer, dtype=dtype,
+                      attention=attention, max_length=max_length, reference=reference, out=out) as (ours, st, load_s):
+        result = {"load_s": load_s, **compare(ours, st, corpus, batch_size=batch_size, repeats=repeats,
+                                              max_length=max_length, dtype=dtype, attention=attention)}
+    _print(result, out)
     return result
 
 
 # The accelerator comparison: bf16, 0.6B and 4B shapes, 512-token texts, batches of 32 and 128.
-GPU_SUITE = [("0.6B", 32), ("0.6B", 128), ("4B", 32), ("4B", 128)]
+GPU_SUITE = {"0.6B": (32, 128), "4B": (32, 128)}
+SUITE_TOKENS = 512
 
 
 def run_suite(*, tokenizer: str | None, layers: int | None, repeats: int, out=print) -> list[dict]:
-    """Every GPU_SUITE configuration, ours against sentence-transformers (torch sdpa), one table at the end."""
+    """Every GPU_SUITE configuration, ours against sentence-transformers (torch sdpa), one table at the end.
+    Each size's checkpoint is written and loaded once for all its batch sizes."""
     rows = []
-    for size, batch in GPU_SUITE:
-        out(f"\n== {size}, bf16, {batch} texts of 512 tokens ==")
-        result = run_benchmark(model=None, random=size, layers=layers, tokenizer=tokenizer, dtype="bfloat16",
-                               texts=batch, min_words=0, max_words=0, tokens=512, batch_size=batch,
-                               repeats=repeats, attention="auto", reference=True, out=out)
-        rows.append({"size": size, "batch": batch, **result})
+    for size, batches in GPU_SUITE.items():
+        with bench_models(model=None, random=size, layers=layers, tokenizer=tokenizer, dtype="bfloat16",
+                          attention="auto", max_length=SUITE_TOKENS, reference=True, out=out) as (ours, st, load_s):
+            for batch in batches:
+                out(f"\n== {size}, bf16, {batch} texts of {SUITE_TOKENS} tokens ==")
+                result = compare(ours, st, synthetic_texts(batch, SUITE_TOKENS, SUITE_TOKENS), batch_size=batch,
+                                 repeats=repeats, max_length=SUITE_TOKENS, dtype="bfloat16", attention="auto")
+                _print(result, out)
+                rows.append({"size": size, "batch": batch, "load_s": load_s, **result})
     out(f"\n{'model':>6} {'batch':>5} {'ours tok/s':>11} {'torch tok/s':>11} {'ratio':>6} {'of matmul':>9} "
         f"{'MFU':>5} {'min cos':>8}")
     for r in rows:

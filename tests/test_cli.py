@@ -103,13 +103,17 @@ def test_datasheet_peak_is_matched_by_device_kind():
 
 
 def test_gpu_suite_runs_end_to_end_on_a_small_stand_in(monkeypatch, capsys):
-    """The accelerator suite's code path, shrunk to one 1-layer 0.6B-shape case that the CPU can run."""
+    """The accelerator suite's code path, shrunk to a 1-layer 0.6B shape and short texts the CPU can run."""
     import qwen3_jax.bench
 
     tokenizer = os.environ.get("QWEN3_TOKENIZER_DIR")
     if not tokenizer:
         pytest.skip("QWEN3_TOKENIZER_DIR is not set: --random needs the real Qwen3 tokenizer")
-    monkeypatch.setattr(qwen3_jax.bench, "GPU_SUITE", [("0.6B", 2)])
+    monkeypatch.setattr(qwen3_jax.bench, "GPU_SUITE", {"0.6B": (2, 3)})
+    monkeypatch.setattr(qwen3_jax.bench, "SUITE_TOKENS", 64)
     assert main(["bench", "--suite", "gpu", "--layers", "1", "--repeats", "1", "--tokenizer", tokenizer]) == 0
-    table = capsys.readouterr().out.splitlines()[-1].split()
-    assert table[:2] == ["0.6B", "2"] and float(table[-1]) >= 0.99      # bf16 by cosine against torch
+    printed = capsys.readouterr().out
+    assert printed.count("checkpoint (1 layers) written") == 1          # one checkpoint for both batch sizes
+    for line, batch in zip(printed.splitlines()[-2:], ["2", "3"]):
+        row = line.split()
+        assert row[:2] == ["0.6B", batch] and float(row[-1]) >= 0.99    # bf16 by cosine against torch
