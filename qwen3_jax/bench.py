@@ -137,7 +137,7 @@ def peak_rss_gib() -> float:
 @contextlib.contextmanager
 def bench_models(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None, dtype: str,
                  attention: str, max_length: int, reference: bool, out=print):
-    """Yields (ours, sentence-transformers or None, seconds our load took) for a hub id / folder or for a
+    """Yields (ours, sentence-transformers or None, figures of our load) for a hub id / folder or for a
     random checkpoint of a published shape written to a temporary folder."""
     # torch shares the accelerator in this process: JAX must not grab most of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -156,16 +156,17 @@ def bench_models(*, model: str | None, random: str | None, layers: int | None, t
             folder = resolve_model(model)
         start = time.perf_counter()
         ours = Qwen3Embedder.from_pretrained(folder, dtype=dtype, attention=attention, max_length=max_length)
-        load_s = time.perf_counter() - start
+        loaded = {"load_s": time.perf_counter() - start, "peak_rss_gib_after_load": peak_rss_gib()}
         st = None
         if reference:
             import torch
             from sentence_transformers import SentenceTransformer
 
             st = SentenceTransformer(str(folder), device="cpu" if jax.default_backend() == "cpu" else "cuda",
-                                     model_kwargs={_dtype_keyword(): getattr(torch, dtype)})
+                                     model_kwargs={_dtype_keyword(): getattr(torch, dtype),
+                                                   "attn_implementation": "sdpa"})
             st.max_seq_length = max_length
-        yield ours, st, load_s
+        yield ours, st, loaded
 
 
 def compare(ours, st, corpus: list[str], *, batch_size: int, repeats: int, max_length: int, dtype: str,
@@ -180,7 +181,6 @@ def compare(ours, st, corpus: list[str], *, batch_size: int, repeats: int, max_l
         def run_ours():
             return ours.encode(corpus, batch_size=batch_size)
 
-        rss_before = peak_rss_gib()
         programs_before, computed_before, embedded_before = (
             ours.compiled_programs, ours.runner.tokens_computed, ours.runner.tokens_embedded)
         with compile_seconds() as compiling:
@@ -209,7 +209,6 @@ def compare(ours, st, corpus: list[str], *, batch_size: int, repeats: int, max_l
         "ours_tokens_per_s": num_tokens / ours_s, "ours_s": ours_s,
         "compile_s": compiling[0], "compiled_programs": ours.compiled_programs - programs_before,
         "gflops": forward_flops(cfg, lengths) / ours_s / 1e9, "matmul_gflops": peak,
-        "peak_rss_gib_before": rss_before,
     }
     result["fraction_of_matmul"] = result["gflops"] / peak      # model FLOPs utilisation vs a plain matmul
     nominal = datasheet_tflops(jax.devices()[0].device_kind, dtype)
@@ -239,8 +238,8 @@ def run_benchmark(*, model: str | None, random: str | None, layers: int | None, 
         synthetic_texts(texts, tokens, tokens)     # one token a word, cut to exactly `tokens`
     max_length = tokens or 8192
     with bench_models(model=model, random=random, layers=layers, tokenizer=tokenizer, dtype=dtype,
-                      attention=attention, max_length=max_length, reference=reference, out=out) as (ours, st, load_s):
-        result = {"load_s": load_s, **compare(ours, st, corpus, batch_size=batch_size, repeats=repeats,
+                      attention=attention, max_length=max_length, reference=reference, out=out) as (ours, st, loaded):
+        result = {**loaded, **compare(ours, st, corpus, batch_size=batch_size, repeats=repeats,
                                               max_length=max_length, dtype=dtype, attention=attention)}
     _print(result, out)
     return result
@@ -257,13 +256,13 @@ def run_suite(*, tokenizer: str | None, layers: int | None, repeats: int, out=pr
     rows = []
     for size, batches in GPU_SUITE.items():
         with bench_models(model=None, random=size, layers=layers, tokenizer=tokenizer, dtype="bfloat16",
-                          attention="auto", max_length=SUITE_TOKENS, reference=True, out=out) as (ours, st, load_s):
+                          attention="auto", max_length=SUITE_TOKENS, reference=True, out=out) as (ours, st, loaded):
             for batch in batches:
                 out(f"\n== {size}, bf16, {batch} texts of {SUITE_TOKENS} tokens ==")
                 result = compare(ours, st, synthetic_texts(batch, SUITE_TOKENS, SUITE_TOKENS), batch_size=batch,
                                  repeats=repeats, max_length=SUITE_TOKENS, dtype="bfloat16", attention="auto")
                 _print(result, out)
-                rows.append({"size": size, "batch": batch, "load_s": load_s, **result})
+                rows.append({"size": size, "batch": batch, **loaded, **result})
     out(f"\n{'model':>6} {'batch':>5} {'ours tok/s':>11} {'torch tok/s':>11} {'ratio':>6} {'of matmul':>9} "
         f"{'MFU':>5} {'min cos':>8}")
     for r in rows:
