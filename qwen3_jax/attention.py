@@ -28,11 +28,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
     """Causal GQA attention within segments; `impl` picks the kernel (see IMPLEMENTATIONS)."""
     if impl == "auto":
         impl = choose_implementation(q.shape[1], q.dtype)
-    if impl == "dense":
-        return row_by_row(dense_attention, q, k, v, segments, rows_per_step=rows_per_step())
-    if impl == "blockwise":
-        kernel = functools.partial(blockwise_attention, block_size=block_size or default_block(q.shape[1]))
-        return row_by_row(kernel, q, k, v, segments, rows_per_step=rows_per_step())
+    if impl in ("dense", "blockwise"):
+        kernel = dense_attention if impl == "dense" else \
+            functools.partial(blockwise_attention, block_size=block_size or default_block(q.shape[1]))
+        return row_by_row(kernel, q, k, v, segments, rows_per_step=default_rows_per_step())
     if impl == "cudnn":
         return fused_attention(q, k, v, segments, implementation="cudnn")
     if impl == "splash":
@@ -52,7 +51,7 @@ def choose_implementation(num_tokens: int, dtype) -> str:
     return "dense" if num_tokens <= DENSE_MAX_TOKENS else "blockwise"
 
 
-def rows_per_step() -> int | None:
+def default_rows_per_step() -> int | None:
     """How many rows the XLA kernels compute together: all at once on accelerators (None); on the
     CPU one row per data shard at a time, so a row's scores stay in cache between the two products
     and the softmax (1.3-2x faster there). The data-shard count comes from the mesh set with

@@ -8,7 +8,6 @@ lengths compiles few (rows, R) programs and pads little. Input order is restored
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Sequence
@@ -162,7 +161,7 @@ class LastTokenRunner:
         batches = plan_batches([len(t) for t in texts], token_budget=batch_size * TOKENS_PER_TEXT,
                                max_length=max_length, multiple=shard_count(self.mesh), pack=self.pack)
         pending = []
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        with jax.set_mesh(self.mesh):   # None: no mesh, one device
             for batch in batches:       # under the mesh, attention loops over each device's own rows
                 arrays = layout_batch(batch, texts, self.pad_id, self.padding_side)
                 inputs = (put_global(a, self._inputs) for a in arrays)

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from qwen3_jax.embedder import normalize_rows
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.tokenize import TextTokenizer, format_instruction, pad_batch
@@ -38,10 +39,6 @@ def reference_states(folder: Path, ids: np.ndarray, valid: np.ndarray, dtype: st
     return states[1:-1], out.last_hidden_state.float().numpy()
 
 
-def _normalized(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def verify(model: str, *, dtype: str = "float32", out=print) -> int:
     """Prints the comparison; returns 0 when within tolerance, 1 otherwise."""
     folder = resolve_model(model)
@@ -67,8 +64,8 @@ def verify(model: str, *, dtype: str = "float32", out=print) -> int:
 
     last = valid.sum(axis=1) - 1                 # right padding: the appended <|endoftext|>
     rows_index = np.arange(len(rows))
-    ours_emb = _normalized(ours_final[rows_index, last])
-    ref_emb = _normalized(ref_final[rows_index, last])
+    ours_emb = normalize_rows(ours_final[rows_index, last])
+    ref_emb = normalize_rows(ref_final[rows_index, last])
     max_diff = float(np.abs(ours_emb - ref_emb).max())
     cosine = float((ours_emb * ref_emb).sum(-1).min())
     out(f"\nembeddings: max |diff| {max_diff:.3e}   min cosine {cosine:.6f}")
