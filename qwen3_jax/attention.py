@@ -16,39 +16,46 @@ import jax.numpy as jnp
 from qwen3_jax.sharding import BATCH_AXIS
 
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash")
-# Up to this many tokens "auto" uses the dense kernel on CPU; beyond, causal block skipping pays.
-DENSE_MAX_TOKENS = 256
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
-# The row length at which packs_rows asks "auto" what it would choose.
-PACKED_ROW_HINT = 512
+# The longest packed row each kernel is given. dense and splash compute every causal pair of a row,
+# texts alike or not, so their rows stay short; blockwise skips the pairs of different texts, so one
+# row may hold a whole batch. cuDNN's kernel takes one text a row (see `packs_rows`).
+PACKED_ROW_LIMIT = {"dense": 2048, "splash": 2048, "blockwise": None}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
               impl: str = "auto", block_size: int | None = None, interpret: bool = False) -> jax.Array:
     """Causal GQA attention within segments; `impl` picks the kernel (see IMPLEMENTATIONS)."""
-    if impl == "auto":
-        impl = choose_implementation(q.shape[1], q.dtype)
+    impl = resolve_implementation(impl, q.dtype)
     if impl in ("dense", "blockwise"):
-        kernel = dense_attention if impl == "dense" else \
-            functools.partial(blockwise_attention, block_size=block_size or default_block(q.shape[1]))
+        kernel = dense_attention if impl == "dense" else functools.partial(blockwise_attention, block_size=block_size)
         return row_by_row(kernel, q, k, v, segments, rows_per_step=default_rows_per_step())
     if impl == "cudnn":
         return fused_attention(q, k, v, segments, implementation="cudnn")
-    if impl == "splash":
-        return splash_attention(q, k, v, segments, interpret=interpret)
-    raise ValueError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLEMENTATIONS)}")
+    return splash_attention(q, k, v, segments, interpret=interpret)
 
 
-def choose_implementation(num_tokens: int, dtype) -> str:
-    """The implementation that "auto" resolves to on the default backend for this length and dtype."""
+def resolve_implementation(impl: str, dtype) -> str:
+    """The kernel `impl` names; "auto" picks one for the default backend and dtype: cuDNN for
+    half precision on GPUs, splash on TPUs, blockwise elsewhere."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLEMENTATIONS)}")
+    if impl != "auto":
+        return impl
     backend = jax.default_backend()
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
-    if backend == "tpu" and num_tokens % 128 == 0:
-        return "splash"
-    if backend == "gpu" and num_tokens <= 4096:
-        return "dense"
-    return "dense" if num_tokens <= DENSE_MAX_TOKENS else "blockwise"
+    return "splash" if backend == "tpu" else "blockwise"
+
+
+def packs_rows(impl: str, dtype) -> bool:
+    """Whether this implementation handles several texts per row (all but cuDNN's fused kernel)."""
+    return resolve_implementation(impl, dtype) != "cudnn"
+
+
+def packed_row_limit(impl: str, dtype) -> int | None:
+    """The longest row of packed texts to give this implementation (None: any length)."""
+    return PACKED_ROW_LIMIT.get(resolve_implementation(impl, dtype))
 
 
 def default_rows_per_step() -> int | None:
@@ -62,11 +69,19 @@ def default_rows_per_step() -> int | None:
     return 1 if mesh.empty else mesh.shape.get(BATCH_AXIS, 1)
 
 
-def default_block(num_tokens: int) -> int:
-    """Key/query block of the blockwise kernel: two blocks for short rows, 256 or 512 beyond."""
-    if num_tokens < 512:
-        return -(-num_tokens // 16) * 8
-    return 256 if num_tokens <= 4096 else 512
+# Query blocks of the blockwise kernel by the mean text length of a row (up to the first bound, the
+# first size, ...): on the CPU a block of short texts should look back little, while long texts run
+# fewer, larger products (measured on a 2-core CPU: 512-token texts 1.5x faster in blocks of 128 than
+# of 32, 130-token texts 1.2x slower). Accelerators take large blocks.
+CPU_BLOCKS = ((192, 32), (384, 64), (None, 128))
+ACCELERATOR_BLOCKS = ((None, 256),)
+
+
+def positions_from_segments(segments: jax.Array) -> jax.Array:
+    """0..n-1 within each text of a row (texts may be packed; padding may sit on either side)."""
+    index = jnp.arange(segments.shape[1])
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 def row_by_row(kernel, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
@@ -115,53 +130,82 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
     return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(q.dtype)
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
-                        block_size: int = 256) -> jax.Array:
-    """Memory-efficient attention: online softmax over key blocks, one query block at a time.
+def window_ladder(num_blocks: int) -> tuple[int, ...]:
+    """Key-window sizes, in blocks, that the blockwise kernel picks from: 1, 2, 3, 4, 6, 8, 12, ...
+    (steps of at most 1.5x), ending at the whole row."""
+    sizes, size = [], 1
+    while size < num_blocks:
+        sizes.append(size)
+        size = size + 1 if size < 4 else size + (1 << (size.bit_length() - 2))
+    return tuple(sizes) + (num_blocks,)
 
-    Never holds more than a [B, N, block, block] score tile, and skips the key blocks that lie
-    entirely after the query block (the causal mask hides them). Differentiable (scan and cond only),
-    so it serves fine-tuning as well as inference.
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
+                        block_size: int | None = None) -> jax.Array:
+    """Block-sparse attention for packed rows (see `blocks_of`); without `block_size`, the block
+    size is picked on the device from the row's mean text length (CPU_BLOCKS)."""
+    if block_size is not None:
+        return blocks_of(q, k, v, segments, block_size=block_size)
+    choices = CPU_BLOCKS if jax.default_backend() == "cpu" else ACCELERATOR_BLOCKS
+    kernels = [functools.partial(blocks_of, block_size=size) for _, size in choices]
+    if len(kernels) == 1:
+        return kernels[0](q, k, v, segments)
+    starts = (segments > 0) & (segments != jnp.pad(segments, [(0, 0), (1, 0)])[:, :-1])
+    mean_length = (segments > 0).sum() / jnp.maximum(starts.sum(), 1)
+    bounds = jnp.asarray([bound for bound, _ in choices[:-1]])
+    return jax.lax.switch(jnp.searchsorted(bounds, mean_length), kernels, q, k, v, segments)
+
+
+def blocks_of(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, block_size: int) -> jax.Array:
+    """Block-sparse attention for packed rows: each block of queries sees only the keys back to the
+    start of the earliest text it holds.
+
+    Texts lie end to end in a row, so the keys a query block needs are one contiguous window ending at
+    the block. Its length is read from the segments on the device and rounded up to a size of
+    `window_ladder` (a `lax.switch` between static shapes), so a block inside a long text looks far
+    back while a block of short texts never scores the rest of the row. Query blocks run one after
+    another (`lax.map`); each is rematerialised for the backward pass (`jax.checkpoint`), so
+    training stores no score tiles. Never holds more than a [B, N, block, window] score tile.
     """
     b, t, n, h = q.shape
     block = min(block_size, t)
     padded = -(-t // block) * block
+    num_blocks = padded // block
     pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
     qg, kt, vt = _heads_first(*(jnp.pad(x, pad) for x in (q, k, v)))  # [B, K, G, T, H], [B, K, T, H]
     segments = jnp.pad(segments, [(0, 0), (0, padded - t)])
+    index = jnp.arange(padded)
+    text_start = index - positions_from_segments(segments)
+    # The earliest text start among each block's real tokens; a block of padding needs no keys.
+    first = jnp.where(segments > 0, text_start, index).reshape(b, num_blocks, block).min(axis=(0, 2))
+    needed = jnp.arange(1, num_blocks + 1) * block - first                 # keys each query block needs
+    ladder = window_ladder(num_blocks)
     scale = h**-0.5
 
-    def one_query_block(i):
-        qb = jax.lax.dynamic_slice_in_dim(qg, i * block, block, axis=3)     # [B, K, G, Q, H]
-        q_seg = jax.lax.dynamic_slice_in_dim(segments, i * block, block, axis=1)
-        q_pos = i * block + jnp.arange(block)
-
-        def visit(carry, j):
-            running_max, denom, acc = carry
-            kb = jax.lax.dynamic_slice_in_dim(kt, j * block, block, axis=2)  # [B, K, S, H]
-            vb = jax.lax.dynamic_slice_in_dim(vt, j * block, block, axis=2)
-            k_seg = jax.lax.dynamic_slice_in_dim(segments, j * block, block, axis=1)
-            mask = _mask(q_seg, k_seg, q_pos, j * block + jnp.arange(block))[:, None, None]
+    def windowed(width: int):
+        def run(i):
+            qb = jax.lax.dynamic_slice_in_dim(qg, i * block, block, axis=3)     # [B, K, G, Q, H]
+            q_seg = jax.lax.dynamic_slice_in_dim(segments, i * block, block, axis=1)
+            start = jnp.maximum((i + 1) * block - width, 0)
+            kb = jax.lax.dynamic_slice_in_dim(kt, start, width, axis=2)          # [B, K, S, H]
+            vb = jax.lax.dynamic_slice_in_dim(vt, start, width, axis=2)
+            k_seg = jax.lax.dynamic_slice_in_dim(segments, start, width, axis=1)
+            mask = _mask(q_seg, k_seg, i * block + jnp.arange(block), start + jnp.arange(width))
             scores = jnp.einsum("BKGQH,BKSH->BKGQS", qb, kb, preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(mask, scores, _MASKED)
-            new_max = jnp.maximum(running_max, scores.max(axis=-1))
-            probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
-            correction = jnp.exp(running_max - new_max)
-            denom = denom * correction + probs.sum(axis=-1)
-            update = jnp.einsum("BKGQS,BKSH->BKGQH", probs.astype(vb.dtype), vb,
-                                preferred_element_type=jnp.float32)
-            return new_max, denom, acc * correction[..., None] + update
+            scores = jnp.where(mask[:, None, None], scores, _MASKED)
+            probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+            out = jnp.einsum("BKGQS,BKSH->BKGQH", probs.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            return out / probs.sum(axis=-1, keepdims=True)                  # normalise after the product
+        return run
 
-        def step(carry, j):                     # key blocks after the query block are skipped, not masked
-            return jax.lax.cond(j <= i, visit, lambda c, _: c, carry, j), None
+    branches = [windowed(size * block) for size in ladder]
+    sizes = jnp.asarray(ladder) * block
 
-        stats_shape = qb.shape[:-1]
-        init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                jnp.zeros(qb.shape, jnp.float32))
-        (_, denom, acc), _ = jax.lax.scan(step, init, jnp.arange(padded // block))
-        return acc / jnp.where(denom == 0, 1.0, denom)[..., None]       # [B, K, G, Q, H]
+    @jax.checkpoint
+    def one_query_block(i):
+        return jax.lax.switch(jnp.searchsorted(sizes, needed[i]), branches, i)
 
-    out = jax.lax.map(one_query_block, jnp.arange(padded // block))    # [blocks, B, K, G, Q, H]
+    out = jax.lax.map(one_query_block, jnp.arange(num_blocks))            # [blocks, B, K, G, Q, H]
     out = jnp.einsum("bBKGQH->BbQKGH", out).reshape(b, padded, n, h)
     return out[:, :t].astype(q.dtype)
 
@@ -176,12 +220,6 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
     lengths = (segments > 0).sum(axis=1).astype(jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                         key_value_seq_lengths=lengths, implementation=implementation)
-
-
-def packs_rows(impl: str, dtype) -> bool:
-    """Whether this implementation handles several texts per row (all but cuDNN's fused kernel)."""
-    resolved = choose_implementation(PACKED_ROW_HINT, dtype) if impl == "auto" else impl
-    return resolved != "cudnn"
 
 
 SPLASH_BLOCK = 128

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import resource
 import statistics
@@ -19,19 +18,49 @@ import numpy as np
 
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.model import project
-from qwen3_jax.tokenize import with_appended_end_of_text, write_sentence_transformers_files
+from qwen3_jax.tokenize import TextTokenizer, with_appended_end_of_text, write_sentence_transformers_files
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which or were are be this "
          "model vector search query document language retrieval embedding attention layer token memory "
          "compute device mesh shard river mountain history science music city garden winter paper light "
          "system network energy market policy health water school travel story design answer question").split()
+CJK_WORDS = ("模型", "向量", "检索", "语言", "注意力", "数据", "文本", "東京", "日本語", "研究", "機械学習", "検索")
 
 
-def synthetic_texts(count: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:
-    """Deterministic English-like texts of min..max words."""
+def synthetic_texts(tokenizer: TextTokenizer, count: int, min_tokens: int, max_tokens: int | None = None, *,
+                    long_tail: bool = False, seed: int = 0) -> list[str]:
+    """Deterministic English-like texts with some numbers and CJK words, each of min..max tokens
+    (counting the appended <|endoftext|>): lengths uniform, or log-uniform with `long_tail`."""
     rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, int(n))).capitalize() + "."
-            for n in rng.integers(min_words, max_words + 1, count)]
+    low, high = min_tokens, max_tokens or min_tokens
+    if not 2 <= low <= high:
+        raise ValueError(f"token range {low}-{high}: need 2 <= MIN <= MAX")
+    targets = np.exp(rng.uniform(np.log(low), np.log(high + 1), count)) if long_tail else \
+        rng.integers(low, high + 1, count)
+    units = WORDS + [str(n) for n in (7, 42, 365, 2024, 31415)] + list(CJK_WORDS)
+    weights = np.array([1.0] * len(WORDS) + [0.6] * 5 + [0.5] * len(CJK_WORDS))
+    costs = dict(zip(units, map(len, tokenizer.token_ids([" " + u for u in units]))))
+    single = [w for w in WORDS if costs[w] == 1]
+    texts = []
+    for target in np.minimum(targets.astype(int), high):
+        words, size = [], 1                              # 1: the appended <|endoftext|>
+        while size < target:
+            word = str(rng.choice(units, p=weights / weights.sum()))
+            word = word if size + costs[word] <= target else str(rng.choice(single))
+            words.append(word)
+            size += costs[word]
+        texts.append(_exactly(" ".join(words), int(target), tokenizer, single))
+    return texts
+
+
+def _exactly(text: str, target: int, tokenizer: TextTokenizer, filler: list[str]) -> str:
+    """`text` grown or cut by whole words until it has `target` tokens with <|endoftext|>."""
+    for _ in range(64):
+        size = len(tokenizer.token_ids([text])[0]) + 1
+        if size == target:
+            return text
+        text = text + " " + filler[0] if size < target else text.rsplit(" ", 1)[0]
+    return text
 
 
 def random_checkpoint(size: str, layers: int | None, tokenizer_dir: Path, folder: Path, dtype: str) -> Path:
@@ -138,7 +167,7 @@ def peak_rss_gib() -> float:
 
 @contextlib.contextmanager
 def bench_models(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None, dtype: str,
-                 attention: str, max_length: int, reference: bool, out=print):
+                 attention: str, reference: bool, out=print):
     """Yields (ours, sentence-transformers or None, figures of our load) for a hub id / folder or for a
     random checkpoint of a published shape written to a temporary folder."""
     # torch shares the accelerator in this process: JAX must not grab most of its memory up front.
@@ -157,7 +186,7 @@ def bench_models(*, model: str | None, random: str | None, layers: int | None, t
             from qwen3_jax.hub import resolve_model
             folder = resolve_model(model)
         start = time.perf_counter()
-        ours = Qwen3Embedder.from_pretrained(folder, dtype=dtype, attention=attention, max_length=max_length)
+        ours = Qwen3Embedder.from_pretrained(folder, dtype=dtype, attention=attention)
         loaded = {"load_s": time.perf_counter() - start, "peak_rss_gib_after_load": peak_rss_gib()}
         st = None
         if reference:
@@ -167,32 +196,28 @@ def bench_models(*, model: str | None, random: str | None, layers: int | None, t
             st = SentenceTransformer(str(folder), device="cpu" if jax.default_backend() == "cpu" else "cuda",
                                      model_kwargs={_dtype_keyword(): getattr(torch, dtype),
                                                    "attn_implementation": "sdpa"})
-            st.max_seq_length = max_length
+            st.max_seq_length = ours.max_length       # both cut over-long texts alike
         yield ours, st, loaded
 
 
-def compare(ours, st, corpus: list[str], *, batch_size: int, repeats: int, max_length: int, dtype: str,
-            attention: str) -> dict:
+def compare(ours, st, corpus: list[str], *, batch_size: int, repeats: int, dtype: str, attention: str) -> dict:
     """Our encode and sentence-transformers' (when given) on `corpus`, alternating with a plain matrix
     product, so drift hits all three alike; the figures as a dict."""
     cfg = ours.config
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")        # texts cut to exactly max_length on purpose
-        lengths = [len(r) for r in ours.tokenizer.encode(corpus, max_length)]
-
-        def run_ours():
-            return ours.encode(corpus, batch_size=batch_size)
-
-        programs_before, computed_before, embedded_before = (
-            ours.compiled_programs, ours.runner.tokens_computed, ours.runner.tokens_embedded)
+        warnings.simplefilter("ignore")        # over-long texts of a user's file are cut alike on both sides
+        lengths = [len(r) for r in ours.tokenizer.encode(corpus, ours.max_length)]
+        runner = ours.runner
+        programs_before, computed_before = ours.compiled_programs, runner.tokens_computed
         with compile_seconds() as compiling:
-            ours_out = run_ours()
+            ours_out = ours.encode(corpus, batch_size=batch_size)
+        computed = runner.tokens_computed - computed_before
         if st is not None:
             st_out = st.encode(corpus, batch_size=batch_size)
         ours_times, st_times, matmul_rates = [], [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            ours_out = run_ours()
+            ours_out = ours.encode(corpus, batch_size=batch_size)
             ours_times.append(time.perf_counter() - start)
             matmul_rates.append(matmul_gflops(jnp.dtype(dtype)))
             if st is not None:
@@ -207,7 +232,8 @@ def compare(ours, st, corpus: list[str], *, batch_size: int, repeats: int, max_l
         "device": f"{jax.default_backend()} x{jax.device_count()} ({jax.devices()[0].device_kind})",
         "shape": f"hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} heads={cfg.num_attention_heads}/"
                  f"{cfg.num_key_value_heads}", "dtype": dtype, "attention": attention,
-        "texts": len(corpus), "batch_size": batch_size, "tokens": num_tokens, "max_tokens": max(lengths),
+        "texts": len(corpus), "batch_size": batch_size, "min_tokens": min(lengths), "max_tokens": max(lengths),
+        "real_tokens": num_tokens, "computed_tokens": computed, "computed_per_real": computed / num_tokens,
         "ours_tokens_per_s": num_tokens / ours_s, "ours_s": ours_s,
         "compile_s": compiling[0], "compiled_programs": ours.compiled_programs - programs_before,
         "gflops": forward_flops(cfg, lengths) / ours_s / 1e9, "matmul_gflops": peak,
@@ -216,8 +242,6 @@ def compare(ours, st, corpus: list[str], *, batch_size: int, repeats: int, max_l
     nominal = datasheet_tflops(jax.devices()[0].device_kind, dtype)
     if nominal:
         result["mfu_vs_datasheet"] = result["gflops"] / 1e3 / nominal
-    embedded = ours.runner.tokens_embedded - embedded_before
-    result["padded_tokens_computed"] = (ours.runner.tokens_computed - computed_before) / max(embedded, 1)
     if st is not None:
         st_s = statistics.median(st_times)
         result.update(reference_tokens_per_s=num_tokens / st_s, reference_s=st_s, ratio=st_s / ours_s,
@@ -232,17 +256,32 @@ def _print(result: dict, out) -> None:
         out(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
 
 
+def parse_token_range(spec: str) -> tuple[int, int]:
+    """"512" -> (512, 512); "80-185" -> (80, 185)."""
+    low, _, high = spec.partition("-")
+    if not low.isdigit() or not (high.isdigit() or not high):
+        raise ValueError(f"--tokens {spec!r}: expected N or MIN-MAX, e.g. 512 or 80-185")
+    return int(low), int(high or low)
+
+
 def run_benchmark(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None,
-                  dtype: str, texts: int, min_words: int, max_words: int, tokens: int | None,
+                  dtype: str, texts: int | None, tokens: str, long_tail: bool, input: str | None,
                   batch_size: int, repeats: int, attention: str, reference: bool, out=print) -> dict:
-    """Times our encode against sentence-transformers on the same texts; returns and prints the figures."""
-    corpus = synthetic_texts(texts, min_words, max_words) if tokens is None else \
-        synthetic_texts(texts, tokens, tokens)     # one token a word, cut to exactly `tokens`
-    max_length = tokens or 8192
+    """Times our encode against sentence-transformers on the same texts (a user's file, or synthetic
+    texts of a token range); returns and prints the figures."""
+    low, high = parse_token_range(tokens)
     with bench_models(model=model, random=random, layers=layers, tokenizer=tokenizer, dtype=dtype,
-                      attention=attention, max_length=max_length, reference=reference, out=out) as (ours, st, loaded):
-        result = {**loaded, **compare(ours, st, corpus, batch_size=batch_size, repeats=repeats,
-                                              max_length=max_length, dtype=dtype, attention=attention)}
+                      attention=attention, reference=reference, out=out) as (ours, st, loaded):
+        if input:
+            from qwen3_jax.textio import read_texts
+
+            corpus = read_texts(input)[1][:texts]
+            if not corpus:
+                raise ValueError(f"{input} holds no texts to benchmark")
+        else:
+            corpus = synthetic_texts(ours.tokenizer, texts or 32, low, high, long_tail=long_tail)
+        result = {**loaded, **compare(ours, st, corpus, batch_size=batch_size, repeats=repeats, dtype=dtype,
+                                      attention=attention)}
     _print(result, out)
     return result
 
@@ -258,11 +297,12 @@ def run_suite(*, tokenizer: str | None, layers: int | None, repeats: int, out=pr
     rows = []
     for size, batches in GPU_SUITE.items():
         with bench_models(model=None, random=size, layers=layers, tokenizer=tokenizer, dtype="bfloat16",
-                          attention="auto", max_length=SUITE_TOKENS, reference=True, out=out) as (ours, st, loaded):
+                          attention="auto", reference=True, out=out) as (ours, st, loaded):
             for batch in batches:
                 out(f"\n== {size}, bf16, {batch} texts of {SUITE_TOKENS} tokens ==")
-                result = compare(ours, st, synthetic_texts(batch, SUITE_TOKENS, SUITE_TOKENS), batch_size=batch,
-                                 repeats=repeats, max_length=SUITE_TOKENS, dtype="bfloat16", attention="auto")
+                corpus = synthetic_texts(ours.tokenizer, batch, SUITE_TOKENS)
+                result = compare(ours, st, corpus, batch_size=batch, repeats=repeats, dtype="bfloat16",
+                                 attention="auto")
                 _print(result, out)
                 rows.append({"size": size, "batch": batch, **loaded, **result})
     out(f"\n{'model':>6} {'batch':>5} {'ours tok/s':>11} {'torch tok/s':>11} {'ratio':>6} {'of matmul':>9} "

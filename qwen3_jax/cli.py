@@ -35,6 +35,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="join a multi-process job found from the environment (TPU pod slices)")
     parser.add_argument("--compile-cache", default=None,
                         help="folder for JAX's persistent compilation cache (env JAX_COMPILATION_CACHE_DIR)")
+    parser.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error, not a warning")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -69,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
                        help="with --random: folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    bench.add_argument("--texts", type=int, default=32)
-    bench.add_argument("--words", default="60-140", help="words per text, MIN-MAX")
-    bench.add_argument("--tokens", type=int, default=None, help="texts of exactly this many tokens instead")
+    bench.add_argument("--input", help="a .txt or .jsonl of your own texts to time (instead of synthetic ones)")
+    bench.add_argument("--texts", type=int, default=None, help="how many texts (default: 32, or all of --input)")
+    bench.add_argument("--tokens", default="80-185",
+                       help="synthetic texts of N or MIN-MAX tokens each, <|endoftext|> included")
+    bench.add_argument("--long-tail", action="store_true", help="log-uniform lengths over --tokens (many short, few long)")
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--attention", default="auto", choices=ATTENTION)
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="compare one checkpoint in transformers and in qwen3-jax")
     verify.add_argument("--model", required=True, help="checkpoint folder or hub id")
     verify.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    verify.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error")
     verify.add_argument("--debug", action="store_true")
     return parser
 
@@ -118,11 +122,14 @@ def _is_writer() -> bool:
 
 def run_embed(args) -> None:
     from qwen3_jax import Qwen3Embedder
-    from qwen3_jax.textio import read_texts, write_embeddings
+    from qwen3_jax.textio import check_output_path, read_texts, write_embeddings
 
+    if args.output:
+        check_output_path(args.output)
     ids, texts = read_texts(args.input) if args.input else (list(range(len(args.text))), args.text)
     model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype, attention=args.attention,
-                                          mesh=_mesh(args), fsdp=args.fsdp, max_length=args.max_length)
+                                          mesh=_mesh(args), fsdp=args.fsdp, max_length=args.max_length,
+                                          strict=args.strict)
     vectors = model.encode(texts, instruction=args.instruction, prompt_name=args.prompt_name, dim=args.dim,
                            batch_size=args.batch_size)
     if not _is_writer():
@@ -139,10 +146,10 @@ def run_rerank(args) -> None:
     from qwen3_jax.reranker import Qwen3Reranker
     from qwen3_jax.textio import read_texts
 
-    ids, documents = read_texts(args.input)
+    ids, documents = read_texts(args.input, skip_blank=True)
     kwargs = {"max_length": args.max_length} if args.max_length else {}
     model = Qwen3Reranker.from_pretrained(args.model, dtype=args.dtype, attention=args.attention,
-                                          mesh=_mesh(args), fsdp=args.fsdp, **kwargs)
+                                          mesh=_mesh(args), fsdp=args.fsdp, strict=args.strict, **kwargs)
     hits = model.rank(args.query, documents, top_k=args.top_k, instruction=args.instruction,
                       batch_size=args.batch_size)
     for hit in hits if _is_writer() else []:
@@ -156,10 +163,9 @@ def run_bench(args) -> None:
     if args.suite:
         result = run_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats)
     else:
-        low, _, high = args.words.partition("-")
         result = run_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
-                               dtype=args.dtype, texts=args.texts, min_words=int(low), max_words=int(high or low),
-                               tokens=args.tokens, batch_size=args.batch_size, repeats=args.repeats,
+                               dtype=args.dtype, texts=args.texts, tokens=args.tokens, long_tail=args.long_tail,
+                               input=args.input, batch_size=args.batch_size, repeats=args.repeats,
                                attention=args.attention, reference=not args.no_reference)
     if args.json:
         from qwen3_jax.textio import atomic_output
@@ -182,7 +188,7 @@ def run_convert(args) -> None:
 def run_verify(args) -> int:
     from qwen3_jax.verify import verify
 
-    return verify(args.model, dtype=args.dtype)
+    return verify(args.model, dtype=args.dtype, strict=args.strict)
 
 
 COMMANDS = {"embed": run_embed, "rerank": run_rerank, "bench": run_bench, "convert": run_convert,
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if getattr(args, "compile_cache", None):
-            from qwen3_jax.pooling import enable_compilation_cache
+            from qwen3_jax.runner import enable_compilation_cache
 
             enable_compilation_cache(args.compile_cache)
         status = COMMANDS[args.command](args)

@@ -19,13 +19,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qwen3_jax.config import Qwen3Config
-from qwen3_jax.loader import abstract_model, load_model, parameter_shardings, parse_dtype
+from qwen3_jax.loader import ORBAX_META, ORBAX_PARAMS, is_orbax_folder, load_model, load_orbax, parse_dtype
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.safetensors_file import write_safetensors
 from qwen3_jax.weights import INDEX_FILE, SINGLE_FILE, CheckpointFolder, iter_hf_tensors
 
-ORBAX_META = "qwen3_jax.json"
-ORBAX_PARAMS = "params"
 # Files that travel with the weights: tokenizer, sentence-transformers modules, generation settings.
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json", "modules.json",
@@ -135,10 +133,6 @@ def export_hf(model: Qwen3Model, destination: str | Path, *, source: str | Path 
     return Path(destination)
 
 
-def is_orbax_folder(folder: str | Path) -> bool:
-    return (Path(folder) / ORBAX_META).is_file() and (Path(folder) / ORBAX_PARAMS).is_dir()
-
-
 def save_orbax(model: Qwen3Model, destination: str | Path, *, source: str | Path | None = None,
                prefix: str = "", overwrite: bool = False) -> Path:
     """Saves the parameters as an Orbax checkpoint with config.json and the companion files beside them."""
@@ -157,29 +151,6 @@ def save_orbax(model: Qwen3Model, destination: str | Path, *, source: str | Path
         if source is not None:
             copy_companions(Path(source), staging)
     return Path(destination)
-
-
-def load_orbax(folder: str | Path, *, dtype="float32", attention: str = "auto", mesh: Mesh | None = None,
-               fsdp: bool = False, with_lm_head: bool = False) -> Qwen3Model:
-    """Restores an Orbax checkpoint straight into the shardings of `mesh` (or one device)."""
-    import orbax.checkpoint as ocp
-
-    folder = Path(folder)
-    meta = json.loads((folder / ORBAX_META).read_text())
-    cfg = Qwen3Config.from_hf(folder)
-    model = abstract_model(cfg, param_dtype=parse_dtype(meta["param_dtype"]), dtype=parse_dtype(dtype),
-                           attention=attention, with_lm_head=with_lm_head and meta["has_lm_head"], mesh=mesh)
-    if model.embed.shape[0] != meta["vocab_rows"]:
-        raise ValueError(f"{folder}: saved with {meta['vocab_rows']} vocabulary rows, the mesh needs "
-                         f"{model.embed.shape[0]}; restore with the mesh it was saved for, or re-convert")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    sharding = parameter_shardings(model, mesh, fsdp=fsdp)
-    target = nnx.from_flat_state([
-        (path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(path))))
-        for path, var in nnx.to_flat_state(params)]).to_pure_dict()
-    restored = ocp.StandardCheckpointer().restore((folder / ORBAX_PARAMS).absolute(), target)
-    nnx.replace_by_pure_dict(params, restored)
-    return nnx.merge(graphdef, params, rest)
 
 
 def hf_key_prefix(folder: str | Path) -> str:

@@ -11,20 +11,32 @@ from jax.sharding import Mesh
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
-from qwen3_jax.pooling import LastTokenRunner
+from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.tokenize import TextTokenizer, format_instruction, read_sentence_transformers_files
 
 MIN_DIM = 32
 
 
 def check_texts(texts) -> list[str]:
-    """A list of strings, or a clear error naming the first item that is not one."""
+    """A list of strings (a 1-D numpy array of them too), or a clear error naming the first item that
+    is not one."""
+    if isinstance(texts, np.ndarray) and texts.ndim == 1:
+        texts = texts.tolist()
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
     return list(texts)
+
+
+def check_max_length(max_length, default: int | None = None) -> int:
+    """A whole number of tokens of at least 2 (a text token and <|endoftext|>); None: `default`."""
+    if max_length is None and default is not None:
+        return default
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
+        raise ValueError(f"max_length={max_length!r} must be a whole number of tokens, at least 2")
+    return int(max_length)
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -36,12 +48,14 @@ class Qwen3Embedder:
     """Encodes texts into Qwen3-Embedding vectors: last-token pooling, MRL dims, L2 normalisation."""
 
     def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, prompts: dict[str, str] | None = None,
-                 max_length: int | None = None, mesh: Mesh | None = None, padding_side: str = "right"):
+                 default_prompt_name: str | None = None, max_length: int | None = None, mesh: Mesh | None = None,
+                 padding_side: str = "right"):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
         self.prompts = dict(prompts or {})
-        self.max_length = max_length or self.config.max_position_embeddings
+        self.default_prompt_name = default_prompt_name
+        self.max_length = check_max_length(max_length, self.config.max_position_embeddings)
         self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh,
                                       padding_side=padding_side)
 
@@ -54,9 +68,10 @@ class Qwen3Embedder:
         folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
         model = load_model(folder, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh,
                            fsdp=fsdp, strict=strict)
-        prompts, st_max_length = read_sentence_transformers_files(folder)
-        return cls(model, TextTokenizer.from_folder(folder), prompts=prompts,
-                   max_length=max_length or st_max_length, mesh=mesh, **kwargs)
+        settings = read_sentence_transformers_files(folder)
+        return cls(model, TextTokenizer.from_folder(folder), prompts=settings.prompts,
+                   default_prompt_name=settings.default_prompt_name,
+                   max_length=max_length if max_length is not None else settings.max_seq_length, mesh=mesh, **kwargs)
 
     @property
     def dimension(self) -> int:
@@ -68,11 +83,14 @@ class Qwen3Embedder:
         return self.runner.compiled_programs
 
     def resolve_prefix(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str:
-        """The string put before every text: at most one of the three ways of choosing it."""
+        """The string put before every text: at most one of the three ways of choosing it; none
+        chosen, the checkpoint's default_prompt_name (as sentence-transformers does)."""
         if sum(x is not None for x in (prompt_name, prompt, instruction)) > 1:
             raise ValueError("pass at most one of prompt_name, prompt and instruction")
         if instruction is not None:
             return format_instruction(instruction)
+        if prompt is None and prompt_name is None:
+            prompt_name = self.default_prompt_name
         if prompt_name is not None:
             if prompt_name not in self.prompts:
                 known = ", ".join(self.prompts) or "none (no config_sentence_transformers.json)"
@@ -102,10 +120,10 @@ class Qwen3Embedder:
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
         dim = self.check_dim(dim)
-        max_length = max_length or self.max_length
+        max_length = self.max_length if max_length is None else check_max_length(max_length)
         prefix = self.resolve_prefix(prompt_name, prompt, instruction)
         rows = self.tokenizer.encode([prefix + t for t in texts], max_length)
-        pooled = self.runner(rows, batch_size=batch_size, max_length=max_length)
+        pooled = self.runner(rows, batch_size=batch_size)
         out = pooled[:, :dim]
         if normalize:
             out = normalize_rows(out)

@@ -1,7 +1,9 @@
-"""Building a Qwen3Model from a checkpoint folder: abstract parameters, then streamed weights."""
+"""Building a Qwen3Model from a checkpoint folder (Hugging Face safetensors or our Orbax layout):
+abstract parameters, then streamed weights. Writing checkpoints lives in convert.py, above this."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -15,6 +17,9 @@ from qwen3_jax.sharding import FSDP, TENSOR_PARALLEL, partition_spec
 from qwen3_jax.weights import RULES_BY_PATH, CheckpointFolder, load_arrays
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# An Orbax checkpoint written by `qwen3-jax convert --to orbax`: this file and the parameters folder.
+ORBAX_META = "qwen3_jax.json"
+ORBAX_PARAMS = "params"
 
 
 def parse_dtype(dtype) -> jnp.dtype:
@@ -60,8 +65,6 @@ def load_model(folder: str | Path, *, dtype="float32", param_dtype=None, attenti
     `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: same as dtype).
     `with_lm_head`: True requires an output head (a reranker), None loads one if present, False skips it.
     """
-    from qwen3_jax.convert import is_orbax_folder, load_orbax
-
     if is_orbax_folder(folder):
         return load_orbax(folder, dtype=dtype, attention=attention, mesh=mesh, fsdp=fsdp,
                           with_lm_head=with_lm_head is not False)
@@ -81,4 +84,31 @@ def load_model(folder: str | Path, *, dtype="float32", param_dtype=None, attenti
     loaded = dict(load_arrays(ckpt, abstract, parameter_shardings(model, mesh, fsdp=fsdp),
                               cfg, strict=strict))
     params = nnx.from_flat_state([(path, var.replace(loaded[path])) for path, var in flat])
+    return nnx.merge(graphdef, params, rest)
+
+
+def is_orbax_folder(folder: str | Path) -> bool:
+    return (Path(folder) / ORBAX_META).is_file() and (Path(folder) / ORBAX_PARAMS).is_dir()
+
+
+def load_orbax(folder: str | Path, *, dtype="float32", attention: str = "auto", mesh: Mesh | None = None,
+               fsdp: bool = False, with_lm_head: bool = False) -> Qwen3Model:
+    """Restores an Orbax checkpoint straight into the shardings of `mesh` (or one device)."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder)
+    meta = json.loads((folder / ORBAX_META).read_text())
+    cfg = Qwen3Config.from_hf(folder)
+    model = abstract_model(cfg, param_dtype=parse_dtype(meta["param_dtype"]), dtype=parse_dtype(dtype),
+                           attention=attention, with_lm_head=with_lm_head and meta["has_lm_head"], mesh=mesh)
+    if model.embed.shape[0] != meta["vocab_rows"]:
+        raise ValueError(f"{folder}: saved with {meta['vocab_rows']} vocabulary rows, the mesh needs "
+                         f"{model.embed.shape[0]}; restore with the mesh it was saved for, or re-convert")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    sharding = parameter_shardings(model, mesh, fsdp=fsdp)
+    target = nnx.from_flat_state([
+        (path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(path))))
+        for path, var in nnx.to_flat_state(params)]).to_pure_dict()
+    restored = ocp.StandardCheckpointer().restore((folder / ORBAX_PARAMS).absolute(), target)
+    nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen3_jax.attention import attention
+from qwen3_jax.attention import attention, positions_from_segments
 from qwen3_jax.config import Qwen3Config
 
 _init = nnx.initializers.normal(stddev=0.02)
@@ -45,13 +45,6 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)
-
-
-def positions_from_segments(segments: jax.Array) -> jax.Array:
-    """0..n-1 within each text of a row (texts may be packed; padding may sit on either side)."""
-    index = jnp.arange(segments.shape[1])
-    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
-    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 class Attention(nnx.Module):

@@ -9,11 +9,11 @@ from typing import Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen3_jax.embedder import check_texts
+from qwen3_jax.embedder import check_max_length, check_texts
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
-from qwen3_jax.pooling import LastTokenRunner
+from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.tokenize import TextTokenizer
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -35,7 +35,7 @@ class Qwen3Reranker:
                  mesh: Mesh | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        self.max_length = check_max_length(max_length)
         vocab = tokenizer.tokenizer
         self.yes_id, self.no_id = vocab.token_to_id("yes"), vocab.token_to_id("no")
         if self.yes_id is None or self.no_id is None:
@@ -75,8 +75,8 @@ class Qwen3Reranker:
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise TypeError(f"pairs[{i}] must be a (query, document) pair of strings")
-        rows = self.prompt_ids(pairs, instruction or DEFAULT_INSTRUCTION)
-        hidden = self.runner(rows, batch_size=batch_size, max_length=self.max_length)
+        rows = self.prompt_ids(pairs, DEFAULT_INSTRUCTION if instruction is None else instruction)
+        hidden = self.runner(rows, batch_size=batch_size)
         logits = np.einsum("BD,AD->BA", hidden, self.answer_rows)          # A: ("no", "yes")
         return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)
 

@@ -1,40 +1,132 @@
-"""Reading texts from .txt / .jsonl files and writing results atomically (never half a file)."""
+"""Reading texts from .txt / .jsonl files as users mean them, and writing results atomically.
+
+A line ends at "\\n" (or "\\r\\n") and nowhere else: U+2028, form feeds and the other characters that
+`str.splitlines` also breaks at belong to the text. A UTF-8 byte-order mark is dropped. Invalid UTF-8
+and malformed JSON are reported with the file, the line and the byte offset.
+"""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+OUTPUT_SUFFIXES = (".npy", ".jsonl")
 
-def read_texts(path: str | Path) -> tuple[list, list[str]]:
-    """(ids, texts) from a .txt file (one text a line) or .jsonl ({"text", optional "id"} a line)."""
+
+class InputError(ValueError):
+    """A line of an input file that cannot be read as a text."""
+
+
+class Record(NamedTuple):
+    """One text of an input file: its 1-based line, its id (None where the file gives none) and text."""
+
+    line: int
+    id: object
+    text: str
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 file, split at "\\n" only, without its line end."""
     path = Path(path)
+    with open(path, "rb") as handle:
+        offset = 0
+        for number, raw in enumerate(handle, 1):        # binary files split at b"\n" and nowhere else
+            start = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+            try:
+                text = raw[start:].decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"{path}:{number}: invalid UTF-8 at byte {offset + start + err.start} of the "
+                                 "file; re-save it as UTF-8") from None
+            offset += len(raw)
+            yield number, text[:-2] if text.endswith("\r\n") else text.rstrip("\n")
+
+
+def parse_record(path: Path, number: int, line: str, *, text_field: str = "text", id_field: str = "id") -> Record:
+    """One JSON line -> Record, or an InputError naming the file and line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise InputError(f"{path}:{number}: each line needs a string field {text_field!r}")
+    record_id = record.get(id_field)
+    if isinstance(record_id, (dict, list, bool)):
+        raise InputError(f"{path}:{number}: field {id_field!r} must be a string or a number")
+    return Record(number, record_id, record[text_field])
+
+
+def iter_records(path: str | Path, *, text_field: str = "text", id_field: str = "id",
+                 skip_blank: bool = False) -> Iterator[Record]:
+    """The texts of a .txt file (one a line; id None) or a .jsonl file (one JSON object a line, blank
+    lines skipped). `skip_blank` also skips blank .txt lines."""
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"input {path} must be a .txt (one text a line) or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix == ".jsonl":
-        ids, texts = [], []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number}: each line needs a string field \"text\"")
-            ids.append(record.get("id", len(texts)))
-            texts.append(record["text"])
-        return ids, texts
-    if path.suffix == ".txt":
-        return list(range(len(lines))), lines
-    raise ValueError(f"input {path} must be a .txt (one text a line) or .jsonl file")
+    for number, line in iter_lines(path):
+        if path.suffix == ".txt":
+            if not (skip_blank and not line.strip()):
+                yield Record(number, None, line)
+        elif line.strip():
+            yield parse_record(path, number, line, text_field=text_field, id_field=id_field)
+
+
+def read_texts(path: str | Path, *, skip_blank: bool = False) -> tuple[list, list[str]]:
+    """(ids, texts) of a .txt or .jsonl file (see iter_records).
+
+    A .txt text's id is its 0-based line index. A .jsonl file gives every line an "id" or none (then
+    each record's 0-based index is its id); ids must be unique.
+    """
+    records = list(iter_records(path, skip_blank=skip_blank))
+    if Path(path).suffix == ".txt":
+        return [r.line - 1 for r in records], [r.text for r in records]
+    return assign_ids(path, records), [r.text for r in records]
+
+
+def assign_ids(path, records: Sequence[Record]) -> list:
+    """The records' own ids, or their indices where none has one; mixed or repeated ids are errors."""
+    missing = [r.line for r in records if r.id is None]
+    if len(missing) == len(records):
+        return list(range(len(records)))
+    if missing:
+        raise InputError(f"{path}:{missing[0]}: no \"id\" while other lines have one; give every line an id "
+                         "or none")
+    first_line: dict = {}
+    for r in records:
+        if r.id in first_line:
+            raise InputError(f"{path}:{r.line}: id {r.id!r} repeats line {first_line[r.id]}; ids must be unique")
+        first_line[r.id] = r.line
+    return [r.id for r in records]
+
+
+def check_output_path(path: str | Path) -> Path:
+    """An output file that can be written: .npy or .jsonl, in an existing folder, not a folder itself.
+    Checked before any work, so a long run is never thrown away at the end."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {path} must end in .npy or .jsonl")
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a folder; name a file inside it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    return path
+
+
+def _plain_file_mode(path: Path) -> int:
+    """The permissions a plain open(path, "w") would leave: the existing file's, else 0o666 - umask."""
+    with contextlib.suppress(FileNotFoundError):
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -45,6 +137,7 @@ def atomic_output(path: str | Path, mode: str = "w") -> Iterator:
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _plain_file_mode(path))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
         os.replace(tmp, path)
@@ -56,13 +149,11 @@ def atomic_output(path: str | Path, mode: str = "w") -> Iterator:
 
 def write_embeddings(path: str | Path, ids: Sequence, embeddings: np.ndarray) -> None:
     """.npy (the float32 matrix) or .jsonl ({"id", "embedding"} a line), written atomically."""
-    path = Path(path)
+    path = check_output_path(path)
     if path.suffix == ".npy":
         with atomic_output(path, "wb") as handle:
             np.save(handle, embeddings)
-    elif path.suffix == ".jsonl":
+    else:
         with atomic_output(path) as handle:
             for record_id, row in zip(ids, embeddings):
                 handle.write(json.dumps({"id": record_id, "embedding": [float(x) for x in row]}) + "\n")
-    else:
-        raise ValueError(f"output {path} must end in .npy or .jsonl")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -17,19 +17,6 @@ QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages t
 def format_instruction(instruction: str) -> str:
     """The query prompt Qwen3-Embedding was trained with; documents get none."""
     return f"Instruct: {instruction}\nQuery:"
-
-
-def bucket_length(num_tokens: int, limit: int, minimum: int = 16) -> int:
-    """Row length for `num_tokens`: one of a small fixed set of sizes, at most `limit`.
-
-    16, 32, 64, then steps of a quarter of the enclosing power of two (80, 96, 112, 128, 160, ...),
-    so padding stays under 25% while a stream of many lengths compiles only a handful of programs.
-    """
-    size = minimum
-    while size < num_tokens:
-        power = 1 << (size.bit_length() - 1)
-        size += power if size < 64 else power // 4
-    return min(size, limit)
 
 
 def with_appended_end_of_text(tokenizer: Tokenizer) -> Tokenizer:
@@ -93,20 +80,32 @@ def pad_batch(rows: Sequence[Sequence[int]], length: int, batch: int, pad_id: in
     return ids, valid
 
 
-def read_sentence_transformers_files(folder: Path) -> tuple[dict[str, str], int | None]:
-    """The prompts of config_sentence_transformers.json and max_seq_length of sentence_bert_config.json."""
-    prompts, max_length = {}, None
-    prompt_file = folder / "config_sentence_transformers.json"
-    if prompt_file.is_file():
-        prompts = dict(json.loads(prompt_file.read_text()).get("prompts") or {})
-    length_file = folder / "sentence_bert_config.json"
-    if length_file.is_file():
-        max_length = json.loads(length_file.read_text()).get("max_seq_length")
-    return prompts, max_length
+class SentenceTransformersSettings(NamedTuple):
+    """What sentence-transformers reads beside the weights and encode must honour alike."""
+
+    prompts: dict[str, str]
+    default_prompt_name: str | None
+    max_seq_length: int | None
+
+
+def read_sentence_transformers_files(folder: Path) -> SentenceTransformersSettings:
+    """The prompts and default_prompt_name of config_sentence_transformers.json and the max_seq_length
+    of sentence_bert_config.json (empty / None where a file is absent)."""
+    settings = {}
+    for name in ("config_sentence_transformers.json", "sentence_bert_config.json"):
+        if (folder / name).is_file():
+            settings.update(json.loads((folder / name).read_text()))
+    prompts = dict(settings.get("prompts") or {})
+    default = settings.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ValueError(f"{folder / 'config_sentence_transformers.json'}: default_prompt_name={default!r} is not "
+                         f"one of its prompts ({', '.join(prompts) or 'none'})")
+    return SentenceTransformersSettings(prompts, default, settings.get("max_seq_length"))
 
 
 def write_sentence_transformers_files(folder: Path, *, hidden_size: int, max_seq_length: int,
-                                      prompts: dict[str, str] | None = None) -> None:
+                                      prompts: dict[str, str] | None = None,
+                                      default_prompt_name: str | None = None) -> None:
     """The module files sentence-transformers reads beside a Qwen3-Embedding checkpoint:
     Transformer -> last-token Pooling -> Normalize, the prompts and max_seq_length."""
     modules = [
@@ -123,6 +122,6 @@ def write_sentence_transformers_files(folder: Path, *, hidden_size: int, max_seq
         "pooling_mode_lasttoken": True, "include_prompt": True}))
     prompts = {"query": QUERY_PROMPT, "document": ""} if prompts is None else prompts
     (folder / "config_sentence_transformers.json").write_text(json.dumps(
-        {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}))
+        {"prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine"}))
     (folder / "sentence_bert_config.json").write_text(json.dumps(
         {"max_seq_length": max_seq_length, "do_lower_case": False}))

@@ -39,7 +39,7 @@ def reference_states(folder: Path, ids: np.ndarray, valid: np.ndarray, dtype: st
     return states[1:-1], out.last_hidden_state.float().numpy()
 
 
-def verify(model: str, *, dtype: str = "float32", out=print) -> int:
+def verify(model: str, *, dtype: str = "float32", strict: bool = False, out=print) -> int:
     """Prints the comparison; returns 0 when within tolerance, 1 otherwise."""
     folder = resolve_model(model)
     tokenizer = TextTokenizer.from_folder(folder)
@@ -47,7 +47,7 @@ def verify(model: str, *, dtype: str = "float32", out=print) -> int:
     rows = tokenizer.encode(texts, max_length=8192)
     ids, valid = pad_batch(rows, max(map(len, rows)), len(rows), tokenizer.end_of_text_id)
 
-    ours_model = load_model(folder, dtype=dtype)
+    ours_model = load_model(folder, dtype=dtype, strict=strict)
     ours_final, ours_layers = ours_model(jnp.asarray(ids), jnp.asarray(valid), return_layer_states=True)
     ours_final = np.asarray(ours_final.astype(jnp.float32))
     ours_layers = np.asarray(ours_layers.astype(jnp.float32))

@@ -25,20 +25,28 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1)
 
 
-def official_rerank_scores(folder, query: str, documents: list[str], instruction: str,
+# The Qwen3-Reranker model card's prompt, written here from the card (never imported from the code
+# under test, so a change there cannot pass unnoticed).
+CARD_PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+               "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
+CARD_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+CARD_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def official_rerank_scores(folder, query: str, documents: list[str], instruction: str | None = None,
                            max_length: int = 8192) -> np.ndarray:
-    """The Qwen3-Reranker model card's scoring recipe, run with transformers on the same files."""
+    """The Qwen3-Reranker model card's scoring recipe, run with transformers on the same files
+    (instruction None: the card's default)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qwen3_jax.reranker import PREFIX, SUFFIX
-
+    instruction = CARD_INSTRUCTION if instruction is None else instruction
     tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager",
                                                  dtype=torch.float32).eval()
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    prefix = tokenizer.encode(PREFIX, add_special_tokens=False)
-    suffix = tokenizer.encode(SUFFIX, add_special_tokens=False)
+    prefix = tokenizer.encode(CARD_PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(CARD_SUFFIX, add_special_tokens=False)
     pairs = [f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}" for doc in documents]
     inputs = tokenizer(pairs, padding=False, truncation="longest_first", return_attention_mask=False,
                        max_length=max_length - len(prefix) - len(suffix))

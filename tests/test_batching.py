@@ -1,62 +1,150 @@
-"""Packing texts into rows: few compiled programs, little padding, results independent of layout."""
+"""Padding-free batches: computed tokens near the real ones for every length mix, few compiled
+programs, and embeddings that do not depend on which texts share a row."""
 
 import numpy as np
+import pytest
 
-from qwen3_jax.pooling import TOKENS_PER_TEXT, layout_batch, plan_batches
+from qwen3_jax.layout import TOKENS_PER_TEXT, layout_batch, plan_batches, row_length
+
+BUDGET = 32 * TOKENS_PER_TEXT          # encode's default batch_size=32
+
+
+def _lengths(mix: str, count: int, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    if mix == "short 5-30":
+        return list(rng.integers(5, 31, count))
+    if mix == "80-185":
+        return list(rng.integers(80, 186, count))
+    if mix == "long tail 10-4000":
+        return list(np.exp(rng.uniform(np.log(10), np.log(4001), count)).astype(int))
+    if mix == "all 512":
+        return [512] * count
+    if mix == "one 32k among short":
+        return [32768] + list(rng.integers(5, 31, count - 1))
+    raise ValueError(mix)
+
+
+MIXES = ["short 5-30", "80-185", "long tail 10-4000", "all 512", "one 32k among short"]
 
 
 def _check_plan(lengths, batches):
     placed = sorted(i for b in batches for row in b.rows for i in row)
-    assert placed == list(range(len(lengths)))
+    assert placed == list(range(len(lengths)))                        # every text exactly once
     for b in batches:
         assert len(b.rows) <= b.num_rows
         for row in b.rows:
             assert sum(lengths[i] for i in row) <= b.length and len(row) <= b.slots
 
 
-def test_a_thousand_texts_compile_few_programs_and_pad_little():
-    for seed in range(3):
-        lengths = list(np.random.default_rng(seed).integers(1, 2001, 1000))
-        batches = plan_batches(lengths, token_budget=32 * TOKENS_PER_TEXT, max_length=32768)
+def _ratio(lengths, batches):
+    return sum(b.computed_tokens for b in batches) / sum(lengths)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("count", [32, 100])
+def test_single_calls_compute_within_ten_percent_of_their_tokens(mix, count):
+    for seed in range(5):
+        lengths = _lengths(mix, count, seed)
+        batches = plan_batches(lengths, token_budget=BUDGET)
         _check_plan(lengths, batches)
-        shapes = {(b.num_rows, b.length) for b in batches}
-        padded = sum(b.num_rows * b.length for b in batches)
-        assert len(shapes) <= 12
-        assert padded <= 1.15 * sum(lengths)
+        assert _ratio(lengths, batches) <= 1.10, (mix, seed)
+        assert len({(b.num_rows, b.length, b.slots) for b in batches}) <= 2
 
 
-def test_short_texts_share_rows():
-    lengths = [100] * 20 + [30] * 20
-    batches = plan_batches(lengths, token_budget=32 * TOKENS_PER_TEXT, max_length=8192)
+@pytest.mark.parametrize("count,bound", [(1000, 12), (10_000, 12), (100_000, 12)])
+def test_streams_of_many_lengths_compile_few_programs(count, bound):
+    for seed in range(2):
+        lengths = list(np.random.default_rng(seed).integers(1, 2001, count))
+        batches = plan_batches(lengths, token_budget=BUDGET)
+        _check_plan(lengths, batches)
+        assert len({(b.num_rows, b.length, b.slots) for b in batches}) <= bound
+        assert _ratio(lengths, batches) <= 1.02
+
+
+def test_tiny_texts_get_enough_output_slots():
+    """Texts of one or two tokens (an empty document is one) still fill their rows: a row has as many
+    output slots as it can hold texts."""
+    lengths = [1] * 10_000 + [2] * 10_000
+    batches = plan_batches(lengths, token_budget=BUDGET)
     _check_plan(lengths, batches)
-    assert sum(b.num_rows * b.length for b in batches) <= 1.25 * sum(lengths)
-    assert max(len(row) for b in batches for row in b.rows) > 1
+    assert max(len(row) for b in batches for row in b.rows) > BUDGET // 4
+    assert _ratio(lengths, batches) <= 1.07
+
+
+def test_row_lengths_pad_at_most_a_sixteenth():
+    assert all(0 <= row_length(n) - n < max(16, n / 16) for n in range(1, 70_000))
+    assert len({row_length(n) for n in range(1025, 2049)}) == 16          # 16 lengths per power of two
+
+
+def test_a_mesh_gets_one_row_per_data_shard_and_short_rows_where_the_kernel_needs_them():
+    lengths = _lengths("80-185", 64)
+    for b in plan_batches(lengths, token_budget=BUDGET, rows_multiple=8):
+        assert b.num_rows % 8 == 0
+    capped = plan_batches(lengths, token_budget=BUDGET, row_limit=2048)
+    _check_plan(lengths, capped)
+    assert all(b.length <= 2048 for b in capped) and _ratio(lengths, capped) <= 1.10
+    unpacked = plan_batches(lengths, token_budget=BUDGET, pack=False)
+    _check_plan(lengths, unpacked)
+    assert all(len(row) == 1 for b in unpacked for row in b.rows)
 
 
 def test_rows_are_laid_out_with_segments_and_ends():
     texts = [[5, 6, 7], [8, 9], [1]]
-    batch = plan_batches([3, 2, 1], token_budget=512, max_length=512)[0]
-    ids, segments, ends = layout_batch(batch, texts, pad_id=0)
-    for r, row in enumerate(batch.rows):
-        for slot, i in enumerate(row):
-            end = ends[r, slot]
-            assert ids[r, end] == texts[i][-1] and segments[r, end] == slot + 1
-            assert (segments[r] == slot + 1).sum() == len(texts[i])
-    assert (segments > 0).sum() == 6 and batch.num_rows * batch.length <= 64
+    batch = plan_batches([3, 2, 1], token_budget=512)[0]
+    for side in ("right", "left"):
+        ids, segments, ends = layout_batch(batch, texts, pad_id=0, side=side)
+        for r, row in enumerate(batch.rows):
+            for slot, i in enumerate(row):
+                end = ends[r, slot]
+                assert ids[r, end] == texts[i][-1] and segments[r, end] == slot + 1
+                assert (segments[r] == slot + 1).sum() == len(texts[i])
+        assert (segments > 0).sum() == 6 and batch.computed_tokens == 16
+        assert (segments[0, :6] > 0).all() if side == "right" else (segments[0, -6:] > 0).all()
 
 
-def test_data_parallel_rows_are_a_multiple_of_the_shards():
-    batches = plan_batches([7] * 5, token_budget=512, max_length=512, multiple=8)
-    assert all(b.num_rows % 8 == 0 for b in batches)
+def _transformers_last_states(folder, rows):
+    """The last hidden state of each text, run alone (no padding at all) through transformers."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        return np.stack([model(input_ids=torch.as_tensor([row])).last_hidden_state[0, -1].numpy() for row in rows])
 
 
-def test_real_encode_compiles_what_was_planned(embedder):
-    rng = np.random.default_rng(0)
-    rows = [list(rng.integers(10, 300, n)) for n in rng.integers(1, 600, 200)]
-    before = embedder.compiled_programs
-    pooled = embedder.runner(rows, batch_size=8, max_length=1024)
-    planned = {(b.num_rows, b.length) for b in plan_batches([len(r) for r in rows], token_budget=8 * TOKENS_PER_TEXT,
-                                                             max_length=1024)}
-    assert embedder.compiled_programs - before <= len(planned)
-    alone = np.concatenate([embedder.runner([r], batch_size=1, max_length=1024) for r in rows[:5]])
-    assert np.abs(pooled[:5] - alone).max() <= 1e-5
+def _normalized(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_each_mix_embeds_as_each_text_alone(checkpoint, embedder, mix):
+    """Packed rows through the runner against each text run alone through transformers (fp32)."""
+    lengths = _lengths(mix, 12, seed=1)
+    if mix == "one 32k among short":
+        lengths[0] = 3000           # a 32k text through torch's eager attention takes minutes here
+    rng = np.random.default_rng(2)
+    rows = [list(rng.integers(0, embedder.config.vocab_size, n)) for n in lengths]
+    before = embedder.runner.tokens_computed
+    ours = embedder.runner(rows, batch_size=2)
+    assert embedder.runner.tokens_computed - before <= 1.10 * sum(lengths)
+    reference = _transformers_last_states(checkpoint, rows)
+    assert np.abs(_normalized(ours) - _normalized(reference)).max() <= 1e-5
+
+
+def test_encode_packs_texts_and_counts_what_it_compiled(checkpoint):
+    """Through the public encode: several texts share a row, the computed tokens stay near the real
+    ones, and every new batch shape is one compiled program (a fresh model compiles at least one)."""
+    from qwen3_jax import Qwen3Embedder
+
+    model = Qwen3Embedder.from_pretrained(checkpoint)
+    texts = [" ".join(["word"] * n) for n in range(1, 200, 3)]
+    real = sum(len(r) for r in model.tokenizer.encode(texts, model.max_length))
+    model.encode(texts, batch_size=8)
+    first = model.compiled_programs
+    assert first >= 1
+    assert model.runner.tokens_embedded == real
+    assert real <= model.runner.tokens_computed <= 1.10 * real
+    model.encode(texts, batch_size=8)
+    assert model.compiled_programs == first                       # the same shapes again: no compile
+    model.encode(texts[::2], batch_size=8)
+    assert model.compiled_programs <= first + 2

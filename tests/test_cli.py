@@ -82,14 +82,28 @@ def test_compile_cache_is_written(checkpoint, tmp_path):
 
 def test_bench_prints_figures_for_both_sides(checkpoint, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(checkpoint), "--texts", "6", "--words", "5-40", "--repeats", "1",
+    assert main(["bench", "--model", str(checkpoint), "--texts", "6", "--tokens", "5-40", "--repeats", "1",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     for name in ["ours_tokens_per_s", "reference_tokens_per_s", "ratio", "compiled_programs", "peak_rss_gib",
-                 "fraction_of_matmul"]:
+                 "fraction_of_matmul", "real_tokens", "computed_tokens", "computed_per_real"]:
         assert name in printed
     figures = json.loads(out.read_text())
     assert figures["max_abs_diff"] <= 1e-4 and figures["texts"] == 6
+    assert 5 <= figures["min_tokens"] <= figures["max_tokens"] <= 40
+    assert figures["compiled_programs"] >= 1
+    assert figures["real_tokens"] <= figures["computed_tokens"] <= 1.5 * figures["real_tokens"]
+
+
+def test_bench_times_a_users_own_file(checkpoint, tmp_path, capsys):
+    texts = [t for t in CORPUS if "\n" not in t]
+    (tmp_path / "mine.txt").write_text("\n".join(texts) + "\n")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(checkpoint), "--input", str(tmp_path / "mine.txt"), "--repeats", "1",
+                 "--no-reference", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["texts"] == len(texts) and "ratio" not in figures
+    assert figures["computed_tokens"] >= figures["real_tokens"] > len(texts)
 
 
 def test_datasheet_peak_is_matched_by_device_kind():

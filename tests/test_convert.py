@@ -10,15 +10,24 @@ import qwen3_jax.convert
 from qwen3_jax import Qwen3Embedder, load_model, make_mesh
 from qwen3_jax.cli import main
 from qwen3_jax.convert import convert, export_hf
-from qwen3_jax.weights import CheckpointFolder
+from qwen3_jax.safetensors_file import SafetensorsFile
 from tests.conftest import CORPUS
 
 
+def _stored(folder) -> dict[str, np.ndarray]:
+    """Every tensor of a folder under the name it is stored with ("model." prefix and all)."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        file = SafetensorsFile(path)
+        tensors.update({name: file.array(name) for name in file.entries})
+    return tensors
+
+
 def _assert_bit_exact(a_folder, b_folder):
-    a, b = CheckpointFolder(a_folder), CheckpointFolder(b_folder)
-    assert set(a.location) == set(b.location)
-    for key in a.location:
-        x, y = a.array(key), b.array(key)
+    a, b = _stored(a_folder), _stored(b_folder)
+    assert sorted(a) == sorted(b)
+    for key, x in a.items():
+        y = b[key]
         assert x.dtype == y.dtype and x.shape == y.shape, key
         assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), key
 
@@ -53,13 +62,50 @@ def test_reranker_round_trip_keeps_prefix_and_head(reranker_checkpoint, tmp_path
     _assert_bit_exact(reranker_checkpoint, tmp_path / "hf")
 
 
-def test_orbax_restores_straight_into_mesh_shardings(checkpoint, tmp_path, embedder):
-    mesh = make_mesh(data=4, model=2, devices=jax.devices()[:8])
+def test_orbax_restores_straight_into_mesh_shardings(checkpoint, tmp_path, embedder, vocab_size):
+    model_axis = next(m for m in (2, 4, 8) if vocab_size % m)      # a vocabulary the axis does not divide
+    mesh = make_mesh(data=8 // model_axis, model=model_axis, devices=jax.devices()[:8])
     convert(checkpoint, tmp_path / "o", to="orbax", mesh=mesh)
     sharded = Qwen3Embedder.from_pretrained(tmp_path / "o", mesh=mesh)
+    assert sharded.model.embed[...].shape[0] > vocab_size                 # padded rows
     wq = sharded.model.layers.attn.wq[...]
-    assert wq.addressable_shards[0].data.shape[2] == wq.shape[2] // 2
+    assert wq.addressable_shards[0].data.shape[2] == wq.shape[2] // model_axis
     assert np.abs(sharded.encode(CORPUS) - embedder.encode(CORPUS)).max() <= 1e-5
+    convert(tmp_path / "o", tmp_path / "hf", to="hf", mesh=mesh)          # the padding does not travel
+    _assert_bit_exact(checkpoint, tmp_path / "hf")
+
+
+def test_convert_dtype_rounds_to_bf16_once(checkpoint, tmp_path, sentence_transformer):
+    import ml_dtypes
+    from sentence_transformers import SentenceTransformer
+
+    assert main(["convert", str(checkpoint), str(tmp_path / "bf16"), "--to", "hf", "--dtype", "bfloat16"]) == 0
+    original, converted = _stored(checkpoint), _stored(tmp_path / "bf16")
+    for key, x in original.items():
+        assert converted[key].dtype == ml_dtypes.bfloat16, key
+        assert np.array_equal(converted[key].view(np.uint16), x.astype(ml_dtypes.bfloat16).view(np.uint16)), key
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    exported = SentenceTransformer(str(tmp_path / "bf16"), device="cpu").encode(CORPUS)
+    reference = sentence_transformer.encode(CORPUS)
+    assert ((exported * reference).sum(-1) >= 0.99).all()
+
+
+def test_export_of_changed_parameters_loads_as_the_changed_model(checkpoint, tmp_path):
+    """What fine-tuning relies on: parameters changed in JAX come out where transformers reads them."""
+    from sentence_transformers import SentenceTransformer
+
+    model = load_model(checkpoint)
+    rng = np.random.default_rng(0)
+    for module, name in [(model.layers.attn, "wq"), (model.layers.attn, "wo"), (model.layers.mlp, "w_down"),
+                         (model.layers, "post_norm"), (model, "embed")]:
+        param = getattr(module, name)
+        param[...] = param[...] + 0.05 * rng.standard_normal(param[...].shape).astype(np.float32)
+    export_hf(model, tmp_path / "tuned", source=checkpoint)
+    changed = Qwen3Embedder(model, Qwen3Embedder.from_pretrained(checkpoint).tokenizer, max_length=1024)
+    exported = SentenceTransformer(str(tmp_path / "tuned"), device="cpu").encode(CORPUS)
+    ours = changed.encode(CORPUS)
+    assert np.abs(ours - exported).max() <= 1e-4
+    assert np.abs(ours - Qwen3Embedder.from_pretrained(checkpoint).encode(CORPUS)).max() > 1e-2
 
 
 def test_existing_destination_is_refused_unless_overwrite(checkpoint, tmp_path, capsys):
@@ -87,6 +133,9 @@ def test_verify_passes_on_a_faithful_model(checkpoint, capsys):
     assert main(["verify", "--model", str(checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "What is the capital of China?" in out and "final" in out
+    assert main(["verify", "--model", str(checkpoint), "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "ours: bfloat16" in out and "PASS: min cosine >= 0.99" in out
 
 
 def test_verify_fails_when_our_model_is_wrong(checkpoint, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """Broken and hostile checkpoint files: each gets a clear error, never a silent wrong model."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -88,13 +89,25 @@ def test_link_leaving_the_folder_is_refused(checkpoint_bf16, tmp_path):
 
 
 def test_remote_code_is_never_run(checkpoint, tmp_path):
+    """A checkpoint whose config points transformers at its own Python file: neither loading nor
+    `verify` (which runs transformers on the folder) may import it. Loading with
+    trust_remote_code=True anywhere would write the marker."""
     folder = _copy(checkpoint, tmp_path / "remote")
     marker = tmp_path / "executed"
-    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (folder / "modeling_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import Qwen3Model as EvilModel\n")
     config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel", "AutoConfig": "modeling_evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
+    from transformers import AutoModel
+
+    with contextlib.suppress(Exception):                    # the check can fail: trusting the folder runs it
+        AutoModel.from_pretrained(str(folder), trust_remote_code=True)
+    assert marker.exists()
+    marker.unlink()
     load_model(folder)
+    main(["embed", "--model", str(folder), "--text", "a"])
+    main(["verify", "--model", str(folder)])
     assert not marker.exists()
 
 
@@ -118,3 +131,17 @@ def test_non_finite_weights_warn_or_fail_under_strict(checkpoint, tmp_path):
         load_model(folder, strict=True)
     assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "hf", "--strict"]) == 1
     assert not (tmp_path / "out").exists()
+    with pytest.warns(UserWarning, match="NaN"):
+        assert main(["embed", "--model", str(folder), "--text", "a"]) == 0
+    for command in (["embed", "--text", "a"], ["verify"]):
+        assert main([command[0], "--model", str(folder), "--strict", *command[1:]]) == 1, command
+
+
+def test_rerank_refuses_non_finite_weights_under_strict(reranker_checkpoint, tmp_path, capsys):
+    folder = _with_nan(reranker_checkpoint, tmp_path / "nan")
+    (tmp_path / "d.txt").write_text("a document\n")
+    rerank = ["rerank", "--model", str(folder), "--query", "q", "--input", str(tmp_path / "d.txt")]
+    with pytest.warns(UserWarning, match="NaN"):
+        assert main(rerank) == 0
+    assert main(rerank + ["--strict"]) == 1
+    assert "holds NaN or Inf" in capsys.readouterr().err

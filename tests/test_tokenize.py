@@ -1,7 +1,7 @@
 import pytest
 from tokenizers import Tokenizer
 
-from qwen3_jax.tokenize import TextTokenizer, bucket_length, format_instruction
+from qwen3_jax.tokenize import TextTokenizer, format_instruction
 from tests.conftest import CORPUS, long_text
 
 
@@ -35,10 +35,3 @@ def test_truncation_keeps_end_of_text_and_warns_once(tokenizers_pair):
 
 def test_instruction_format():
     assert format_instruction("Find it") + "what?" == "Instruct: Find it\nQuery:what?"
-
-
-def test_buckets_are_few_and_cover_every_length():
-    lengths = {bucket_length(n, 32768) for n in range(1, 32769)}
-    assert len(lengths) < 40
-    assert all(bucket_length(n, 32768) >= n for n in range(1, 32769, 7))
-    assert bucket_length(5000, 4096) == 4096
