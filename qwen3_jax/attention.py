@@ -9,6 +9,7 @@ Padding may sit on either side. Padding rows produce finite values that callers 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,50 +165,139 @@ def blocks_of(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, 
     the block. Its length is read from the segments on the device and rounded up to a size of
     `window_ladder` (a `lax.switch` between static shapes), so a block inside a long text looks far
     back while a block of short texts never scores the rest of the row. Query blocks run one after
-    another (`lax.map`); each is rematerialised for the backward pass (`jax.checkpoint`), so
-    training stores no score tiles. Never holds more than a [B, N, block, window] score tile.
+    another (`lax.map`), never holding more than a [B, N, block, window] score tile. The gradient is
+    flash attention's: the backward pass recomputes each tile from the saved log-sum-exp, so training
+    keeps nothing per tile.
     """
-    b, t, n, h = q.shape
-    block = min(block_size, t)
-    padded = -(-t // block) * block
-    num_blocks = padded // block
-    pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
-    qg, kt, vt = _heads_first(*(jnp.pad(x, pad) for x in (q, k, v)))  # [B, K, G, T, H], [B, K, T, H]
-    segments = jnp.pad(segments, [(0, 0), (0, padded - t)])
-    index = jnp.arange(padded)
-    text_start = index - positions_from_segments(segments)
-    # The earliest text start among each block's real tokens; a block of padding needs no keys.
-    first = jnp.where(segments > 0, text_start, index).reshape(b, num_blocks, block).min(axis=(0, 2))
-    needed = jnp.arange(1, num_blocks + 1) * block - first                 # keys each query block needs
-    ladder = window_ladder(num_blocks)
-    scale = h**-0.5
+    return _block_sparse(q, k, v, segments, min(block_size, q.shape[1]))
 
-    def windowed(width: int):
-        def run(i):
-            qb = jax.lax.dynamic_slice_in_dim(qg, i * block, block, axis=3)     # [B, K, G, Q, H]
-            q_seg = jax.lax.dynamic_slice_in_dim(segments, i * block, block, axis=1)
-            start = jnp.maximum((i + 1) * block - width, 0)
-            kb = jax.lax.dynamic_slice_in_dim(kt, start, width, axis=2)          # [B, K, S, H]
-            vb = jax.lax.dynamic_slice_in_dim(vt, start, width, axis=2)
-            k_seg = jax.lax.dynamic_slice_in_dim(segments, start, width, axis=1)
-            mask = _mask(q_seg, k_seg, i * block + jnp.arange(block), start + jnp.arange(width))
-            scores = jnp.einsum("BKGQH,BKSH->BKGQS", qb, kb, preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(mask[:, None, None], scores, _MASKED)
-            probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+
+class _Tiling(NamedTuple):
+    """A row's query blocks, their key windows and the heads-first, padded q, k, v."""
+
+    qg: jax.Array          # [B, K, G, T, H]
+    kt: jax.Array          # [B, K, T, H]
+    vt: jax.Array
+    segments: jax.Array    # [B, T]
+    window: jax.Array      # [blocks]: index into `sizes` of each query block's window
+    sizes: tuple[int, ...]
+    block: int
+
+    @classmethod
+    def of(cls, q, k, v, segments, block: int) -> "_Tiling":
+        b, t, _, _ = q.shape
+        padded = -(-t // block) * block
+        num_blocks = padded // block
+        pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
+        qg, kt, vt = _heads_first(*(jnp.pad(x, pad) for x in (q, k, v)))
+        segments = jnp.pad(segments, [(0, 0), (0, padded - t)])
+        index = jnp.arange(padded)
+        text_start = index - positions_from_segments(segments)
+        # The earliest text start among each block's real tokens; a block of padding needs no keys.
+        first = jnp.where(segments > 0, text_start, index).reshape(b, num_blocks, block).min(axis=(0, 2))
+        needed = jnp.arange(1, num_blocks + 1) * block - first
+        sizes = tuple(size * block for size in window_ladder(num_blocks))
+        return cls(qg, kt, vt, segments, jnp.searchsorted(jnp.asarray(sizes), needed), sizes, block)
+
+    def tile(self, i, width: int):
+        """Query block i's queries [B, K, G, Q, H], its window's keys and values [B, K, S, H], the
+        window's start and the mask [B, 1, 1, Q, S]."""
+        block = self.block
+        qb = jax.lax.dynamic_slice_in_dim(self.qg, i * block, block, axis=3)
+        start = jnp.maximum((i + 1) * block - width, 0)
+        kb = jax.lax.dynamic_slice_in_dim(self.kt, start, width, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(self.vt, start, width, axis=2)
+        q_seg = jax.lax.dynamic_slice_in_dim(self.segments, i * block, block, axis=1)
+        k_seg = jax.lax.dynamic_slice_in_dim(self.segments, start, width, axis=1)
+        mask = _mask(q_seg, k_seg, i * block + jnp.arange(block), start + jnp.arange(width))[:, None, None]
+        return qb, kb, vb, start, mask
+
+    def scores(self, qb, kb, mask):
+        scale = qb.shape[-1] ** -0.5
+        scores = jnp.einsum("BKGQH,BKSH->BKGQS", qb, kb, preferred_element_type=jnp.float32) * scale
+        return jnp.where(mask, scores, _MASKED)
+
+    def each_block(self, run, *carry):
+        """`run(width)(i, *carry)` for every query block, the width switched per block: a map over the
+        blocks without a carry; with one, a scan where run returns (output, *new carry)."""
+        def one(c, i):
+            return jax.lax.switch(self.window[i], [run(width) for width in self.sizes], i, *c)
+        blocks = jnp.arange(self.window.shape[0])
+        if not carry:
+            return jax.lax.map(lambda i: one((), i), blocks)
+
+        def body(c, i):
+            out, *new = one(c, i)
+            return tuple(new), out
+        return jax.lax.scan(body, carry, blocks)
+
+
+def _unblock(x: jax.Array, shape) -> jax.Array:
+    """[blocks, B, K, G, Q, H] (or without H) -> [B, T, N(, H)], cut to the unpadded length."""
+    b, t, n = shape[:3]
+    x = jnp.moveaxis(x, 0, 1)                                    # [B, blocks, K, G, Q, ...]
+    x = jnp.moveaxis(x, 4, 2)                                    # [B, blocks, Q, K, G, ...]
+    return x.reshape(b, -1, n, *x.shape[5:])[:, :t]
+
+
+def _block_sparse_forward(q, k, v, segments, block: int):
+    tiling = _Tiling.of(q, k, v, segments, block)
+
+    def run(width):
+        def attend(i):
+            qb, kb, vb, _, mask = tiling.tile(i, width)
+            scores = tiling.scores(qb, kb, mask)
+            top = scores.max(axis=-1, keepdims=True)
+            probs = jnp.exp(scores - top)
+            total = probs.sum(axis=-1, keepdims=True)
             out = jnp.einsum("BKGQS,BKSH->BKGQH", probs.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-            return out / probs.sum(axis=-1, keepdims=True)                  # normalise after the product
-        return run
+            return out / total, (top + jnp.log(total))[..., 0]       # normalise after the product
+        return attend
 
-    branches = [windowed(size * block) for size in ladder]
-    sizes = jnp.asarray(ladder) * block
+    out, logsumexp = tiling.each_block(run)
+    return _unblock(out, q.shape).astype(q.dtype), logsumexp
 
-    @jax.checkpoint
-    def one_query_block(i):
-        return jax.lax.switch(jnp.searchsorted(sizes, needed[i]), branches, i)
 
-    out = jax.lax.map(one_query_block, jnp.arange(num_blocks))            # [blocks, B, K, G, Q, H]
-    out = jnp.einsum("bBKGQH->BbQKGH", out).reshape(b, padded, n, h)
-    return out[:, :t].astype(q.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _block_sparse(q, k, v, segments, block: int):
+    return _block_sparse_forward(q, k, v, segments, block)[0]
+
+
+def _block_sparse_fwd(q, k, v, segments, block: int):
+    out, logsumexp = _block_sparse_forward(q, k, v, segments, block)
+    return out, (q, k, v, segments, out, logsumexp)
+
+
+def _block_sparse_bwd(block: int, saved, d_out):
+    q, k, v, segments, out, logsumexp = saved
+    tiling = _Tiling.of(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), segments, block)
+    dog, og = (_Tiling.of(x.astype(jnp.float32), k, v, segments, block).qg for x in (d_out, out))
+    delta = jnp.sum(dog * og, axis=-1)                                    # [B, K, G, T]
+
+    def run(width):
+        def step(i, dk, dv):
+            qb, kb, vb, start, mask = tiling.tile(i, width)
+            lse = logsumexp[i][..., None]
+            probs = jnp.where(mask, jnp.exp(tiling.scores(qb, kb, mask) - lse), 0.0)
+            do = jax.lax.dynamic_slice_in_dim(dog, i * block, block, axis=3)
+            dd = jax.lax.dynamic_slice_in_dim(delta, i * block, block, axis=3)[..., None]
+            d_scores = probs * (jnp.einsum("BKGQH,BKSH->BKGQS", do, vb) - dd) * qb.shape[-1] ** -0.5
+            dq = jnp.einsum("BKGQS,BKSH->BKGQH", d_scores, kb)
+            add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
+                acc, jax.lax.dynamic_slice_in_dim(acc, start, width, axis=2) + x, start, axis=2)
+            dk = add(dk, jnp.einsum("BKGQS,BKGQH->BKSH", d_scores, qb))
+            dv = add(dv, jnp.einsum("BKGQS,BKGQH->BKSH", probs, do))
+            return dq, dk, dv
+        return step
+
+    zeros = jnp.zeros_like(tiling.kt)
+    (dk, dv), dq = tiling.each_block(run, zeros, zeros)
+    t = q.shape[1]
+    dk, dv = (jnp.einsum("BKTH->BTKH", x)[:, :t] for x in (dk, dv))
+    return _unblock(dq, q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_block_sparse.defvjp(_block_sparse_fwd, _block_sparse_bwd)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,

@@ -28,12 +28,11 @@ def format_pair(instruction: str, query: str, document: str) -> str:
     return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
 
 
-class Qwen3Reranker:
-    """Scores (query, document) pairs with a Qwen3-Reranker checkpoint: P("yes") in [0, 1]."""
+class RerankerPrompts:
+    """The official prompt as token ids, and the ids of its two answers, for a tokenizer and max_length;
+    shared by scoring and training."""
 
-    def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, max_length: int = DEFAULT_MAX_LENGTH,
-                 mesh: Mesh | None = None):
-        self.model = model
+    def __init__(self, tokenizer: TextTokenizer, max_length: int = DEFAULT_MAX_LENGTH):
         self.tokenizer = tokenizer
         self.max_length = check_max_length(max_length)
         vocab = tokenizer.tokenizer
@@ -41,8 +40,32 @@ class Qwen3Reranker:
         if self.yes_id is None or self.no_id is None:
             raise ValueError("the tokenizer has no 'yes' / 'no' tokens; is this a Qwen3-Reranker checkpoint?")
         self.prefix_ids, self.suffix_ids = tokenizer.token_ids([PREFIX, SUFFIX])
-        if len(self.prefix_ids) + len(self.suffix_ids) >= max_length:
+        if len(self.prefix_ids) + len(self.suffix_ids) >= self.max_length:
             raise ValueError(f"max_length={max_length} leaves no room between the prompt's prefix and suffix")
+
+    def ids(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[list[int]]:
+        """Token ids of each prompt (instruction None: the default); an over-long document is cut inside
+        the document part, so the prefix and suffix survive."""
+        instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        bodies = self.tokenizer.token_ids([format_pair(instruction, q, d) for q, d in pairs])
+        cut = sum(len(body) > budget for body in bodies)
+        if cut:
+            warnings.warn(f"{cut} prompt(s) exceed max_length={self.max_length} tokens; their documents were "
+                          "truncated (the prompt's prefix and suffix are kept)", stacklevel=3)
+        return [self.prefix_ids + body[:budget] + self.suffix_ids for body in bodies]
+
+
+class Qwen3Reranker:
+    """Scores (query, document) pairs with a Qwen3-Reranker checkpoint: P("yes") in [0, 1]."""
+
+    def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, max_length: int = DEFAULT_MAX_LENGTH,
+                 mesh: Mesh | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompts = RerankerPrompts(tokenizer, max_length)
+        self.max_length, self.yes_id, self.no_id = self.prompts.max_length, self.prompts.yes_id, self.prompts.no_id
+        self.prefix_ids, self.suffix_ids = self.prompts.prefix_ids, self.prompts.suffix_ids
         # Only two rows of the output projection are ever needed: "no" and "yes".
         self.answer_rows = np.asarray(model.output_rows([self.no_id, self.yes_id]), np.float32)
         self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh)
@@ -58,15 +81,9 @@ class Qwen3Reranker:
                            fsdp=fsdp, with_lm_head=True, strict=strict)
         return cls(model, TextTokenizer.from_folder(folder), mesh=mesh, **kwargs)
 
-    def prompt_ids(self, pairs: Sequence[tuple[str, str]], instruction: str) -> list[list[int]]:
-        """Token ids of each prompt; an over-long document is cut inside the document part."""
-        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        bodies = self.tokenizer.token_ids([format_pair(instruction, q, d) for q, d in pairs])
-        cut = sum(len(body) > budget for body in bodies)
-        if cut:
-            warnings.warn(f"{cut} prompt(s) exceed max_length={self.max_length} tokens; their documents were "
-                          "truncated (the prompt's prefix and suffix are kept)", stacklevel=3)
-        return [self.prefix_ids + body[:budget] + self.suffix_ids for body in bodies]
+    def prompt_ids(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[list[int]]:
+        """Token ids of each prompt (see RerankerPrompts.ids)."""
+        return self.prompts.ids(pairs, instruction)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None,
                     batch_size: int = 16) -> np.ndarray:
@@ -75,7 +92,7 @@ class Qwen3Reranker:
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise TypeError(f"pairs[{i}] must be a (query, document) pair of strings")
-        rows = self.prompt_ids(pairs, DEFAULT_INSTRUCTION if instruction is None else instruction)
+        rows = self.prompt_ids(pairs, instruction)
         hidden = self.runner(rows, batch_size=batch_size)
         logits = np.einsum("BD,AD->BA", hidden, self.answer_rows)          # A: ("no", "yes")
         return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)

@@ -29,10 +29,13 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _last_hidden(graphdef, state, ids, segments, ends):
-    """Final hidden state at each text's last token, float32 [rows, slots, D]."""
-    hidden = nnx.merge(graphdef, state)(ids, segments)
+def last_token_states(hidden: jax.Array, ends: jax.Array) -> jax.Array:
+    """Hidden states [rows, T, D] at each text's last token (`ends` [rows, slots]): float32 [rows, slots, D]."""
     return jnp.take_along_axis(hidden, ends[..., None], axis=1).astype(jnp.float32)
+
+
+def _last_hidden(graphdef, state, ids, segments, ends):
+    return last_token_states(nnx.merge(graphdef, state)(ids, segments), ends)
 
 
 class LastTokenRunner:
@@ -46,15 +49,23 @@ class LastTokenRunner:
         self.pad_id = pad_id
         self.mesh = mesh
         self.padding_side = padding_side
-        graphdef, self._state = nnx.split(model)
+        self._graphdef, self._state = nnx.split(model)
         self._inputs = batch_sharding(mesh)
         self.pack = packs_rows(model.attention_impl, model.dtype)
         self.row_limit = packed_row_limit(model.attention_impl, model.dtype)
         if not self.pack and padding_side != "right":
             raise ValueError("cuDNN attention needs right padding; use padding_side='right'")
-        self._forward = jax.jit(functools.partial(_last_hidden, graphdef),
+        self._forward = jax.jit(functools.partial(_last_hidden, self._graphdef),
                                 in_shardings=(None,) + (self._inputs,) * 3, out_shardings=self._inputs)
         self.tokens_embedded = self.tokens_computed = 0
+
+    def use(self, model: Qwen3Model) -> None:
+        """Runs `model` from now on: the same architecture with other parameter values (e.g. after
+        training steps), so the compiled programs are reused."""
+        graphdef, state = nnx.split(model)
+        if graphdef != self._graphdef:
+            raise ValueError("the runner's compiled programs are for another model structure")
+        self._state = state
 
     @property
     def compiled_programs(self) -> int:

@@ -34,6 +34,12 @@ class Record(NamedTuple):
 
 def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line of a UTF-8 file, split at "\\n" only, without its line end."""
+    for number, _, text in iter_lines_at(path):
+        yield number, text
+
+
+def iter_lines_at(path: str | Path) -> Iterator[tuple[int, int, str]]:
+    """(line number, byte offset of the line, text) of each line, as iter_lines reads them."""
     path = Path(path)
     with open(path, "rb") as handle:
         offset = 0
@@ -44,8 +50,8 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as err:
                 raise InputError(f"{path}:{number}: invalid UTF-8 at byte {offset + start + err.start} of the "
                                  "file; re-save it as UTF-8") from None
+            yield number, offset + start, text[:-2] if text.endswith("\r\n") else text.rstrip("\n")
             offset += len(raw)
-            yield number, text[:-2] if text.endswith("\r\n") else text.rstrip("\n")
 
 
 def parse_record(path: Path, number: int, line: str, *, text_field: str = "text", id_field: str = "id") -> Record:

@@ -102,6 +102,17 @@ def build_checkpoint(folder: Path, *, tokenizer, vocab_size: int, dtype: str = "
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for the session: the many models of the same tiny shapes that
+    the tests build compile each program once. Subprocesses get the folder through --compile-cache."""
+    from qwen3_jax.runner import enable_compilation_cache
+
+    folder = str(tmp_path_factory.mktemp("compiled"))
+    enable_compilation_cache(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizers_pair():
     """(base tokenizer, variant that appends <|endoftext|>), real Qwen3 ones when available."""

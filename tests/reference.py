@@ -40,15 +40,23 @@ def official_rerank_scores(folder, query: str, documents: list[str], instruction
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    instruction = CARD_INSTRUCTION if instruction is None else instruction
     tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager",
                                                  dtype=torch.float32).eval()
+    return card_scores(model, tokenizer, [(query, doc) for doc in documents], instruction, max_length)
+
+
+def card_scores(model, tokenizer, pairs: list[tuple[str, str]], instruction: str | None = None,
+                max_length: int = 8192) -> np.ndarray:
+    """The model card's recipe with a loaded causal LM (transformers or peft) and its left-padding tokenizer."""
+    import torch
+
+    instruction = CARD_INSTRUCTION if instruction is None else instruction
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     prefix = tokenizer.encode(CARD_PREFIX, add_special_tokens=False)
     suffix = tokenizer.encode(CARD_SUFFIX, add_special_tokens=False)
-    pairs = [f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}" for doc in documents]
-    inputs = tokenizer(pairs, padding=False, truncation="longest_first", return_attention_mask=False,
+    texts = [f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}" for query, doc in pairs]
+    inputs = tokenizer(texts, padding=False, truncation="longest_first", return_attention_mask=False,
                        max_length=max_length - len(prefix) - len(suffix))
     inputs["input_ids"] = [prefix + ids + suffix for ids in inputs["input_ids"]]
     inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=max_length)

@@ -1,0 +1,206 @@
+"""LoRA: low-rank adapters as parameters beside the frozen base weights, in peft's format.
+
+An adapter on a projection W adds `scale * B(A(dropout(x)))` to `W x`, scale = alpha / rank, as peft
+computes it. Its matrices are `LoRAParam`s, a subclass of `nnx.Param`: the training step tells them
+from the frozen weights by type, so LoRA is a parameter filter, not a second model class. Which
+projections can carry one, and their peft names, come from the weight table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen3_jax.model import ADAPTER_SUFFIX, Qwen3Model, project
+from qwen3_jax.safetensors_file import CheckpointError, SafetensorsFile, write_safetensors
+from qwen3_jax.weights import WEIGHTS, WeightRule, hf_key
+
+# peft's name of each projection ("q_proj", ..., "down_proj") -> its rule in the weight table.
+PROJECTIONS = {rule.hf_name.split(".")[-2]: rule for rule in WEIGHTS
+               if rule.layout in ("heads_out", "heads_in", "linear")}
+# How many leading axes of a projection's weight are its input (the rest are its output).
+_INPUT_AXES = {"heads_out": 1, "heads_in": 2, "linear": 1}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class LoRAParam(nnx.Param):
+    """An adapter matrix: the only parameters a LoRA run trains."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """rank, alpha, dropout and target projections (peft names; "all-linear" = all seven)."""
+
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = tuple(PROJECTIONS)
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(self.targets.split(",")))
+        if self.targets in (("all-linear",), ("all",)):
+            object.__setattr__(self, "targets", tuple(PROJECTIONS))
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets {', '.join(unknown) or '(none)'} do not exist; choose among "
+                             f"{', '.join(PROJECTIONS)} or all-linear")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank={self.rank!r} must be a whole number of at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRA(nnx.Module):
+    """One adapter: a [input..., rank] and b [rank, output...] in the layout of the projection it serves."""
+
+    def __init__(self, a: jax.Array, b: jax.Array, *, scale: float, dropout: float):
+        self.a = LoRAParam(a)
+        self.b = LoRAParam(b)
+        self.scale = scale
+        self.dropout = dropout
+
+    def __call__(self, spec: str, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """The adapter's addition to `einsum(spec, x, W)`: the same contraction through rank R."""
+        inputs, output = spec.split("->")
+        x_letters, w_letters = inputs.split(",")
+        contracted = "".join(c for c in w_letters if c in x_letters)
+        produced = "".join(c for c in w_letters if c not in x_letters)
+        kept = "".join(c for c in x_letters if c not in contracted)
+        if rng is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
+        low = project(f"{x_letters},{contracted}R->{kept}R", x, self.a[...])
+        return (self.scale * project(f"{kept}R,R{produced}->{output}", low, self.b[...])).astype(x.dtype)
+
+
+def _owner(model: Qwen3Model, rule: WeightRule):
+    """The (stacked) module holding a projection and the projection's attribute name."""
+    module = model
+    for name in rule.path[:-1]:
+        module = getattr(module, name)
+    return module, rule.path[-1]
+
+
+def add_lora(model: Qwen3Model, config: LoRAConfig, *, seed: int = 0) -> Qwen3Model:
+    """Attaches adapters to the target projections of every layer, initialised as peft does: A uniform
+    in +-1/sqrt(fan_in), B zero (so the model starts unchanged). Returns the same model."""
+    key = jax.random.PRNGKey(seed)
+    for index, name in enumerate(config.targets):
+        module, attribute = _owner(model, PROJECTIONS[name])
+        weight = getattr(module, attribute)[...]
+        inputs = _INPUT_AXES[PROJECTIONS[name].layout]
+        layers, in_shape, out_shape = weight.shape[0], weight.shape[1:1 + inputs], weight.shape[1 + inputs:]
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+        a = jax.random.uniform(jax.random.fold_in(key, index), (layers, *in_shape, config.rank), jnp.float32,
+                               -bound, bound)
+        b = jnp.zeros((layers, config.rank, *out_shape), jnp.float32)
+        setattr(module, attribute + ADAPTER_SUFFIX, LoRA(a, b, scale=config.scale, dropout=config.dropout))
+    return model
+
+
+def adapters(model: Qwen3Model) -> dict[str, LoRA]:
+    """The attached adapters by peft projection name."""
+    found = {}
+    for name, rule in PROJECTIONS.items():
+        module, attribute = _owner(model, rule)
+        adapter = getattr(module, attribute + ADAPTER_SUFFIX, None)
+        if adapter is not None:
+            found[name] = adapter
+    return found
+
+
+def _update(adapter: LoRA) -> jax.Array:
+    """scale * A B for every layer, in the projection's own layout [L, input..., output...]."""
+    return adapter.scale * jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))(adapter.a[...], adapter.b[...])
+
+
+def merge_lora(model: Qwen3Model) -> Qwen3Model:
+    """Folds every adapter into its projection (W + scale * A B) and removes the adapters, so the model
+    exports as a plain checkpoint. Returns the same model."""
+    for name, adapter in adapters(model).items():
+        module, attribute = _owner(model, PROJECTIONS[name])
+        weight = getattr(module, attribute)
+        weight[...] = (weight[...].astype(jnp.float32) + _update(adapter)).astype(weight[...].dtype)
+        delattr(module, attribute + ADAPTER_SUFFIX)
+    return model
+
+
+def _peft_key(rule: WeightRule, layer: int, matrix: str, key_prefix: str) -> str:
+    """peft's stored name, e.g. base_model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    return f"base_model.model.{key_prefix}{hf_key(rule, layer).removesuffix('.weight')}.lora_{matrix}.weight"
+
+
+def peft_tensors(model: Qwen3Model, key_prefix: str = "") -> dict[str, np.ndarray]:
+    """The adapters under peft's names and layouts (lora_A [rank, in], lora_B [out, rank]), float32."""
+    tensors = {}
+    for name, adapter in adapters(model).items():
+        rule = PROJECTIONS[name]
+        a, b = np.asarray(adapter.a[...], np.float32), np.asarray(adapter.b[...], np.float32)
+        rank = a.shape[-1]
+        for layer in range(a.shape[0]):
+            tensors[_peft_key(rule, layer, "A", key_prefix)] = np.ascontiguousarray(a[layer].reshape(-1, rank).T)
+            tensors[_peft_key(rule, layer, "B", key_prefix)] = np.ascontiguousarray(b[layer].reshape(rank, -1).T)
+    return tensors
+
+
+def save_peft_adapter(model: Qwen3Model, folder: str | Path, *, config: LoRAConfig, base_model: str = "",
+                      key_prefix: str = "", task_type: str | None = None) -> Path:
+    """Writes the adapters as a peft folder (adapter_config.json, adapter_model.safetensors) that
+    `peft.PeftModel.from_pretrained(base, folder)` loads. `key_prefix` is "model." for a causal-LM
+    (reranker) base. The folder must exist; the caller stages it so nothing half-written is left."""
+    folder = Path(folder)
+    write_safetensors(folder / ADAPTER_WEIGHTS, peft_tensors(model, key_prefix).items(), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": list(config.targets), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    }, indent=2))
+    return folder
+
+
+def load_peft_adapter(model: Qwen3Model, folder: str | Path, *, dropout: float | None = None) -> LoRAConfig:
+    """Attaches the adapters of a peft LoRA folder to `model` (continuing a run, or comparing with
+    torch); returns their config. Only plain LoRA (no DoRA, rsLoRA or per-module ranks) is read."""
+    folder = Path(folder)
+    raw = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if raw.get("peft_type") != "LORA" or raw.get("use_dora") or raw.get("use_rslora") or raw.get("rank_pattern") \
+            or raw.get("alpha_pattern"):
+        raise CheckpointError(f"{folder}: only plain LoRA adapters are supported (no DoRA, rsLoRA or patterns)")
+    targets = raw["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    config = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
+                        dropout=raw.get("lora_dropout", 0.0) if dropout is None else dropout,
+                        targets=tuple(t for t in PROJECTIONS if t in targets or "all-linear" in targets))
+    file = SafetensorsFile(folder / ADAPTER_WEIGHTS)
+    prefix = "model." if any(".model.model." in name for name in file.entries) else ""
+    for name in config.targets:
+        rule = PROJECTIONS[name]
+        module, attribute = _owner(model, rule)
+        weight = getattr(module, attribute)[...]
+        inputs = _INPUT_AXES[rule.layout]
+        in_shape, out_shape = weight.shape[1:1 + inputs], weight.shape[1 + inputs:]
+        try:
+            a = np.stack([file.array(_peft_key(rule, layer, "A", prefix)).T.reshape(*in_shape, config.rank)
+                          for layer in range(weight.shape[0])])
+            b = np.stack([file.array(_peft_key(rule, layer, "B", prefix)).T.reshape(config.rank, *out_shape)
+                          for layer in range(weight.shape[0])])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{folder}: adapter for {name} is missing or mis-shaped ({err})") from None
+        setattr(module, attribute + ADAPTER_SUFFIX, LoRA(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                                                         scale=config.scale, dropout=config.dropout))
+    return config

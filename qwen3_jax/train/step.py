@@ -1,0 +1,235 @@
+"""One jitted training step: embeddings with gradients, the loss, GradCache, optax, over a mesh.
+
+The step is a pure function `(state, batch) -> (state, metrics)`. The batch's texts are embedded with
+the packed layout and last-token pooling of inference (`runner.last_token_states`); every device's rows
+feed one loss over the global batch, so in-batch negatives span all devices and every device's
+embeddings get their exact gradient (a DDP gather, as in ms-swift, drops the other ranks' share).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwen3_jax.model import REMAT_POLICIES, Qwen3Model
+from qwen3_jax.runner import last_token_states
+from qwen3_jax.sharding import BATCH_AXIS, put_global
+from qwen3_jax.train.losses import infonce, matryoshka, reranker_loss
+from qwen3_jax.train.lora import LoRAParam
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a step minimises: "infonce" (embeddings; see losses.infonce) or "reranker" (the yes/no
+    cross-entropy of the answer rows `answer_ids` = (id of "no", id of "yes"))."""
+
+    kind: str = "infonce"
+    temperature: float = 0.05
+    use_batch: bool = True
+    include_qq: bool = False
+    include_dd: bool = False
+    false_negative_margin: float | None = None
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] | None = None
+    answer_ids: tuple[int, int] | None = None
+
+    def check(self, hidden_size: int) -> None:
+        """Raises a clear error for a setting that cannot work, before anything compiles."""
+        if self.kind not in ("infonce", "reranker"):
+            raise ValueError(f"loss {self.kind!r}: choose infonce or reranker")
+        if self.kind == "reranker" and self.answer_ids is None:
+            raise ValueError("the reranker loss needs answer_ids (the tokens of 'no' and 'yes')")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be positive")
+        if not self.use_batch and (self.include_qq or self.include_dd):
+            raise ValueError("include_qq and include_dd compare across the batch; they need use_batch")
+        low = min(32, hidden_size)
+        for dim in self.matryoshka_dims:
+            if isinstance(dim, bool) or not isinstance(dim, int) or not low <= dim <= hidden_size:
+                raise ValueError(f"matryoshka dim {dim!r} is outside {low}..{hidden_size} supported by this model")
+        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ValueError(f"{len(self.matryoshka_dims)} matryoshka dims but {len(self.matryoshka_weights)} weights")
+
+    def loss(self, model: Qwen3Model, embeddings: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
+        """The loss of the pooled final states [texts, D] of a step's batch."""
+        if self.kind == "reranker":
+            logits = jnp.einsum("ND,AD->NA", embeddings, model.output_rows(self.answer_ids).astype(jnp.float32))
+            return reranker_loss(logits, batch["labels"])
+        loss = functools.partial(infonce, temperature=self.temperature, use_batch=self.use_batch,
+                                 include_qq=self.include_qq, include_dd=self.include_dd,
+                                 false_negative_margin=self.false_negative_margin)
+        documents = batch["document_text"]
+        args = (embeddings[batch["query_text"]], embeddings[jnp.maximum(documents, 0)], documents >= 0)
+        if self.matryoshka_dims:
+            return matryoshka(loss, *args, dims=self.matryoshka_dims, weights=self.matryoshka_weights)
+        return loss(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW after global-norm clipping, the learning rate warmed up linearly from 0 then decayed
+    (cosine or linear to 0, or constant), as transformers' schedules do; `accumulate` micro-steps
+    per update (each micro-step's negatives are its own, as in ms-swift; GradCache makes them global)."""
+
+    learning_rate: float = 1e-4
+    total_steps: int = 1000
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    accumulate: int = 1
+
+    def learning_rates(self) -> optax.Schedule:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        decay = {"cosine": optax.cosine_decay_schedule(self.learning_rate, decay_steps),
+                 "linear": optax.linear_schedule(self.learning_rate, 0.0, decay_steps),
+                 "constant": optax.constant_schedule(self.learning_rate)}[self.schedule]
+        if not self.warmup_steps:
+            return decay
+        warmup = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
+        return optax.join_schedules([warmup, decay], [self.warmup_steps])
+
+    def build(self) -> optax.GradientTransformation:
+        adamw = optax.adamw(self.learning_rates(), b1=self.b1, b2=self.b2, eps=self.eps,
+                            weight_decay=self.weight_decay)
+        chain = optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw) if self.max_grad_norm else adamw
+        return optax.MultiSteps(chain, every_k_schedule=self.accumulate) if self.accumulate > 1 else chain
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step changes: its count, the trained parameters and the optimizer's state."""
+
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+
+
+def trainable_filter(model: Qwen3Model):
+    """LoRAParam when the model carries adapters (only they train), else every parameter."""
+    return LoRAParam if jax.tree.leaves(nnx.state(model, LoRAParam)) else nnx.Param
+
+
+class TrainStep:
+    """The jitted step for a model: `state, metrics = step(state, batch)`; `init()` gives the first state.
+
+    `remat` ("off", "full", "dots") rematerialises each decoder layer; `mini_batches` > 1 runs GradCache:
+    all texts are embedded without activations in that many mini-batches, the loss gradient is taken
+    with respect to the embeddings, then each mini-batch is run again with its share of that gradient,
+    so a contrastive batch far larger than memory gets exactly the plain step's gradients.
+    """
+
+    def __init__(self, model: Qwen3Model, *, objective: Objective, optimizer: OptimizerConfig,
+                 remat: str = "off", mini_batches: int = 1, mesh: Mesh | None = None, seed: int = 0):
+        objective.check(model.config.hidden_size)
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        if mini_batches > 1 and objective.kind != "infonce":
+            raise ValueError("GradCache (mini-batches) serves the contrastive loss; the reranker loss is per "
+                             "example: use gradient accumulation instead")
+        self.objective, self.optimizer, self.remat, self.mini_batches = objective, optimizer, remat, mini_batches
+        self.mesh = mesh
+        self.graphdef, trainable, self.frozen = nnx.split(model, trainable_filter(model), ...)
+        if mesh is not None:      # adapters are created on one device: replicate them over the mesh
+            trainable = jax.tree.map(lambda x: x if _is_placed(x, mesh) else
+                                     put_global(np.asarray(x), NamedSharding(mesh, PartitionSpec())), trainable)
+        self.initial_trainable = trainable
+        self.tx = optimizer.build()
+        self.schedule = optimizer.learning_rates()
+        self.base_key = jax.random.PRNGKey(seed)
+        self._step = jax.jit(self._apply, donate_argnums=(0,))
+
+    def init(self) -> TrainState:
+        """Step 0: a copy of the model's trained parameters (steps donate their buffers; the model you
+        passed stays usable) and a fresh optimizer state, sharded like the parameters."""
+        trainable = jax.tree.map(jnp.copy, self.initial_trainable)
+        state = TrainState(jnp.zeros((), jnp.int32), trainable, self.tx.init(trainable))   # zeros_like keeps shardings
+        # committed like the step's own outputs (else the second step compiles again); on a mesh the
+        # counters (step, Adam's count) are replicated over it
+        return jax.tree.map(self._commit, state)
+
+    def _commit(self, x: jax.Array) -> jax.Array:
+        if self.mesh is None:
+            return jax.device_put(x, x.sharding)
+        return x if _is_placed(x, self.mesh) else put_global(np.asarray(x), NamedSharding(self.mesh, PartitionSpec()))
+
+    def model(self, trainable, frozen=None) -> Qwen3Model:
+        """The model with these trained parameters (and the frozen ones)."""
+        return nnx.merge(self.graphdef, trainable, self.frozen if frozen is None else frozen)
+
+    def place(self, batch: dict) -> dict:
+        """The batch's arrays on the devices: rows split over the mesh's data axis, the rest replicated.
+        Every process holds the whole (small) batch of token ids and sends each device its share."""
+        if self.mesh is None:
+            return {name: jnp.asarray(value) for name, value in batch.items()}
+        rows = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXIS))
+        whole = NamedSharding(self.mesh, PartitionSpec())
+        return {name: put_global(np.asarray(value), rows if name in ("ids", "segments", "ends") else whole)
+                for name, value in batch.items()}
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with jax.set_mesh(self.mesh):   # under a mesh, attention loops over each device's own rows
+            return self._step(state, self.frozen, self.place(batch))
+
+    def _embed(self, trainable, frozen, batch: dict, m, rng, remat: str, differentiated: bool = True) -> jax.Array:
+        """Mini-batch m's pooled final states, flat [rows * slots, D] (the layers unrolled where
+        gradients flow, see Qwen3Model.__call__)."""
+        model = self.model(trainable, frozen)
+        hidden = model(batch["ids"][m], batch["segments"][m], rng=jax.random.fold_in(rng, m), remat=remat,
+                       scan_layers=not differentiated)
+        pooled = last_token_states(hidden, batch["ends"][m])
+        return pooled.reshape(-1, pooled.shape[-1])
+
+    def _texts(self, pooled: jax.Array, batch: dict) -> jax.Array:
+        """[M, rows * slots, D] -> each text's state [texts, D]."""
+        return pooled.reshape(-1, pooled.shape[-1])[batch["text_slot"]]
+
+    def loss_and_grads(self, trainable, frozen, batch: dict, rng) -> tuple[tuple[jax.Array, dict], Any]:
+        """((loss, metrics), gradients with respect to the trainable parameters)."""
+        count = batch["ids"].shape[0]
+        if self.mini_batches == 1:
+            def loss_of(trainable):
+                pooled = jnp.stack([self._embed(trainable, frozen, batch, m, rng, self.remat) for m in range(count)])
+                return self.objective.loss(self.model(trainable, frozen), self._texts(pooled, batch), batch)
+            return jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        pooled = jax.lax.map(lambda m: self._embed(trainable, frozen, batch, m, rng, "off", differentiated=False),
+                             jnp.arange(count))
+        model = self.model(trainable, frozen)
+        (loss, metrics), cotangent = jax.value_and_grad(
+            lambda p: self.objective.loss(model, self._texts(p, batch), batch), has_aux=True)(pooled)
+
+        def rerun(grads, m):
+            _, pullback = jax.vjp(lambda t: self._embed(t, frozen, batch, m, rng, self.remat), trainable)
+            return jax.tree.map(jnp.add, grads, pullback(cotangent[m])[0]), None
+
+        grads, _ = jax.lax.scan(rerun, jax.tree.map(jnp.zeros_like, trainable), jnp.arange(count))
+        return (loss, metrics), grads
+
+    def _apply(self, state: TrainState, frozen, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(self.base_key, state.step)
+        (loss, metrics), grads = self.loss_and_grads(state.trainable, frozen, batch, rng)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": self.schedule(state.step // self.optimizer.accumulate)}
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+
+def _is_placed(x: jax.Array, mesh: Mesh) -> bool:
+    return isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh

@@ -1,0 +1,284 @@
+"""Training runs as users run them: `qwen3-jax train` killed with SIGKILL and resumed, learning on a
+synthetic retrieval set, export that sentence-transformers, peft and transformers load, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qwen3_jax import Qwen3Embedder
+from qwen3_jax.reranker import Qwen3Reranker
+from qwen3_jax.textio import InputError
+from qwen3_jax.train.run import TrainConfig, Run, export_checkpoint, train
+from tests.reference import card_scores
+
+SYLLABLES = "ka lo mi ne ru sa ti vo pe zu".split()
+PLACES = "river mountain city garden market school harbor forest".split()
+
+
+def _names(count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(SYLLABLES, 3))
+        names += [] if name in names else [name]
+    return names
+
+
+def retrieval_lines(names: list[str]) -> list[dict]:
+    """Who lives where: each query's positive names the person, its hard negative (on every other
+    line; none on the rest) puts them elsewhere."""
+    lines = []
+    for i, name in enumerate(names):
+        lines.append({"query": f"where does {name} live", "positive": f"{name} lives near the {PLACES[i % 8]}",
+                      "negatives": [f"{name} lives near the {PLACES[(i + 3) % 8]}"][: i % 2]})
+    return lines
+
+
+def reranker_lines(names: list[str]) -> list[dict]:
+    return [{"query": f"where does {name} live", "document": f"{other} lives near the {PLACES[i % 8]}",
+             "label": int(other == name)}
+            for i, name in enumerate(names) for other in (name, names[(i + 1) % len(names)])]
+
+
+def write_jsonl(path, lines) -> str:
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    names = _names(96)
+    return {"train": write_jsonl(folder / "train.jsonl", retrieval_lines(names[:64])),
+            "eval": write_jsonl(folder / "eval.jsonl", retrieval_lines(names[64:])),
+            "rerank": write_jsonl(folder / "rerank.jsonl", reranker_lines(names[:16])),
+            "rerank_eval": write_jsonl(folder / "rerank_eval.jsonl", reranker_lines(names[64:72]))}
+
+
+def _losses(folder) -> dict[int, float]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def _cli_args(checkpoint, data, output, cache, steps=6):
+    return ["train", "--compile-cache", cache, "--model", str(checkpoint), "--data", data["train"], "--output", str(output), "--lora-rank", "4",
+            "--lr", "5e-3", "--batch-size", "8", "--steps", str(steps), "--save-every", "2", "--max-length", "64",
+            "--seed", "3", "--quiet"]
+
+
+def test_run_killed_mid_way_resumes_with_the_same_losses(checkpoint, data, tmp_path, compile_cache):
+    from qwen3_jax.cli import main
+
+    assert main(_cli_args(checkpoint, data, tmp_path / "whole", compile_cache)) == 0
+    whole = _losses(tmp_path / "whole")
+    assert sorted(whole) == [1, 2, 3, 4, 5, 6]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "qwen3_jax.cli", *_cli_args(checkpoint, data, killed, compile_cache)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    # kill once the step-2 checkpoint is committed and step 3 is logged: work after the checkpoint is lost
+    while time.time() < deadline and process.poll() is None:
+        if (killed / "checkpoints" / "checkpoint_2").is_dir() and 3 in _losses(killed):
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists()
+    assert main(_cli_args(checkpoint, data, killed, compile_cache)) == 0
+    resumed = _losses(killed)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]          # step 3 logged once, by the resumed run
+    assert max(abs(resumed[s] - whole[s]) for s in whole) <= 1e-6
+    # a finished run's last checkpoint exports to the same weights as its final/ folder
+    export_checkpoint(killed / "checkpoints" / "checkpoint_6", tmp_path / "exported")
+    from safetensors.numpy import load_file
+
+    a, b = load_file(tmp_path / "exported" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _trained(checkpoint, data, output, **overrides):
+    settings = dict(model=str(checkpoint), data=data["train"], output=str(output), eval_data=data["eval"],
+                    lora_rank=8, lora_alpha=16, lora_dropout=0.0, learning_rate=3e-3, warmup_steps=2,
+                    batch_size=16, steps=24, save_every=12, eval_every=12, max_length=64, quiet=True)
+    return train(TrainConfig(**{**settings, **overrides}), out=lambda _: None)
+
+
+def test_lora_run_learns_and_exports_for_sentence_transformers_and_peft(checkpoint, data, tmp_path):
+    import torch
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    eval_lines = [json.loads(line) for line in open(data["eval"])]
+    queries = [line["query"] for line in eval_lines]
+    documents = [line["positive"] for line in eval_lines]
+
+    def recall_at_1(embed) -> float:
+        return float((np.argmax(embed(queries) @ embed(documents).T, axis=1) == np.arange(len(queries))).mean())
+
+    untrained = Qwen3Embedder.from_pretrained(checkpoint, max_length=64)
+    before = recall_at_1(untrained.encode)
+    _trained(checkpoint, data, tmp_path / "run")
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+    evals = [r for r in records if "eval_recall@1" in r]
+    assert [r["step"] for r in evals] == [12, 24]
+    assert all(0 <= r["eval_recall@10"] <= 1 and 0 <= r["eval_ndcg@10"] <= 1 for r in evals)
+
+    ours = Qwen3Embedder.from_pretrained(tmp_path / "run" / "final", max_length=64)
+    after = recall_at_1(ours.encode)
+    assert after >= before + 0.2, (before, after)
+    # the logged recall@1 is over the eval set's documents (positives and negatives), ours over positives
+    assert evals[-1]["eval_recall@1"] >= before + 0.1
+
+    expected = ours.encode(queries + documents)
+    st = SentenceTransformer(str(tmp_path / "run" / "final"), device="cpu")
+    assert np.abs(st.encode(queries + documents) - expected).max() <= 1e-4
+
+    base = AutoModel.from_pretrained(str(checkpoint), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    tokenizer = untrained.tokenizer
+    with torch.no_grad():
+        pooled = np.stack([peft_model(input_ids=torch.as_tensor([ids])).last_hidden_state[0, -1].numpy()
+                           for ids in tokenizer.encode(queries + documents, 64)])
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    assert np.abs(pooled - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("reranker_checkpoint", ["tied"], indirect=True)
+def test_reranker_run_exports_a_folder_both_score_alike(reranker_checkpoint, data, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _trained(reranker_checkpoint, {"train": data["rerank"], "eval": data["rerank_eval"]}, tmp_path / "run",
+             loss="reranker", batch_size=8, steps=4, save_every=2, eval_every=2, max_length=128)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "eval_ndcg@10" in r] == [2, 4]
+    pairs = [(line["query"], line["document"]) for line in map(json.loads, open(data["rerank_eval"]))]
+    ours = Qwen3Reranker.from_pretrained(tmp_path / "run" / "final").score_pairs(pairs)
+    tokenizer = AutoTokenizer.from_pretrained(str(reranker_checkpoint), padding_side="left")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"), dtype=torch.float32).eval()
+    assert np.abs(card_scores(merged, tokenizer, pairs) - ours).max() <= 1e-4
+    base = AutoModelForCausalLM.from_pretrained(str(reranker_checkpoint), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    assert np.abs(card_scores(adapted, tokenizer, pairs) - ours).max() <= 1e-4
+    untrained = Qwen3Reranker.from_pretrained(reranker_checkpoint).score_pairs(pairs)
+    assert np.abs(untrained - ours).max() > 1e-3          # the adapters changed the scores
+
+
+# --- bad input: one clear error, nothing written that looks finished ---------------------------------
+
+def _config(checkpoint, data, output, **overrides):
+    settings = dict(model=str(checkpoint), data=data["train"], output=str(output), batch_size=8, steps=2,
+                    max_length=64, quiet=True)
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"query": "q", "positive": "p"', "not valid JSON"),
+    ('{"query": "q", "negatives": []}', "missing string field 'positive'"),
+    ('{"query": "q", "positive": "p", "negatives": "n"}', "'negatives' must be a list of strings"),
+    ('["q", "p"]', "must be a JSON object"),
+])
+def test_a_bad_line_names_the_file_and_line(checkpoint, data, tmp_path, line, message):
+    good = open(data["train"]).read().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*good[:5], line, *good[5:]]) + "\n")
+    with pytest.raises(InputError, match=f"bad.jsonl:6: .*{message}"):
+        Run(_config(checkpoint, {"train": str(bad)}, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_ms_swift_lines_and_empty_negatives_train(checkpoint, tmp_path):
+    names = _names(8, seed=5)
+    lines = [{"query": f"where does {n} live", "response": f"{n} lives here", "rejected_response": []}
+             for n in names]
+    data = {"train": write_jsonl(tmp_path / "swift.jsonl", lines)}
+    summary = train(_config(checkpoint, data, tmp_path / "out"), out=lambda _: None)
+    assert summary["steps"] == 2 and np.isfinite(list(_losses(tmp_path / "out").values())).all()
+
+
+def test_another_runs_folder_is_refused_unless_overwrite(checkpoint, data, tmp_path):
+    train(_config(checkpoint, data, tmp_path / "out", steps=1), out=lambda _: None)
+    with pytest.raises(FileExistsError, match="holds another run .*learning_rate"):
+        Run(_config(checkpoint, data, tmp_path / "out", steps=1, learning_rate=1e-3))
+    Run(_config(checkpoint, data, tmp_path / "out", steps=1, learning_rate=1e-3, overwrite=True))
+    assert not (tmp_path / "out" / "final").exists()      # the old run's outputs went with it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no training run"):
+        Run(_config(checkpoint, data, tmp_path / "mine", overwrite=True))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_fewer_examples_than_a_batch_and_bad_settings(checkpoint, data, tmp_path):
+    with pytest.raises(ValueError, match="holds 64 examples, fewer than one batch of 100"):
+        Run(_config(checkpoint, data, tmp_path / "out", batch_size=100))
+    for bad, message in [({"steps": None}, "exactly one of --steps and --epochs"),
+                         ({"temperature": 0.0}, "temperature=0.0 must be positive"),
+                         ({"matryoshka_dims": (16,)}, "matryoshka dim 16 is outside 32..64"),
+                         ({"lora_targets": "q_proj,qkv"}, "LoRA targets qkv do not exist"),
+                         ({"batch_size": 0}, "--batch-size=0 must be a whole number")]:
+        with pytest.raises(ValueError, match=message):
+            Run(_config(checkpoint, data, tmp_path / "out", **bad))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(checkpoint, data, tmp_path, monkeypatch):
+    from qwen3_jax.train.step import TrainState, TrainStep
+
+    def step(self, state, batch):      # the loop's view of a step whose loss turns NaN at the third step
+        loss = np.nan if int(state.step) >= 2 else 1.0
+        return TrainState(state.step + 1, state.trainable, state.opt_state), \
+            {"loss": loss, "learning_rate": 0.0, "grad_norm": 0.0}
+
+    monkeypatch.setattr(TrainStep, "__call__", step)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3; checkpoint 2 is the last good one"):
+        train(_config(checkpoint, data, tmp_path / "out", steps=4, save_every=2), out=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["checkpoint_2"]
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_two_processes_train_like_one(checkpoint, data, tmp_path, compile_cache):
+    """The command as two local processes (one device each, a data=2 mesh over both), and the same run
+    in one process on two devices: the same losses, and the exported model holds the same weights."""
+    args = lambda output: [*_cli_args(checkpoint, data, output, compile_cache, steps=4), "--mesh", "data=2"]
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "qwen3_jax.cli", *args(tmp_path / "two"), "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(rank)], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    results = [p.communicate(timeout=600) for p in processes]
+    assert all(p.returncode == 0 for p in processes), results
+    import jax
+
+    from qwen3_jax import make_mesh
+
+    config = TrainConfig(model=str(checkpoint), data=data["train"], output=str(tmp_path / "one"), lora_rank=4,
+                         learning_rate=5e-3, batch_size=8, steps=4, save_every=2, max_length=64, seed=3, quiet=True)
+    train(config, mesh=make_mesh(data=2, devices=jax.devices()[:2]), out=lambda _: None)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two"))
+    assert a.keys() == b.keys() and max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
