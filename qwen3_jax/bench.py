@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import resource
 import statistics
@@ -166,25 +168,34 @@ def peak_rss_gib() -> float:
 
 
 @contextlib.contextmanager
-def bench_models(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None, dtype: str,
-                 attention: str, reference: bool, out=print):
-    """Yields (ours, sentence-transformers or None, figures of our load) for a hub id / folder or for a
-    random checkpoint of a published shape written to a temporary folder."""
+def bench_checkpoint(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None,
+                     out=print):
+    """Yields the folder of a hub id / local checkpoint, or of a random checkpoint of a published shape
+    written to a temporary folder (removed afterwards)."""
     # torch shares the accelerator in this process: JAX must not grab most of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if not random:
+        from qwen3_jax.hub import resolve_model
+
+        yield resolve_model(model)
+        return
+    if not tokenizer or not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise FileNotFoundError("--random needs --tokenizer DIR (or QWEN3_TOKENIZER_DIR) holding a Qwen3 "
+                                "tokenizer.json")
+    with tempfile.TemporaryDirectory(prefix="qwen3-jax-bench-") as tmp:
+        start = time.perf_counter()
+        folder = random_checkpoint(random, layers, Path(tokenizer), Path(tmp), "bfloat16")
+        out(f"random {random} checkpoint ({layers or 'all'} layers) written in {time.perf_counter() - start:.1f} s")
+        yield folder
+
+
+@contextlib.contextmanager
+def bench_models(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None, dtype: str,
+                 attention: str, reference: bool, out=print):
+    """Yields (ours, sentence-transformers or None, figures of our load) for a checkpoint (bench_checkpoint)."""
     from qwen3_jax.embedder import Qwen3Embedder
 
-    with tempfile.TemporaryDirectory(prefix="qwen3-jax-bench-") as tmp:
-        if random:
-            if not tokenizer or not (Path(tokenizer) / "tokenizer.json").is_file():
-                raise FileNotFoundError("--random needs --tokenizer DIR (or QWEN3_TOKENIZER_DIR) holding a Qwen3 "
-                                        "tokenizer.json")
-            start = time.perf_counter()
-            folder = random_checkpoint(random, layers, Path(tokenizer), Path(tmp), "bfloat16")
-            out(f"random {random} checkpoint ({layers or 'all'} layers) written in {time.perf_counter() - start:.1f} s")
-        else:
-            from qwen3_jax.hub import resolve_model
-            folder = resolve_model(model)
+    with bench_checkpoint(model=model, random=random, layers=layers, tokenizer=tokenizer, out=out) as folder:
         start = time.perf_counter()
         ours = Qwen3Embedder.from_pretrained(folder, dtype=dtype, attention=attention)
         loaded = {"load_s": time.perf_counter() - start, "peak_rss_gib_after_load": peak_rss_gib()}
@@ -312,3 +323,67 @@ def run_suite(*, tokenizer: str | None, layers: int | None, repeats: int, out=pr
             f"{r['ratio']:6.2f} {r['fraction_of_matmul']:9.2f} {r.get('mfu_vs_datasheet', float('nan')):5.2f} "
             f"{r['min_cosine']:8.4f}")
     return rows
+
+
+def run_corpus_benchmark(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None,
+                         dtype: str, documents: int, tokens: str, batch_size: int, search_vectors: int,
+                         out=print) -> dict:
+    """embed-corpus on `documents` synthetic texts (log-uniform lengths over `tokens`): documents/s,
+    tokens/s, peak RSS, and the time a rerun takes to find the job complete; then exact search of
+    1,000 queries over `search_vectors` random float16 vectors of the model's width."""
+    from qwen3_jax.corpus import embed_corpus
+    from qwen3_jax.embedder import Qwen3Embedder
+
+    low, high = parse_token_range(tokens)
+    result: dict = {"documents": documents, "tokens_range": tokens, "dtype": dtype}
+    with bench_checkpoint(model=model, random=random, layers=layers, tokenizer=tokenizer, out=out) as folder, \
+            tempfile.TemporaryDirectory(prefix="qwen3-jax-corpus-") as tmp:
+        embedder = Qwen3Embedder.from_pretrained(folder, dtype=dtype)
+        texts = synthetic_texts(embedder.tokenizer, documents, low, high, long_tail=True)
+        (Path(tmp) / "corpus.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+        start = time.perf_counter()
+        embed_corpus(embedder, Path(tmp) / "corpus.txt", Path(tmp) / "index", batch_size=batch_size,
+                     shard_size=max(1, documents // 10), out=lambda _: None)
+        seconds = time.perf_counter() - start
+        real = embedder.runner.tokens_embedded
+        start = time.perf_counter()
+        embed_corpus(embedder, Path(tmp) / "corpus.txt", Path(tmp) / "index", batch_size=batch_size,
+                     shard_size=max(1, documents // 10), out=lambda _: None)
+        result.update(seconds=seconds, documents_per_s=documents / seconds, tokens_per_s=real / seconds,
+                      real_tokens=real, computed_per_real=embedder.runner.tokens_computed / real,
+                      compiled_programs=embedder.compiled_programs, rerun_complete_s=time.perf_counter() - start,
+                      peak_rss_gib=peak_rss_gib())
+        width = embedder.dimension
+    if search_vectors:
+        result.update(_search_benchmark(search_vectors, width, out))
+    out(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return result
+
+
+def _search_benchmark(count: int, width: int, out) -> dict:
+    """1,000 queries over `count` random unit vectors stored as float16 shards of 100,000."""
+    from qwen3_jax.corpus import CorpusSettings, manifest_name, shard_name
+    from qwen3_jax.embedder import normalize_rows
+    from qwen3_jax.index import Index
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="qwen3-jax-search-") as tmp:
+        folder, shards, size = Path(tmp), [], 100_000
+        for k, start in enumerate(range(0, count, size)):
+            rows = min(size, count - start)
+            np.save(folder / f"{shard_name(k)}.npy",
+                    normalize_rows(rng.standard_normal((rows, width), np.float32)).astype(np.float16))
+            (folder / f"{shard_name(k)}.ids.json").write_text(json.dumps(list(range(start, start + rows))))
+            shards.append({"shard": k, "start": start, "end": start + rows, "count": rows})
+        settings = CorpusSettings(model="random", input="random", dim=width, prefix="", output_dtype="float16",
+                                  shard_size=size)
+        (folder / manifest_name(0, 1)).write_text(json.dumps({
+            "format": "qwen3-jax corpus", "settings": dataclasses.asdict(settings), "process": 0, "dim": width,
+            "shards": shards, "complete": True, "records": count}))
+        queries = normalize_rows(rng.standard_normal((1000, width), np.float32))
+        start = time.perf_counter()
+        index = Index.open(folder)
+        index.search(queries, 10)
+        seconds = time.perf_counter() - start
+        out(f"search: 1,000 queries, top 10, over {count:,} float16 vectors of width {width}: {seconds:.1f} s")
+        return {"search_vectors": count, "search_s": seconds, "search_peak_rss_gib": peak_rss_gib()}

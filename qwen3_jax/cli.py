@@ -25,6 +25,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="auto", choices=ATTENTION)
     parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
     parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
+    _distributed(parser)
+    parser.add_argument("--compile-cache", default=None,
+                        help="folder for JAX's persistent compilation cache (env JAX_COMPILATION_CACHE_DIR)")
+    parser.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error, not a warning")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _distributed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
                         help="multi-process: host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
     parser.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
@@ -33,10 +41,60 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="multi-process: this process's rank (env JAX_PROCESS_ID)")
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-process job found from the environment (TPU pod slices)")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id to start from")
+    parser.add_argument("--data", required=True, help="training .jsonl (see the README for the line formats)")
+    parser.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, final/, adapter/")
+    parser.add_argument("--loss", default="infonce", choices=["infonce", "reranker"])
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
+    how.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--lora-alpha", type=float, default=32.0)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--lora-targets", default="all-linear",
+                        help="all-linear or some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    parser.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
+    parser.add_argument("--hard-negatives", type=int, default=None,
+                        help="hard negatives per query (default: the most any line has; fewer are masked)")
+    parser.add_argument("--no-batch-negatives", action="store_true",
+                        help="only each query's own documents as negatives (ms-swift INFONCE_USE_BATCH=False)")
+    parser.add_argument("--include-qq", action="store_true", help="other queries as negatives too")
+    parser.add_argument("--include-dd", action="store_true", help="other documents as the positive's negatives")
+    parser.add_argument("--false-negative-margin", type=float, default=None,
+                        help="leave out negatives more similar than the positive plus this (the report uses 0.1)")
+    parser.add_argument("--matryoshka-dims", default=None, help="e.g. 1024,512,256,128: the loss summed over dims")
+    parser.add_argument("--instruction", default=None, help="task instruction for queries without their own")
+    parser.add_argument("--batch-size", type=int, default=32, help="queries per step over all devices")
+    parser.add_argument("--mini-batch-size", type=int, default=None,
+                        help="GradCache: embed the step's texts this many at a time (exact gradients)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per text, <|endoftext|> included")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the data")
+    parser.add_argument("--remat", default="off", choices=["off", "full", "dots"],
+                        help="recompute each layer in the backward pass (dots: keep the matrix products)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype; weights and optimizer stay float32")
+    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
+    parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
+    parser.add_argument("--eval", default=None, help="held-out .jsonl in the same format: recall@1/@10, nDCG@10")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: --save-every)")
+    parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace another run's --output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compile-cache", default=None,
-                        help="folder for JAX's persistent compilation cache (env JAX_COMPILATION_CACHE_DIR)")
-    parser.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error, not a warning")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+                        help="folder for JAX's persistent compilation cache: a resumed run starts without compiling")
+    _distributed(parser)
+    parser.add_argument("--debug", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--attention", default="auto", choices=ATTENTION)
+    bench.add_argument("--train", action="store_true",
+                       help="time training steps (8 queries x 1+3 documents of 256 tokens) against sentence-transformers")
+    bench.add_argument("--corpus", type=int, default=None, metavar="N",
+                       help="time embed-corpus on N texts (long-tail lengths over --tokens) and exact search")
+    bench.add_argument("--search-vectors", type=int, default=1_000_000,
+                       help="with --corpus: random float16 vectors the 1,000 search queries scan (0: no search)")
     bench.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--debug", action="store_true")
@@ -93,6 +157,68 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error")
     convert.add_argument("--debug", action="store_true")
+
+    corpus = commands.add_parser("embed-corpus", help="embed a whole corpus into shards, resumably")
+    corpus.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    corpus.add_argument("--input", required=True, help=".txt, .jsonl, .parquet, or a folder of them")
+    corpus.add_argument("--output", required=True, help="folder for the shards and manifests")
+    corpus.add_argument("--text-field", default="text", help=".jsonl / Parquet: the text's field")
+    corpus.add_argument("--id-field", default="id", help=".jsonl / Parquet: the id's field (default: NAME:LINE)")
+    prompt = corpus.add_mutually_exclusive_group()
+    prompt.add_argument("--instruction", help="task instruction (for a corpus of queries; documents take none)")
+    prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json")
+    corpus.add_argument("--dim", type=int, default=None, help="MRL output dimension")
+    corpus.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    corpus.add_argument("--output-dtype", default="float32", choices=["float32", "float16"])
+    corpus.add_argument("--shard-size", type=int, default=10_000, help="records per output shard")
+    corpus.add_argument("--batch-size", type=int, default=32)
+    corpus.add_argument("--max-length", type=int, default=None)
+    corpus.add_argument("--mesh", default=None, help="mesh over this process's devices, e.g. data=8")
+    corpus.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES") or 1,
+                        help="split the job over this many independent processes (env JAX_NUM_PROCESSES)")
+    corpus.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID") or 0,
+                        help="this process's part, 0..N-1 (env JAX_PROCESS_ID)")
+    corpus.add_argument("--skip-bad", action="store_true", help="write unreadable lines to rejects.jsonl and go on")
+    corpus.add_argument("--quiet", action="store_true", help="no progress bar")
+    corpus.add_argument("--compile-cache", default=None, help="folder for JAX's persistent compilation cache")
+    corpus.add_argument("--debug", action="store_true")
+
+    search = commands.add_parser("search", help="exact top-k search of an embed-corpus folder")
+    search.add_argument("--index", required=True, help="folder written by embed-corpus")
+    asked = search.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--query", nargs="+", help="query texts")
+    asked.add_argument("--queries", help=".txt or .jsonl of queries")
+    prompt = search.add_mutually_exclusive_group()
+    prompt.add_argument("--instruction", help="task instruction for the queries")
+    prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json, e.g. query")
+    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--model", default=None, help="embed the queries with this model (default: the index's)")
+    search.add_argument("--batch-size", type=int, default=32)
+    search.add_argument("--debug", action="store_true")
+
+    evaluation = commands.add_parser("eval", help="score a retrieval set in the BEIR layout (nDCG@10, MAP@100, ...)")
+    evaluation.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    evaluation.add_argument("--data", required=True, help="folder with corpus.jsonl, queries.jsonl, qrels/test.tsv")
+    evaluation.add_argument("--split", default="test", help="qrels/SPLIT.tsv (default test)")
+    evaluation.add_argument("--instruction", default=None, help="task instruction for the queries")
+    evaluation.add_argument("--dim", type=int, default=None, help="MRL output dimension")
+    evaluation.add_argument("--top-k", type=int, default=100, help="documents retrieved per query")
+    evaluation.add_argument("--rerank", type=int, default=0, help="rescore each query's first R hits with --reranker")
+    evaluation.add_argument("--reranker", default=None, help="Qwen3-Reranker folder or hub id (with --rerank)")
+    evaluation.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    evaluation.add_argument("--batch-size", type=int, default=32)
+    evaluation.add_argument("--output", default=None, help="also write the figures to this .json file")
+    evaluation.add_argument("--debug", action="store_true")
+
+    train = commands.add_parser("train", help="fine-tune an embedding model (contrastive) or a reranker")
+    _train_arguments(train)
+
+    export = commands.add_parser("export", help="a training checkpoint as a Hugging Face (and peft) folder")
+    export.add_argument("checkpoint", help="OUTPUT/checkpoints/checkpoint_N of a qwen3-jax train run")
+    export.add_argument("destination", help="merged Hugging Face folder to write")
+    export.add_argument("--adapter", help="LoRA runs: also write the peft adapter folder here")
+    export.add_argument("--overwrite", action="store_true", help="replace existing folders")
+    export.add_argument("--debug", action="store_true")
 
     verify = commands.add_parser("verify", help="compare one checkpoint in transformers and in qwen3-jax")
     verify.add_argument("--model", required=True, help="checkpoint folder or hub id")
@@ -160,7 +286,18 @@ def run_rerank(args) -> None:
 def run_bench(args) -> None:
     from qwen3_jax.bench import run_benchmark, run_suite
 
-    if args.suite:
+    if args.train:
+        from qwen3_jax.train.bench import run_train_benchmark
+
+        result = run_train_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
+                                     repeats=args.repeats, reference=not args.no_reference)
+    elif args.corpus:
+        from qwen3_jax.bench import run_corpus_benchmark
+
+        result = run_corpus_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
+                                      dtype=args.dtype, documents=args.corpus, tokens=args.tokens,
+                                      batch_size=args.batch_size, search_vectors=args.search_vectors)
+    elif args.suite:
         result = run_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats)
     else:
         result = run_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
@@ -185,13 +322,101 @@ def run_convert(args) -> None:
     print(f"wrote {done}", file=sys.stderr)
 
 
+def run_embed_corpus(args) -> None:
+    from qwen3_jax import Qwen3Embedder
+    from qwen3_jax.corpus import corpus_files, embed_corpus
+    from qwen3_jax.sharding import make_mesh, parse_mesh
+
+    corpus_files(args.input)
+    import jax
+
+    mesh = make_mesh(**parse_mesh(args.mesh), devices=jax.local_devices()) if args.mesh else None
+    model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, max_length=args.max_length)
+    manifest = embed_corpus(model, args.input, args.output, instruction=args.instruction, prompt_name=args.prompt_name,
+                            dim=args.dim, output_dtype=args.output_dtype, text_field=args.text_field,
+                            id_field=args.id_field, shard_size=args.shard_size, batch_size=args.batch_size,
+                            process=args.process_id, num_processes=args.num_processes, quiet=args.quiet,
+                            skip_bad=args.skip_bad, model_name=args.model, dtype=args.dtype,
+                            out=lambda message: print(message, file=sys.stderr))
+    count = sum(entry["count"] for entry in manifest["shards"])
+    print(f"{args.output}: {count} embeddings in {len(manifest['shards'])} shards (process {args.process_id})",
+          file=sys.stderr)
+
+
+def run_search(args) -> None:
+    from qwen3_jax import Qwen3Embedder
+    from qwen3_jax.index import Index
+    from qwen3_jax.textio import read_texts
+
+    index = Index.open(args.index)
+    ids, queries = read_texts(args.queries, skip_blank=True) if args.queries else (list(range(len(args.query))),
+                                                                                   args.query)
+    settings = index.settings
+    model = Qwen3Embedder.from_pretrained(args.model or settings["model"], dtype=settings["dtype"])
+    vectors = model.encode(queries, instruction=args.instruction, prompt_name=args.prompt_name, dim=index.dim,
+                           batch_size=args.batch_size)
+    scores, hits = index.search(vectors, args.top_k)
+    for query_id, query, row_scores, row_ids in zip(ids, queries, scores, hits):
+        print(json.dumps({"id": query_id, "query": query,
+                          "hits": [{"id": i, "score": round(float(s), 6)} for i, s in zip(row_ids, row_scores)]},
+                         ensure_ascii=False))
+
+
+def run_eval(args) -> None:
+    from qwen3_jax import Qwen3Embedder
+    from qwen3_jax.evaluation import evaluate_beir, print_table
+    from qwen3_jax.reranker import Qwen3Reranker
+    from qwen3_jax.textio import atomic_output
+
+    if args.rerank and not args.reranker:
+        raise ValueError("--rerank R needs --reranker MODEL")
+    if args.output and not args.output.endswith(".json"):
+        raise ValueError(f"--output {args.output} must end in .json")
+    model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype)
+    reranker = Qwen3Reranker.from_pretrained(args.reranker, dtype=args.dtype) if args.reranker else None
+    results = evaluate_beir(model, args.data, instruction=args.instruction, dim=args.dim, top_k=args.top_k,
+                            reranker=reranker, rerank=args.rerank, batch_size=args.batch_size, split=args.split)
+    print_table(results)
+    if args.output:
+        with atomic_output(args.output) as handle:
+            json.dump({"model": args.model, "data": args.data, "reranker": args.reranker, "rerank": args.rerank,
+                       "instruction": args.instruction, "dim": args.dim, "metrics": results}, handle, indent=2)
+
+
+def run_train(args) -> None:
+    from qwen3_jax.train.run import TrainConfig, train
+
+    dims = tuple(int(d) for d in args.matryoshka_dims.split(",")) if args.matryoshka_dims else ()
+    config = TrainConfig(
+        model=args.model, data=args.data, output=args.output, loss=args.loss,
+        lora_rank=None if args.full else args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets, temperature=args.temperature, hard_negatives=args.hard_negatives,
+        use_batch=not args.no_batch_negatives, include_qq=args.include_qq, include_dd=args.include_dd,
+        false_negative_margin=args.false_negative_margin, matryoshka_dims=dims, instruction=args.instruction,
+        batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, max_length=args.max_length,
+        learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, steps=args.steps, epochs=args.epochs, remat=args.remat, dtype=args.dtype,
+        fsdp=args.fsdp, eval_data=args.eval, eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
+        seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
+    train(config, mesh=_mesh(args), out=lambda message: print(message, file=sys.stderr))
+
+
+def run_export(args) -> None:
+    from qwen3_jax.train.run import export_checkpoint
+
+    for name, folder in export_checkpoint(args.checkpoint, args.destination, adapter=args.adapter,
+                                          overwrite=args.overwrite).items():
+        print(f"wrote {name}: {folder}", file=sys.stderr)
+
+
 def run_verify(args) -> int:
     from qwen3_jax.verify import verify
 
     return verify(args.model, dtype=args.dtype, strict=args.strict)
 
 
-COMMANDS = {"embed": run_embed, "rerank": run_rerank, "bench": run_bench, "convert": run_convert,
+COMMANDS = {"embed": run_embed, "embed-corpus": run_embed_corpus, "search": run_search, "rerank": run_rerank,
+            "eval": run_eval, "train": run_train, "export": run_export, "bench": run_bench, "convert": run_convert,
             "verify": run_verify}
 
 

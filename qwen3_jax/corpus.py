@@ -1,0 +1,314 @@
+"""Embedding a whole corpus: streamed, in shards committed one by one, resumable after kill -9.
+
+The input (a .txt or .jsonl file, a folder of them, or Parquet with pyarrow) is read as one stream of
+records in a fixed order. Shard k holds the records at stream positions k*S .. k*S+S-1 (S the shard
+size); in a job of P processes, process p embeds the shards with k % P == p. A shard is written as
+`shard-K.npy` (embeddings) and `shard-K.ids.json` (their ids, in the same order), each written to a
+temporary file and renamed, and only then recorded in the process's manifest (also replaced
+atomically). A killed job leaves at most a shard's files that no manifest lists; the next run with the
+same settings redoes that shard and goes on. `index.Index` reads what the manifests list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from qwen3_jax.textio import InputError, atomic_output, iter_lines_at, parse_record
+
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
+MANIFEST_GLOB = "manifest-*.json"
+REJECTS = "rejects.jsonl"
+OUTPUT_DTYPES = ("float32", "float16")
+
+
+class Item(NamedTuple):
+    """One record of the stream: where it came from, its id and text, or why it could not be read."""
+
+    source: str
+    line: int
+    id: object
+    text: str | None
+    error: str | None = None
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    """The input file, or the .txt / .jsonl / .parquet files under a folder in sorted order."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES) \
+        if path.is_dir() else [path]
+    for file in files:
+        if file.suffix not in CORPUS_SUFFIXES:
+            raise ValueError(f"input {file} must be .txt (one text a line), .jsonl or .parquet")
+    return files
+
+
+def _name(file: Path, root: Path) -> str:
+    return file.name if root.is_file() else str(file.relative_to(root))
+
+
+def iter_corpus(path: str | Path, *, text_field: str = "text", id_field: str = "id") -> Iterator[Item]:
+    """Every record of the input, in order: a .txt line (blank ones skipped), a .jsonl object, a
+    Parquet row. A record without an id gets "NAME:LINE" (the file's name under the input, its 1-based
+    line or row). A malformed line is yielded with its error; invalid UTF-8 raises at once."""
+    root = Path(path)
+    for file in corpus_files(root):
+        name = _name(file, root)
+        if file.suffix == ".parquet":
+            yield from _parquet_items(file, name, text_field, id_field)
+            continue
+        for number, _, line in iter_lines_at(file):
+            if not line.strip():
+                continue
+            if file.suffix == ".txt":
+                yield Item(name, number, f"{name}:{number}", line)
+                continue
+            try:
+                record = parse_record(file, number, line, text_field=text_field, id_field=id_field)
+            except InputError as err:
+                yield Item(name, number, None, None, str(err))
+                continue
+            yield Item(name, number, f"{name}:{number}" if record.id is None else record.id, record.text)
+
+
+def _parquet_items(file: Path, name: str, text_field: str, id_field: str) -> Iterator[Item]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {file} needs pyarrow: pip install \"qwen3-jax[parquet]\"") from None
+    table = pq.ParquetFile(file)
+    columns = table.schema_arrow.names
+    if text_field not in columns:
+        raise InputError(f"{file}: no column {text_field!r} (columns: {', '.join(columns)})")
+    wanted = [text_field] + ([id_field] if id_field in columns else [])
+    row = 0
+    for batch in table.iter_batches(columns=wanted, batch_size=4096):
+        texts = batch.column(0).to_pylist()
+        ids = batch.column(1).to_pylist() if len(wanted) == 2 else [None] * len(texts)
+        for text, record_id in zip(texts, ids):
+            row += 1
+            if not isinstance(text, str):
+                yield Item(name, row, None, None, f"{file}:row {row}: {text_field!r} is not a string")
+            else:
+                yield Item(name, row, f"{name}:{row}" if record_id is None else record_id, text)
+
+
+def count_records(path: str | Path) -> int:
+    """Records in the input, counted quickly (lines that are not blank, Parquet rows) for progress."""
+    total = 0
+    for file in corpus_files(path):
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(file).metadata.num_rows
+        else:
+            with open(file, "rb") as handle:
+                total += sum(1 for line in handle if line.strip())
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSettings:
+    """What a corpus job computes; a folder made with other settings is refused."""
+
+    model: str
+    input: str
+    dim: int
+    prefix: str                   # the prompt or instruction put before every text ("" for documents)
+    dtype: str = "float32"        # compute dtype
+    output_dtype: str = "float32"
+    text_field: str = "text"
+    id_field: str = "id"
+    shard_size: int = 10_000
+    max_length: int = 8192
+    num_processes: int = 1
+
+    def check(self) -> None:
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"--output-dtype {self.output_dtype!r}: choose float32 or float16")
+        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ValueError(f"--shard-size={self.shard_size!r} must be a whole number of at least 1")
+
+
+def manifest_name(process: int, processes: int) -> str:
+    return f"manifest-{process:05d}-of-{processes:05d}.json"
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:06d}"
+
+
+def read_manifests(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob(MANIFEST_GLOB))]
+
+
+class CorpusJob:
+    """Embeds the shards of one process (see the module docstring) with a Qwen3Embedder."""
+
+    def __init__(self, embedder, settings: CorpusSettings, output: str | Path, *, process: int = 0,
+                 batch_size: int = 32, skip_bad: bool = False, quiet: bool = False, out=print):
+        settings.check()
+        if not 0 <= process < settings.num_processes:
+            raise ValueError(f"process {process} of {settings.num_processes}: expected 0..{settings.num_processes - 1}")
+        self.embedder, self.settings, self.process = embedder, settings, process
+        self.output = Path(output)
+        self.batch_size, self.skip_bad, self.quiet, self.out = batch_size, skip_bad, quiet, out
+        self.manifest_path = self.output / manifest_name(process, settings.num_processes)
+        self.manifest = self._claim()
+
+    def _claim(self) -> dict:
+        """This process's manifest: the one on disk if its settings match (resume), else a new one."""
+        wanted = json.loads(json.dumps(dataclasses.asdict(self.settings)))
+        if self.output.is_dir():
+            for found in read_manifests(self.output):
+                if found["settings"] != wanted:
+                    changed = sorted(k for k in wanted if found["settings"].get(k) != wanted[k])
+                    raise FileExistsError(f"{self.output} holds embeddings made with other settings "
+                                          f"({', '.join(changed)}); use another --output")
+            visible = [p for p in self.output.iterdir() if not p.name.startswith(".")]   # not files being written
+            if visible and not any(self.output.glob(MANIFEST_GLOB)):
+                raise FileExistsError(f"{self.output} is not empty and holds no corpus; use another --output")
+        self.output.mkdir(parents=True, exist_ok=True)
+        if self.manifest_path.is_file():
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        self.manifest = {"format": "qwen3-jax corpus", "settings": wanted, "process": self.process,
+                         "dim": self.settings.dim, "shards": [], "complete": False}
+        self._commit()                # the folder is claimed (and not complete) before any shard is written
+        return self.manifest
+
+    def _commit(self) -> None:
+        with atomic_output(self.manifest_path) as handle:
+            json.dump(self.manifest, handle, indent=1)
+
+    def run(self) -> dict:
+        """Embeds every shard of this process not yet in its manifest; returns the manifest."""
+        if self.manifest["complete"]:
+            self.out(f"{self.output}: this process's shards are complete ({self._count()} records)")
+            return self.manifest
+        settings, size, count = self.settings, self.settings.shard_size, self.settings.num_processes
+        done = {entry["shard"] for entry in self.manifest["shards"]}
+        total = count_records(settings.input)
+        mine = sum(min(size, total - k * size) for k in range(self.process, -(-total // size), count))
+        progress = _progress(mine, self._count(), quiet=self.quiet)
+        meter = (time.perf_counter(), self.embedder.runner.tokens_embedded)
+        position, items = 0, []
+        for item in iter_corpus(settings.input, text_field=settings.text_field, id_field=settings.id_field):
+            shard = position // size
+            position += 1
+            if shard % count == self.process and shard not in done:
+                items.append(item)
+                if position % size == 0:
+                    self._write(shard, items, progress, meter)
+                    items = []
+        if items:
+            self._write((position - 1) // size, items, progress, meter)
+        progress.close()
+        self.manifest.update(complete=True, records=position)
+        self._commit()
+        self._finish()
+        return self.manifest
+
+    def _count(self) -> int:
+        return sum(entry["count"] + entry.get("rejected", 0) for entry in self.manifest["shards"])
+
+    def _write(self, shard: int, items: list[Item], progress, meter: tuple[float, int]) -> None:
+        good = [item for item in items if item.error is None]
+        bad = [item for item in items if item.error is not None]
+        if bad and not self.skip_bad:
+            raise InputError(f"{bad[0].error} (pass --skip-bad to write such lines to {REJECTS} and go on)")
+        settings = self.settings
+        vectors = np.zeros((0, settings.dim), np.float32)
+        if good:
+            vectors = self.embedder.encode([item.text for item in good], prompt=settings.prefix, dim=settings.dim,
+                                           batch_size=self.batch_size, max_length=settings.max_length)
+        name = shard_name(shard)
+        with atomic_output(self.output / f"{name}.npy", "wb") as handle:
+            np.save(handle, vectors.astype(settings.output_dtype))
+        with atomic_output(self.output / f"{name}.ids.json") as handle:
+            json.dump([item.id for item in good], handle)
+        start = shard * settings.shard_size
+        entry = {"shard": shard, "start": start, "end": start + len(items), "count": len(good)}
+        if bad:
+            with atomic_output(self.output / f"{name}.rejects.jsonl") as handle:
+                for item in bad:
+                    handle.write(json.dumps({"source": item.source, "line": item.line, "error": item.error}) + "\n")
+            entry["rejected"] = len(bad)
+        self.manifest["shards"].append(entry)
+        self._commit()
+        progress.update(len(items))
+        elapsed = max(time.perf_counter() - meter[0], 1e-9)
+        progress.set_postfix(tok_s=f"{(self.embedder.runner.tokens_embedded - meter[1]) / elapsed:.0f}")
+
+    def _finish(self) -> None:
+        """Once every process is complete: all rejected lines in one REJECTS file (rewritten whole, so
+        a rerun never repeats one) and a report of ids that occur more than once."""
+        manifests = read_manifests(self.output)
+        if len(manifests) < self.settings.num_processes or not all(m["complete"] for m in manifests):
+            return
+        listed = [shard_name(e["shard"]) for m in manifests for e in sorted(m["shards"], key=lambda e: e["shard"])]
+        rejects = [line for name in listed if (self.output / f"{name}.rejects.jsonl").is_file()
+                   for line in (self.output / f"{name}.rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+        if rejects:
+            with atomic_output(self.output / REJECTS) as handle:
+                handle.write("".join(line + "\n" for line in rejects))
+            self.out(f"{len(rejects)} lines could not be read; see {self.output / REJECTS}")
+        repeated = repeated_ids(self.output / f"{name}.ids.json" for name in listed)
+        if repeated:
+            shown = ", ".join(json.dumps(i) for i in repeated[:5])
+            self.out(f"warning: {len(repeated)} ids occur more than once (e.g. {shown}); search results name "
+                     "them by id, so make ids unique")
+
+
+def repeated_ids(files) -> list:
+    """The ids that occur more than once in these ids files, found through 8-byte hashes (memory: 8
+    bytes an id, not the ids themselves)."""
+    def digest(value) -> int:
+        return int.from_bytes(hashlib.blake2b(json.dumps(value).encode(), digest_size=8).digest(), "little")
+
+    files = list(files)
+    hashes = np.asarray([digest(i) for f in files for i in json.loads(f.read_text(encoding="utf-8"))], np.uint64)
+    unique, counts = np.unique(hashes, return_counts=True)
+    suspects = set(unique[counts > 1].tolist())
+    if not suspects:
+        return []
+    seen: dict = {}
+    for f in files:
+        for value in json.loads(f.read_text(encoding="utf-8")):
+            if digest(value) in suspects:
+                key = json.dumps(value)
+                seen[key] = seen.get(key, 0) + 1
+    return [json.loads(key) for key, n in seen.items() if n > 1]
+
+
+def _progress(total: int, initial: int, *, quiet: bool):
+    """tqdm's bar (documents/s, tokens/s, time left) on a terminal; silent otherwise or when quiet."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="doc", dynamic_ncols=True, disable=quiet or not sys.stderr.isatty())
+
+
+def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: str | None = None,
+                 prompt_name: str | None = None, dim: int | None = None, output_dtype: str = "float32",
+                 text_field: str = "text", id_field: str = "id", shard_size: int = 10_000, batch_size: int = 32,
+                 max_length: int | None = None, process: int = 0, num_processes: int = 1, skip_bad: bool = False,
+                 quiet: bool = False, model_name: str | None = None, dtype: str = "float32", out=print) -> dict:
+    """Embeds (or finishes embedding) the corpus at `input` into the folder `output` with a
+    Qwen3Embedder `model`; returns this process's manifest. `model_name` is what the manifest records
+    (the hub id or folder the model came from) for `qwen3-jax search` to load."""
+    settings = CorpusSettings(model=str(model_name or ""), input=str(Path(input).absolute()), dim=model.check_dim(dim),
+                              prefix=model.resolve_prefix(prompt_name, None, instruction), dtype=dtype,
+                              output_dtype=output_dtype, text_field=text_field, id_field=id_field,
+                              shard_size=shard_size, max_length=model.max_length if max_length is None else max_length,
+                              num_processes=num_processes)
+    corpus_files(input)                           # a missing or unreadable input fails before anything is written
+    return CorpusJob(model, settings, output, process=process, batch_size=batch_size, skip_bad=skip_bad, quiet=quiet,
+                     out=out).run()

@@ -1,0 +1,186 @@
+"""Embedding a corpus as users run it: streamed into shards, killed with SIGKILL and resumed, split over
+two processes, bad lines, then searched exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qwen3_jax.corpus import embed_corpus, read_manifests
+from qwen3_jax.index import Index
+from qwen3_jax.textio import InputError
+
+WORDS = "river mountain city garden market school harbor forest light paper 東京 数据".split()
+
+
+def _documents(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"id": f"doc-{i}", "text": " ".join(rng.choice(WORDS, int(n)))}
+            for i, n in enumerate(rng.integers(1, 60, count))]
+
+
+def _write(path, records) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def _load(folder) -> tuple[list, np.ndarray]:
+    """(ids, embeddings) of every listed shard, in shard order."""
+    index = Index.open(folder)
+    return index.ids, np.concatenate([np.asarray(v, np.float32) for v in index._vectors] or
+                                     [np.zeros((0, index.dim), np.float32)])
+
+
+def _cli(cache, *args) -> list[str]:
+    return [sys.executable, "-m", "qwen3_jax.cli", "embed-corpus", *map(str, args), "--quiet", "--compile-cache", cache]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    return {"documents": _documents(240), "path": _write(folder / "docs.jsonl", _documents(240))}
+
+
+def test_corpus_shards_hold_what_encode_gives(embedder, checkpoint, corpus, tmp_path):
+    manifest = embed_corpus(embedder, corpus["path"], tmp_path / "out", shard_size=64, dim=48, quiet=True,
+                            model_name=str(checkpoint), out=lambda _: None)
+    assert [(e["start"], e["end"]) for e in manifest["shards"]] == [(0, 64), (64, 128), (128, 192), (192, 240)]
+    ids, vectors = _load(tmp_path / "out")
+    assert ids == [d["id"] for d in corpus["documents"]]
+    expected = embedder.encode([d["text"] for d in corpus["documents"]], dim=48)
+    assert np.abs(vectors - expected).max() <= 1e-5
+    half = embed_corpus(embedder, corpus["path"], tmp_path / "half", output_dtype="float16", quiet=True,
+                        out=lambda _: None)
+    assert half["complete"] and np.load(tmp_path / "half" / "shard-000000.npy").dtype == np.float16
+    # a folder made with another dim, prompt or model is refused
+    for other in ({"dim": 32}, {"instruction": "Find the document"}):
+        with pytest.raises(FileExistsError, match="other settings"):
+            embed_corpus(embedder, corpus["path"], tmp_path / "out", shard_size=64, **{"dim": 48, **other},
+                         model_name=str(checkpoint), quiet=True)
+    with pytest.raises(FileExistsError, match=r"other settings \(model\)"):
+        embed_corpus(embedder, corpus["path"], tmp_path / "out", shard_size=64, dim=48, model_name="another/model",
+                     quiet=True)
+
+
+def test_killed_job_resumes_with_every_id_once(embedder, checkpoint, tmp_path, compile_cache):
+    documents = _documents(1200, seed=1)
+    path = _write(tmp_path / "docs.jsonl", documents)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli(compile_cache, "--model", checkpoint, "--input", path, "--output", killed, "--shard-size", 100),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        manifests = read_manifests(killed) if killed.is_dir() else []
+        if manifests and len(manifests[0]["shards"]) >= 3:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, process.stderr.read()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    with pytest.raises(ValueError, match="not complete"):
+        Index.open(killed)
+    done = len(read_manifests(killed)[0]["shards"])
+    assert 3 <= done < 12
+    finished = subprocess.run(_cli(compile_cache, "--model", checkpoint, "--input", path, "--output", killed, "--shard-size", 100),
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    ids, vectors = _load(killed)
+    assert ids == [d["id"] for d in documents]              # every id exactly once, in input order
+    expected = embedder.encode([d["text"] for d in documents])
+    assert np.abs(vectors - expected).max() <= 1e-5
+
+
+def test_two_processes_split_the_corpus_like_one(embedder, checkpoint, corpus, tmp_path, compile_cache):
+    processes = [subprocess.Popen(_cli(compile_cache, "--model", checkpoint, "--input", corpus["path"], "--output", tmp_path / "two",
+                                       "--shard-size", 50, "--num-processes", 2, "--process-id", rank),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    results = [p.communicate(timeout=300) for p in processes]
+    assert all(p.returncode == 0 for p in processes), results
+    manifests = read_manifests(tmp_path / "two")
+    assert [sorted(e["shard"] for e in m["shards"]) for m in manifests] == [[0, 2, 4], [1, 3]]
+    embed_corpus(embedder, corpus["path"], tmp_path / "one", shard_size=50, quiet=True, model_name=str(checkpoint))
+    (ids_two, two), (ids_one, one) = _load(tmp_path / "two"), _load(tmp_path / "one")
+    assert ids_two == ids_one == [d["id"] for d in corpus["documents"]]
+    assert np.abs(two - one).max() <= 1e-6
+
+
+def test_a_folder_of_txt_jsonl_and_parquet(embedder, tmp_path):
+    pa = pytest.importorskip("pyarrow")    # the parquet extra; installed with the test extra
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("first line\n\nthird line\n", encoding="utf-8")
+    _write(root / "sub" / "b.jsonl", [{"text": "from json"}, {"id": 7, "text": "with an id"}])
+    pq.write_table(pa.table({"text": ["from parquet", "again"]}), root / "c.parquet")
+    embed_corpus(embedder, root, tmp_path / "out", quiet=True)
+    ids, vectors = _load(tmp_path / "out")
+    assert ids == ["a.txt:1", "a.txt:3", "c.parquet:1", "c.parquet:2", "sub/b.jsonl:1", 7]
+    texts = ["first line", "third line", "from parquet", "again", "from json", "with an id"]
+    assert np.abs(vectors - embedder.encode(texts)).max() <= 1e-5
+
+
+def test_bad_lines_stop_or_go_to_rejects(embedder, tmp_path):
+    records = _documents(10)
+    lines = [json.dumps(r) for r in records]
+    lines[4] = '{"id": "x", "body": "no text field"}'
+    lines[7] = '{"id": "y", "text": '
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"docs.jsonl:5: each line needs a string field 'text'.*--skip-bad"):
+        embed_corpus(embedder, path, tmp_path / "strict", shard_size=100, quiet=True)
+    with pytest.raises(ValueError, match="not complete"):
+        Index.open(tmp_path / "strict")                        # nothing that looks finished
+    messages = []
+    embed_corpus(embedder, path, tmp_path / "skip", shard_size=3, skip_bad=True, quiet=True, out=messages.append)
+    rejects = [json.loads(line) for line in open(tmp_path / "skip" / "rejects.jsonl")]
+    assert [(r["line"], "not valid JSON" in r["error"]) for r in rejects] == [(5, False), (8, True)]
+    ids, _ = _load(tmp_path / "skip")
+    assert ids == [r["id"] for i, r in enumerate(records) if i not in (4, 7)]
+    assert any("2 lines could not be read" in m for m in messages)
+
+    invalid = tmp_path / "latin1.txt"
+    invalid.write_bytes("good\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.txt:2: invalid UTF-8 at byte 8"):
+        embed_corpus(embedder, invalid, tmp_path / "latin", quiet=True)
+
+    repeated = _write(tmp_path / "repeated.jsonl", [{"id": 1, "text": "a"}, {"id": 2, "text": "b"},
+                                                     {"id": 1, "text": "c"}])
+    messages = []
+    embed_corpus(embedder, repeated, tmp_path / "rep", quiet=True, out=messages.append)
+    assert any("1 ids occur more than once (e.g. 1)" in m for m in messages)
+
+
+def test_empty_input_makes_an_empty_valid_index(embedder, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    embed_corpus(embedder, tmp_path / "empty.txt", tmp_path / "out", quiet=True)
+    index = Index.open(tmp_path / "out")
+    scores, ids = index.search(embedder.encode(["a query"]), k=5)
+    assert len(index) == 0 and scores.shape == (1, 0) and ids == [[]]
+
+
+def test_search_is_exact_across_blocks_and_shards(embedder, checkpoint, corpus, tmp_path, capsys):
+    from qwen3_jax.cli import main
+
+    embed_corpus(embedder, corpus["path"], tmp_path / "out", shard_size=70, quiet=True, model_name=str(checkpoint))
+    index = Index.open(tmp_path / "out")
+    queries = embedder.encode(["river city", "東京 数据", "paper light garden"], instruction="Find the document")
+    scores, ids = index.search(queries, k=7, block_rows=16)
+    _, vectors = _load(tmp_path / "out")
+    expected = queries @ vectors.T
+    order = np.argsort(-expected, axis=1, kind="stable")[:, :7]
+    assert ids == [[corpus["documents"][i]["id"] for i in row] for row in order]
+    assert np.abs(scores - np.take_along_axis(expected, order, axis=1)).max() <= 1e-6
+    assert index.search(queries, k=1000)[0].shape == (3, 240)
+    with pytest.raises(ValueError, match="dimension 32; this index holds 64"):
+        index.search(queries[:, :32])
+
+    assert main(["search", "--index", str(tmp_path / "out"), "--query", "river city", "--top-k", "3",
+                 "--instruction", "Find the document"]) == 0
+    hits = json.loads(capsys.readouterr().out.splitlines()[0])["hits"]
+    assert [h["id"] for h in hits] == ids[0][:3]
