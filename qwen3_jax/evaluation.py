@@ -64,6 +64,36 @@ def mteb_encoder(embedder, *, model_name: str = "qwen3-jax", instructions: dict[
     return MTEBEncoder()
 
 
+def mteb_cross_encoder(reranker, *, model_name: str = "qwen3-jax-reranker", instructions: dict[str, str] | None = None,
+                       batch_size: int = 32):
+    """A cross-encoder for mteb's reranking tasks, backed by a Qwen3Reranker: each (query, document) pair
+    scored with the official prompt; the instruction is `instructions[task name]`, else the task
+    metadata's query prompt, else the reranker's default (the model card's web-search instruction)."""
+    from mteb.models import ModelMeta
+    from mteb.types import PromptType
+
+    class MTEBCrossEncoder:
+        def __init__(self):
+            self.reranker, self.instructions, self.batch_size = reranker, dict(instructions or {}), batch_size
+            self.mteb_model_meta = ModelMeta.create_empty(overwrites={"name": model_name, "revision": "local",
+                                                                      "is_cross_encoder": True})
+
+        def instruction(self, task_metadata) -> str | None:
+            if task_metadata.name in self.instructions:
+                return self.instructions[task_metadata.name]
+            prompt = task_metadata.prompt
+            return prompt.get(PromptType.query.value) if isinstance(prompt, dict) else prompt
+
+        def predict(self, inputs1, inputs2, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
+                    **kwargs: Any) -> np.ndarray:
+            queries = [text for batch in inputs1 for text in batch["text"]]
+            documents = [text for batch in inputs2 for text in batch["text"]]
+            return self.reranker.score_pairs(list(zip(queries, documents)), instruction=self.instruction(task_metadata),
+                                             batch_size=self.batch_size)
+
+    return MTEBCrossEncoder()
+
+
 # --- local retrieval sets in the BEIR layout ---------------------------------------------------------
 
 def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:

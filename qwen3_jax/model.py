@@ -188,9 +188,10 @@ class Qwen3Model(nnx.Module):
         boolean mask of real tokens (one text per row) works as well. `rng` drives adapter dropout in
         training (None: none); `remat` picks what a layer keeps for the backward pass (REMAT_POLICIES).
         `scan_layers=False` runs the layers as an unrolled loop: training does, since differentiating
-        the blockwise attention inside a scan makes XLA keep every score tile of every query block
-        (memory quadratic in the row: 6.4 GiB instead of 0.8 GiB for one 2,560-token row at the 0.6B
-        width), while inference keeps the scan, whose compile time does not grow with depth.
+        the blockwise attention (its window switch and query-block loop) inside a layer scan makes XLA
+        allocate far beyond the activations (93 GiB asked for the 10,240-token step of `bench --train`
+        at the 0.6B width with 2 layers, which needs 3.7 GiB unrolled), while inference keeps the scan,
+        whose compile time does not grow with depth.
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
@@ -206,8 +207,8 @@ class Qwen3Model(nnx.Module):
             h = nnx.merge(graphdef, one_layer_state)(h, sin, cos, segments, impl=self.attention_impl, rng=layer_rng)
             return h, (h if return_layer_states else None)
 
-        if remat != "off":
-            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        if remat != "off":      # outside a scan, XLA would merge the recomputation back into the forward pass
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=not scan_layers)
         if scan_layers:
             x, layer_outputs = jax.lax.scan(step, x, (layer_state, layer_rngs))
         else:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from qwen3_jax.evaluation import evaluate_beir, mteb_encoder, read_beir
+from qwen3_jax.evaluation import evaluate_beir, mteb_cross_encoder, mteb_encoder, read_beir
 from qwen3_jax.textio import InputError
 
 WORDS = "river mountain city garden market school harbor forest light paper music winter".split()
@@ -32,8 +32,9 @@ def beir(tmp_path_factory):
     return folder
 
 
-def _task(folder):
-    """An mteb retrieval task whose data come from the BEIR folder (no download)."""
+def _task(folder, top_ranked=None):
+    """An mteb retrieval task whose data come from the BEIR folder (no download); with `top_ranked`
+    ({query id: [document ids]}) a reranking task."""
     from datasets import Dataset
     from mteb.abstasks import AbsTaskRetrieval
     from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
@@ -54,7 +55,7 @@ def _task(folder):
                 corpus=Dataset.from_list([{"id": r["_id"], "title": r["title"], "text": r["text"]}
                                           for r in corpus_lines]),
                 queries=Dataset.from_list([{"id": r["_id"], "text": r["text"]} for r in query_lines]),
-                relevant_docs=qrels, top_ranked=None)}}
+                relevant_docs=qrels, top_ranked=top_ranked)}}
             self.data_loaded = True
 
     return LocalRetrieval()
@@ -69,7 +70,7 @@ METRICS = {"ndcg@10": "ndcg_at_10", "map@100": "map_at_100", "recall@10": "recal
            "recall@100": "recall_at_100", "mrr@10": "mrr_at_10"}
 
 
-def test_mteb_scores_our_model_as_sentence_transformers(embedder, sentence_transformer, beir, tmp_path):
+def test_mteb_scores_our_model_as_sentence_transformers(embedder, sentence_transformer, checkpoint, beir, tmp_path):
     import mteb
 
     ours = _scores(mteb.evaluate(mteb_encoder(embedder), _task(beir), cache=None, show_progress_bar=False))
@@ -86,6 +87,11 @@ def test_mteb_scores_our_model_as_sentence_transformers(embedder, sentence_trans
     prompted = evaluate_beir(embedder, beir, instruction=_query_instruction(embedder), top_k=100)
     assert max(abs(prompted[name] - reference[key]) for name, key in METRICS.items()) <= 1e-4
     assert ours_local != prompted                          # the instruction matters
+    from qwen3_jax.cli import main
+
+    assert main(["eval", "--model", str(checkpoint), "--data", str(beir), "--instruction", _query_instruction(embedder),
+                 "--output", str(tmp_path / "scores.json")]) == 0
+    assert json.loads((tmp_path / "scores.json").read_text())["metrics"] == pytest.approx(prompted, abs=1e-6)
 
 
 def _query_instruction(embedder) -> str:
@@ -126,6 +132,28 @@ def test_reranking_follows_the_rerankers_scores(embedder, beir, monkeypatch):
     from qwen3_jax.metrics import evaluate
 
     assert reranked == pytest.approx(evaluate({q: order for q in qrels}, qrels, list(reranked)))
+
+
+@pytest.mark.parametrize("reranker_checkpoint", ["untied"], indirect=True)
+def test_mteb_reranking_with_our_reranker_scores_as_the_reranker_ranks(reranker_checkpoint, beir):
+    import mteb
+
+    from qwen3_jax.metrics import evaluate
+    from qwen3_jax.reranker import Qwen3Reranker
+
+    reranker = Qwen3Reranker.from_pretrained(reranker_checkpoint)
+    corpus, queries, qrels = read_beir(beir)
+    candidates = {q: list(corpus)[int(q[1:]) * 3:int(q[1:]) * 3 + 10] + list(relevant) for q, relevant in qrels.items()}
+    candidates = {q: list(dict.fromkeys(ids)) for q, ids in candidates.items()}
+    model = mteb_cross_encoder(reranker, instructions={"LocalRetrieval": "Find where the words match"})
+    scores = _scores(mteb.evaluate(model, _task(beir, candidates), cache=None, show_progress_bar=False))
+    rankings = {}
+    for q, ids in candidates.items():
+        pair_scores = reranker.score_pairs([(queries[q], corpus[d]) for d in ids], instruction="Find where the words match")
+        rankings[q] = [ids[i] for i in np.argsort(-pair_scores, kind="stable")]
+    expected = evaluate(rankings, qrels, list(METRICS))
+    assert max(abs(expected[name] - scores[key]) for name, key in METRICS.items()) <= 1e-4
+    assert 0 < scores["ndcg_at_10"] <= 1
 
 
 @pytest.mark.parametrize("breakage, message", [

@@ -14,7 +14,7 @@ import pytest
 from qwen3_jax import Qwen3Embedder
 from qwen3_jax.reranker import Qwen3Reranker
 from qwen3_jax.textio import InputError
-from qwen3_jax.train.run import TrainConfig, Run, export_checkpoint, train
+from qwen3_jax.train.run import TrainConfig, Run, train
 from tests.reference import card_scores
 
 SYLLABLES = "ka lo mi ne ru sa ti vo pe zu".split()
@@ -97,7 +97,9 @@ def test_run_killed_mid_way_resumes_with_the_same_losses(checkpoint, data, tmp_p
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]          # step 3 logged once, by the resumed run
     assert max(abs(resumed[s] - whole[s]) for s in whole) <= 1e-6
     # a finished run's last checkpoint exports to the same weights as its final/ folder
-    export_checkpoint(killed / "checkpoints" / "checkpoint_6", tmp_path / "exported")
+    assert main(["export", str(killed / "checkpoints" / "checkpoint_6"), str(tmp_path / "exported"),
+                 "--adapter", str(tmp_path / "exported-adapter")]) == 0
+    assert (tmp_path / "exported-adapter" / "adapter_model.safetensors").is_file()
     from safetensors.numpy import load_file
 
     a, b = load_file(tmp_path / "exported" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
