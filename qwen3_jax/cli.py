@@ -29,6 +29,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-cache", default=None,
                         help="folder for JAX's persistent compilation cache (env JAX_COMPILATION_CACHE_DIR)")
     parser.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error, not a warning")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -239,6 +240,11 @@ def _mesh(args):
     return make_mesh(**parse_mesh(args.mesh))
 
 
+def _shows_progress(args) -> bool:
+    """A progress bar on stderr when it is a terminal and --quiet is not given."""
+    return sys.stderr.isatty() and not args.quiet
+
+
 def _is_writer() -> bool:
     """Only the first process of a multi-process job writes results."""
     import jax
@@ -257,7 +263,7 @@ def run_embed(args) -> None:
                                           mesh=_mesh(args), fsdp=args.fsdp, max_length=args.max_length,
                                           strict=args.strict)
     vectors = model.encode(texts, instruction=args.instruction, prompt_name=args.prompt_name, dim=args.dim,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, show_progress_bar=_shows_progress(args))
     if not _is_writer():
         return
     if args.output:
@@ -277,7 +283,7 @@ def run_rerank(args) -> None:
     model = Qwen3Reranker.from_pretrained(args.model, dtype=args.dtype, attention=args.attention,
                                           mesh=_mesh(args), fsdp=args.fsdp, strict=args.strict, **kwargs)
     hits = model.rank(args.query, documents, top_k=args.top_k, instruction=args.instruction,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, show_progress_bar=_shows_progress(args))
     for hit in hits if _is_writer() else []:
         print(json.dumps({"id": ids[hit["index"]], "score": round(hit["score"], 7), "text": hit["document"]},
                          ensure_ascii=False))

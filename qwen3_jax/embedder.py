@@ -109,13 +109,14 @@ class Qwen3Embedder:
 
     def encode(self, texts: Sequence[str] | str, *, prompt_name: str | None = None, prompt: str | None = None,
                instruction: str | None = None, dim: int | None = None, batch_size: int = 32,
-               normalize: bool = True, max_length: int | None = None) -> np.ndarray:
+               normalize: bool = True, max_length: int | None = None, show_progress_bar: bool = False) -> np.ndarray:
         """Embeds texts: float32 [n, dim or hidden] (a single string gives [dim]).
 
         `instruction` formats queries as "Instruct: {instruction}\\nQuery:{text}"; `prompt_name`
         uses the prompts of config_sentence_transformers.json; `dim` truncates (MRL) before normalising.
         `batch_size` sizes one forward pass as batch_size x 512 tokens: that many texts of up to 512
-        tokens, more shorter ones (packed several to a row), fewer longer ones.
+        tokens, more shorter ones (packed several to a row), fewer longer ones. `show_progress_bar`
+        shows texts/s, tokens/s and time left on stderr.
         """
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
@@ -123,7 +124,7 @@ class Qwen3Embedder:
         max_length = self.max_length if max_length is None else check_max_length(max_length)
         prefix = self.resolve_prefix(prompt_name, prompt, instruction)
         rows = self.tokenizer.encode([prefix + t for t in texts], max_length)
-        pooled = self.runner(rows, batch_size=batch_size)
+        pooled = self.runner(rows, batch_size=batch_size, progress=show_progress_bar)
         out = pooled[:, :dim]
         if normalize:
             out = normalize_rows(out)

@@ -86,28 +86,30 @@ class Qwen3Reranker:
         return self.prompts.ids(pairs, instruction)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None,
-                    batch_size: int = 16) -> np.ndarray:
+                    batch_size: int = 16, show_progress_bar: bool = False) -> np.ndarray:
         """P("yes") for each (query, document) pair, float32 [n]."""
         pairs = list(pairs)
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise TypeError(f"pairs[{i}] must be a (query, document) pair of strings")
         rows = self.prompt_ids(pairs, instruction)
-        hidden = self.runner(rows, batch_size=batch_size)
+        hidden = self.runner(rows, batch_size=batch_size, progress=show_progress_bar)
         logits = np.einsum("BD,AD->BA", hidden, self.answer_rows)          # A: ("no", "yes")
         return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)
 
     def score(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
-              batch_size: int = 16) -> np.ndarray:
+              batch_size: int = 16, show_progress_bar: bool = False) -> np.ndarray:
         """P("yes") of each document for one query, float32 [len(documents)]."""
         documents = check_texts(documents)
-        return self.score_pairs([(query, d) for d in documents], instruction=instruction, batch_size=batch_size)
+        return self.score_pairs([(query, d) for d in documents], instruction=instruction, batch_size=batch_size,
+                                show_progress_bar=show_progress_bar)
 
     def rank(self, query: str, documents: Sequence[str], *, top_k: int | None = None,
-             instruction: str | None = None, batch_size: int = 16) -> list[dict]:
+             instruction: str | None = None, batch_size: int = 16, show_progress_bar: bool = False) -> list[dict]:
         """Documents sorted by score: [{"index", "score", "document"}], the best `top_k` of them."""
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} must be at least 1")
-        scores = self.score(query, documents, instruction=instruction, batch_size=batch_size)
+        scores = self.score(query, documents, instruction=instruction, batch_size=batch_size,
+                            show_progress_bar=show_progress_bar)
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [{"index": int(i), "score": float(scores[i]), "document": documents[i]} for i in order]

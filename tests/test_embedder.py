@@ -186,3 +186,12 @@ def test_bf16_on_inputs_of_thousands_of_tokens_keeps_positions_exact(checkpoint_
         ids = np.asarray([row])
         reference.append(transformers_hidden_states(checkpoint, ids, np.ones_like(ids))[1][0, -1])
     assert cosine_rows(model.encode(texts), np.stack(reference)).min() >= 0.9998
+
+
+def test_progress_bar_counts_every_text_and_tokens(embedder, capsys):
+    texts = [f"{t} {i}" for i in range(5) for t in CORPUS]
+    embedder.encode(texts, batch_size=1, show_progress_bar=True)
+    shown = capsys.readouterr().err
+    assert f"{len(texts)}/{len(texts)}" in shown and "tok_s=" in shown
+    embedder.encode(texts, batch_size=1)
+    assert capsys.readouterr().err == ""
