@@ -188,8 +188,7 @@ class _Tiling(NamedTuple):
         b, t, _, _ = q.shape
         padded = -(-t // block) * block
         num_blocks = padded // block
-        pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
-        qg, kt, vt = _heads_first(*(jnp.pad(x, pad) for x in (q, k, v)))
+        qg, kt, vt = _heads_first(*(_pad_rows(x, padded) for x in (q, k, v)))
         segments = jnp.pad(segments, [(0, 0), (0, padded - t)])
         index = jnp.arange(padded)
         text_start = index - positions_from_segments(segments)
@@ -198,6 +197,10 @@ class _Tiling(NamedTuple):
         needed = jnp.arange(1, num_blocks + 1) * block - first
         sizes = tuple(size * block for size in window_ladder(num_blocks))
         return cls(qg, kt, vt, segments, jnp.searchsorted(jnp.asarray(sizes), needed), sizes, block)
+
+    def like_queries(self, x: jax.Array) -> jax.Array:
+        """A [B, T, N, H] array laid out as the queries are: padded, [B, K, G, T, H]."""
+        return jnp.einsum("BTKGH->BKGTH", _group_queries(_pad_rows(x, self.qg.shape[3]), self.kt.shape[1]))
 
     def tile(self, i, width: int):
         """Query block i's queries [B, K, G, Q, H], its window's keys and values [B, K, S, H], the
@@ -230,6 +233,11 @@ class _Tiling(NamedTuple):
             out, *new = one(c, i)
             return tuple(new), out
         return jax.lax.scan(body, carry, blocks)
+
+
+def _pad_rows(x: jax.Array, length: int) -> jax.Array:
+    """[B, T, ...] padded with zeros to [B, length, ...]."""
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
 def _unblock(x: jax.Array, shape) -> jax.Array:
@@ -271,7 +279,7 @@ def _block_sparse_fwd(q, k, v, segments, block: int):
 def _block_sparse_bwd(block: int, saved, d_out):
     q, k, v, segments, out, logsumexp = saved
     tiling = _Tiling.of(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), segments, block)
-    dog, og = (_Tiling.of(x.astype(jnp.float32), k, v, segments, block).qg for x in (d_out, out))
+    dog, og = (tiling.like_queries(x.astype(jnp.float32)) for x in (d_out, out))
     delta = jnp.sum(dog * og, axis=-1)                                    # [B, K, G, T]
 
     def run(width):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -362,24 +361,23 @@ def run_corpus_benchmark(*, model: str | None, random: str | None, layers: int |
 
 def _search_benchmark(count: int, width: int, out) -> dict:
     """1,000 queries over `count` random unit vectors stored as float16 shards of 100,000."""
-    from qwen3_jax.corpus import CorpusSettings, manifest_name, shard_name
+    from qwen3_jax.corpus import CorpusSettings, manifest_name, new_manifest, write_shard
     from qwen3_jax.embedder import normalize_rows
     from qwen3_jax.index import Index
 
     rng = np.random.default_rng(0)
+    size = 100_000
     with tempfile.TemporaryDirectory(prefix="qwen3-jax-search-") as tmp:
-        folder, shards, size = Path(tmp), [], 100_000
+        folder = Path(tmp)
+        manifest = new_manifest(CorpusSettings(model="random", input="random", dim=width, prefix="",
+                                               output_dtype="float16", shard_size=size), process=0)
         for k, start in enumerate(range(0, count, size)):
             rows = min(size, count - start)
-            np.save(folder / f"{shard_name(k)}.npy",
-                    normalize_rows(rng.standard_normal((rows, width), np.float32)).astype(np.float16))
-            (folder / f"{shard_name(k)}.ids.json").write_text(json.dumps(list(range(start, start + rows))))
-            shards.append({"shard": k, "start": start, "end": start + rows, "count": rows})
-        settings = CorpusSettings(model="random", input="random", dim=width, prefix="", output_dtype="float16",
-                                  shard_size=size)
-        (folder / manifest_name(0, 1)).write_text(json.dumps({
-            "format": "qwen3-jax corpus", "settings": dataclasses.asdict(settings), "process": 0, "dim": width,
-            "shards": shards, "complete": True, "records": count}))
+            vectors = normalize_rows(rng.standard_normal((rows, width), np.float32)).astype(np.float16)
+            manifest["shards"].append(write_shard(folder, k, vectors, list(range(start, start + rows)),
+                                                  start=start, records=rows))
+        manifest.update(complete=True, records=count)
+        (folder / manifest_name(0, 1)).write_text(json.dumps(manifest))
         queries = normalize_rows(rng.standard_normal((1000, width), np.float32))
         start = time.perf_counter()
         index = Index.open(folder)

@@ -329,13 +329,13 @@ def run_convert(args) -> None:
 
 
 def run_embed_corpus(args) -> None:
+    import jax
+
     from qwen3_jax import Qwen3Embedder
     from qwen3_jax.corpus import corpus_files, embed_corpus
     from qwen3_jax.sharding import make_mesh, parse_mesh
 
-    corpus_files(args.input)
-    import jax
-
+    corpus_files(args.input)              # a missing or unreadable input fails before the model loads
     mesh = make_mesh(**parse_mesh(args.mesh), devices=jax.local_devices()) if args.mesh else None
     model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, max_length=args.max_length)
     manifest = embed_corpus(model, args.input, args.output, instruction=args.instruction, prompt_name=args.prompt_name,

@@ -151,6 +151,23 @@ def read_manifests(folder: Path) -> list[dict]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob(MANIFEST_GLOB))]
 
 
+def new_manifest(settings: CorpusSettings, process: int) -> dict:
+    """A process's manifest before its first shard."""
+    return {"format": "qwen3-jax corpus", "settings": json.loads(json.dumps(dataclasses.asdict(settings))),
+            "process": process, "dim": settings.dim, "shards": [], "complete": False}
+
+
+def write_shard(folder: Path, shard: int, vectors: np.ndarray, ids: list, *, start: int, records: int) -> dict:
+    """Shard `shard`'s embeddings and ids, each written atomically; returns its manifest entry (the
+    stream positions start .. start + records, of which len(ids) were embedded)."""
+    name = shard_name(shard)
+    with atomic_output(folder / f"{name}.npy", "wb") as handle:
+        np.save(handle, vectors)
+    with atomic_output(folder / f"{name}.ids.json") as handle:
+        json.dump(ids, handle)
+    return {"shard": shard, "start": start, "end": start + records, "count": len(ids)}
+
+
 class CorpusJob:
     """Embeds the shards of one process (see the module docstring) with a Qwen3Embedder."""
 
@@ -180,8 +197,7 @@ class CorpusJob:
         self.output.mkdir(parents=True, exist_ok=True)
         if self.manifest_path.is_file():
             return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        self.manifest = {"format": "qwen3-jax corpus", "settings": wanted, "process": self.process,
-                         "dim": self.settings.dim, "shards": [], "complete": False}
+        self.manifest = new_manifest(self.settings, self.process)
         self._commit()                # the folder is claimed (and not complete) before any shard is written
         return self.manifest
 
@@ -230,15 +246,10 @@ class CorpusJob:
         if good:
             vectors = self.embedder.encode([item.text for item in good], prompt=settings.prefix, dim=settings.dim,
                                            batch_size=self.batch_size, max_length=settings.max_length)
-        name = shard_name(shard)
-        with atomic_output(self.output / f"{name}.npy", "wb") as handle:
-            np.save(handle, vectors.astype(settings.output_dtype))
-        with atomic_output(self.output / f"{name}.ids.json") as handle:
-            json.dump([item.id for item in good], handle)
-        start = shard * settings.shard_size
-        entry = {"shard": shard, "start": start, "end": start + len(items), "count": len(good)}
+        entry = write_shard(self.output, shard, vectors.astype(settings.output_dtype), [item.id for item in good],
+                            start=shard * settings.shard_size, records=len(items))
         if bad:
-            with atomic_output(self.output / f"{name}.rejects.jsonl") as handle:
+            with atomic_output(self.output / f"{shard_name(shard)}.rejects.jsonl") as handle:
                 for item in bad:
                     handle.write(json.dumps({"source": item.source, "line": item.line, "error": item.error}) + "\n")
             entry["rejected"] = len(bad)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qwen3_jax.convert import export_hf, hf_key_prefix, staged_folder
+from qwen3_jax.embedder import normalize_rows
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.metrics import evaluate
@@ -208,7 +209,7 @@ class Trainer:
             return evaluate(rankings, qrels, EVAL_METRICS)
         corpus = sorted({d for e in examples for d in e.documents})
         position = {d: i for i, d in enumerate(corpus)}
-        encode = lambda texts: _normalized(runner(self.tokenizer.encode(texts, self.config.max_length), batch_size=8))
+        encode = lambda texts: normalize_rows(runner(self.tokenizer.encode(texts, self.config.max_length), batch_size=8))
         similarity = encode([self._query_text(e) for e in examples]) @ encode(corpus).T
         top = np.argsort(-similarity, axis=1, kind="stable")[:, :10]
         rankings = {i: [int(d) for d in top[i]] for i in range(len(examples))}
@@ -245,7 +246,8 @@ class Run:
         self.output = Path(config.output)
         self.source = JsonlSource(config.data, config.loss)
         self.stream = ExampleStream(self.source, batch_size=config.batch_size, seed=config.seed)
-        self.eval_source = JsonlSource(config.eval_data, config.loss) if config.eval_data else None
+        eval_source = JsonlSource(config.eval_data, config.loss) if config.eval_data else None
+        self.eval_examples = [eval_source[i] for i in range(len(eval_source))] if eval_source else []
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.stream.steps_per_epoch()))
         negatives = self.source.max_documents - 1 if config.hard_negatives is None else config.hard_negatives
         self.trainer = Trainer(config, total_steps=self.total_steps, negatives=max(negatives, 0), mesh=mesh)
@@ -305,9 +307,9 @@ class Run:
                                  tok_s=f"{record['tokens_per_s']:.0f}")
             if done % config.log_every == 0 or done == self.total_steps:
                 self._append(record)
-            if self.eval_source and (done % (config.eval_every or config.save_every) == 0 or done == self.total_steps):
-                examples = [self.eval_source[i] for i in range(len(self.eval_source))]
-                self._append({"step": done, **{f"eval_{k}": v for k, v in self.trainer.evaluate(state, examples).items()}})
+            if self.eval_examples and (done % (config.eval_every or config.save_every) == 0 or done == self.total_steps):
+                metrics = self.trainer.evaluate(state, self.eval_examples)
+                self._append({"step": done, **{f"eval_{k}": v for k, v in metrics.items()}})
             if done % config.save_every == 0 or done == self.total_steps:
                 self.checkpoints.save(done, state)
                 last_saved = done
@@ -359,10 +361,6 @@ def _on_host(model):
     pure = jax.tree.map(lambda x: jnp.asarray(fetch_global(x)), nnx.to_pure_dict(params))
     nnx.replace_by_pure_dict(params, pure)
     return nnx.merge(graphdef, params, rest)
-
-
-def _normalized(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _progress(total: int, start: int, *, quiet: bool):

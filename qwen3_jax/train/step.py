@@ -145,11 +145,7 @@ class TrainStep:
                              "example: use gradient accumulation instead")
         self.objective, self.optimizer, self.remat, self.mini_batches = objective, optimizer, remat, mini_batches
         self.mesh = mesh
-        self.graphdef, trainable, self.frozen = nnx.split(model, trainable_filter(model), ...)
-        if mesh is not None:      # adapters are created on one device: replicate them over the mesh
-            trainable = jax.tree.map(lambda x: x if _is_placed(x, mesh) else
-                                     put_global(np.asarray(x), NamedSharding(mesh, PartitionSpec())), trainable)
-        self.initial_trainable = trainable
+        self.graphdef, self.initial_trainable, self.frozen = nnx.split(model, trainable_filter(model), ...)
         self.tx = optimizer.build()
         self.schedule = optimizer.learning_rates()
         self.base_key = jax.random.PRNGKey(seed)
@@ -160,8 +156,8 @@ class TrainStep:
         passed stays usable) and a fresh optimizer state, sharded like the parameters."""
         trainable = jax.tree.map(jnp.copy, self.initial_trainable)
         state = TrainState(jnp.zeros((), jnp.int32), trainable, self.tx.init(trainable))   # zeros_like keeps shardings
-        # committed like the step's own outputs (else the second step compiles again); on a mesh the
-        # counters (step, Adam's count) are replicated over it
+        # committed like the step's own outputs (else the second step compiles again); on a mesh what
+        # is not placed on it yet (the counters, adapters created on one device) is replicated over it
         return jax.tree.map(self._commit, state)
 
     def _commit(self, x: jax.Array) -> jax.Array:
