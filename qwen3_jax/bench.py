@@ -324,6 +324,32 @@ def run_suite(*, tokenizer: str | None, layers: int | None, repeats: int, out=pr
     return rows
 
 
+# Length mixes a speed figure must hold on: (tokens, long tail) as --tokens and --long-tail take them.
+LENGTH_MIXES = (("5-30", False), ("80-185", False), ("512", False), ("10-4000", True))
+
+
+def run_mixes(*, tokenizer: str | None, layers: int | None, dtype: str, texts: int | None, batch_size: int,
+              repeats: int, out=print) -> list[dict]:
+    """Ours against sentence-transformers on each LENGTH_MIXES mix of synthetic texts, at the 0.6B shape
+    and `dtype`, one checkpoint for all; one table at the end."""
+    rows = []
+    with bench_models(model=None, random="0.6B", layers=layers, tokenizer=tokenizer, dtype=dtype,
+                      attention="auto", reference=True, out=out) as (ours, st, loaded):
+        for tokens, long_tail in LENGTH_MIXES:
+            mix = tokens + (" long tail" if long_tail else "")
+            out(f"\n== {dtype}, {texts or 32} texts of {mix} tokens ==")
+            corpus = synthetic_texts(ours.tokenizer, texts or 32, *parse_token_range(tokens), long_tail=long_tail)
+            result = compare(ours, st, corpus, batch_size=batch_size, repeats=repeats, dtype=dtype, attention="auto")
+            _print(result, out)
+            rows.append({"mix": mix, **loaded, **result})
+    out(f"\n{'tokens':>17} {'ours tok/s':>11} {'torch tok/s':>11} {'ratio':>6} {'computed':>8} {'programs':>8} "
+        f"{'max diff':>9} {'min cos':>8}")
+    for r in rows:
+        out(f"{r['mix']:>17} {r['ours_tokens_per_s']:11.0f} {r['reference_tokens_per_s']:11.0f} {r['ratio']:6.2f} "
+            f"{r['computed_per_real']:8.3f} {r['compiled_programs']:8d} {r['max_abs_diff']:9.2e} {r['min_cosine']:8.4f}")
+    return rows
+
+
 def run_corpus_benchmark(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None,
                          dtype: str, documents: int, tokens: str, batch_size: int, search_vectors: int,
                          out=print) -> dict:

@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = bench.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="checkpoint folder or hub id")
     which.add_argument("--random", choices=["0.6B", "4B", "8B"], help="random weights of a published shape")
-    which.add_argument("--suite", choices=["gpu"], help="gpu: bf16 0.6B and 4B, batch 32 and 128, 512 tokens")
+    which.add_argument("--suite", choices=["gpu", "mixes"],
+                       help="gpu: bf16 0.6B and 4B, batch 32 and 128, 512 tokens; mixes: 0.6B at --dtype on texts of "
+                            "5-30, 80-185 and 512 tokens and a 10-4,000 long tail")
     bench.add_argument("--layers", type=int, default=None, help="with --random: fewer layers")
     bench.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
                        help="with --random: folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR)")
@@ -290,7 +292,7 @@ def run_rerank(args) -> None:
 
 
 def run_bench(args) -> None:
-    from qwen3_jax.bench import run_benchmark, run_suite
+    from qwen3_jax.bench import run_benchmark, run_mixes, run_suite
 
     if args.train:
         from qwen3_jax.train.bench import run_train_benchmark
@@ -303,6 +305,9 @@ def run_bench(args) -> None:
         result = run_corpus_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
                                       dtype=args.dtype, documents=args.corpus, tokens=args.tokens,
                                       batch_size=args.batch_size, search_vectors=args.search_vectors)
+    elif args.suite == "mixes":
+        result = run_mixes(tokenizer=args.tokenizer, layers=args.layers, dtype=args.dtype, texts=args.texts,
+                           batch_size=args.batch_size, repeats=args.repeats)
     elif args.suite:
         result = run_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats)
     else:

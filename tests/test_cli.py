@@ -131,3 +131,18 @@ def test_gpu_suite_runs_end_to_end_on_a_small_stand_in(monkeypatch, capsys):
     for line, batch in zip(printed.splitlines()[-2:], ["2", "3"]):
         row = line.split()
         assert row[:2] == ["0.6B", batch] and float(row[-1]) >= 0.99    # bf16 by cosine against torch
+
+
+def test_length_mix_suite_prints_a_row_per_mix(monkeypatch, capsys):
+    """`bench --suite mixes`, shrunk to one layer, three texts and two mixes: fp32 rows match torch."""
+    import qwen3_jax.bench
+
+    tokenizer = os.environ.get("QWEN3_TOKENIZER_DIR")
+    if not tokenizer:
+        pytest.skip("QWEN3_TOKENIZER_DIR is not set: --random needs the real Qwen3 tokenizer")
+    monkeypatch.setattr(qwen3_jax.bench, "LENGTH_MIXES", (("5-30", False), ("10-200", True)))
+    assert main(["bench", "--suite", "mixes", "--layers", "1", "--texts", "3", "--repeats", "1",
+                 "--tokenizer", tokenizer]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[-2:]]
+    assert [row[0] for row in rows] == ["5-30", "10-200"] and rows[1][1:3] == ["long", "tail"]
+    assert all(float(row[-2]) <= 1e-4 and int(row[-3]) >= 1 for row in rows)     # max abs diff, programs

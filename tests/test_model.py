@@ -54,3 +54,30 @@ def test_parameter_and_compute_dtypes_are_explicit(checkpoint_bf16):
     assert model.embed[...].dtype == jnp.bfloat16
     out = model(jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool))
     assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_products_ask_for_full_precision(checkpoint, dtype):
+    """GPUs round float32 products to TF32 and TPUs to bf16 unless told otherwise: every product of the
+    forward pass, its gradient and the contrastive loss asks for HIGHEST in float32, none in bf16."""
+    import jax
+    from flax import nnx
+
+    from qwen3_jax.train.losses import infonce
+
+    graphdef, params = nnx.split(load_model(checkpoint, dtype=dtype))
+
+    def loss(params, ids, valid):
+        states = nnx.merge(graphdef, params)(ids, valid, scan_layers=False).astype(jnp.float32)
+        documents = states[1::2, -1].reshape(2, 1, -1)
+        return infonce(states[::2, -1], documents, jnp.ones((2, 1), bool), temperature=0.05)[0]
+
+    ids, valid = jnp.ones((4, 64), jnp.int32), jnp.ones((4, 64), bool)
+    text = jax.jit(jax.grad(loss)).lower(params, ids, valid).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert len(dots) > 10
+    full = [line for line in dots if "precision = [HIGHEST, HIGHEST]" in line]
+    if dtype == "float32":
+        assert full == dots
+    else:       # bf16 products keep the fast default; the loss and attention gradient compute in float32
+        assert 0 < len(full) < len(dots)

@@ -63,7 +63,8 @@ class Objective:
     def loss(self, model: Qwen3Model, embeddings: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
         """The loss of the pooled final states [texts, D] of a step's batch."""
         if self.kind == "reranker":
-            logits = jnp.einsum("ND,AD->NA", embeddings, model.output_rows(self.answer_ids).astype(jnp.float32))
+            logits = jnp.einsum("ND,AD->NA", embeddings, model.output_rows(self.answer_ids).astype(jnp.float32),
+                                precision=jax.lax.Precision.HIGHEST)
             return reranker_loss(logits, batch["labels"])
         loss = functools.partial(infonce, temperature=self.temperature, use_batch=self.use_batch,
                                  include_qq=self.include_qq, include_dd=self.include_dd,
