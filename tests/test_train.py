@@ -328,3 +328,25 @@ def test_bad_settings_fail_before_anything_compiles(checkpoint):
                   mini_batches=2)
     with pytest.raises(ValueError, match="remat='some'"):
         TrainStep(model, objective=Objective(), optimizer=OptimizerConfig(), remat="some")
+
+
+def test_remat_keeps_one_layer_of_activations_instead_of_all():
+    """XLA's working memory for the gradient of 4 unrolled layers: remat "full" keeps each layer's input
+    only (XLA's CPU compiler drops jax.checkpoint's barrier, so remat once saved nothing there), "dots"
+    keeps the projections too."""
+    from qwen3_jax.config import preset
+    from qwen3_jax.model import Qwen3Model
+
+    cfg = preset("0.6B", vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    graphdef, params = nnx.split(Qwen3Model(cfg, attention_impl="dense", rngs=nnx.Rngs(0)))
+    ids = jnp.ones((1, 1024), jnp.int32)
+    segments = jnp.repeat(jnp.arange(1, 9, dtype=jnp.int32), 128)[None]
+
+    def working_memory(remat: str) -> int:
+        def loss(params):
+            return (nnx.merge(graphdef, params)(ids, segments, remat=remat, scan_layers=False)[:, ::128] ** 2).sum()
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    off, full, dots = (working_memory(remat) for remat in ("off", "full", "dots"))
+    assert full < off / 2.5 and full < dots < off, (off, full, dots)
