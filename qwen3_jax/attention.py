@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qwen3_jax.numerics import precision
+from qwen3_jax.numerics import einsum
 from qwen3_jax.sharding import BATCH_AXIS
 
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash")
@@ -125,12 +125,9 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
     qg, kt, vt = _heads_first(q, k, v)
     positions = jnp.arange(t)
     bias = jnp.where(_mask(segments, segments, positions, positions), 0.0, _MASKED)[:, None, None]
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kt, precision=precision(qg, kt),
-                        preferred_element_type=jnp.float32) * h**-0.5 + bias
+    scores = einsum("BKGTH,BKSH->BKGTS", qg, kt, preferred_element_type=jnp.float32) * h**-0.5 + bias
     probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights = probs.astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", weights, vt, precision=precision(weights, vt),
-                     preferred_element_type=jnp.float32)
+    out = einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), vt, preferred_element_type=jnp.float32)
     out = out / probs.sum(axis=-1, keepdims=True)                      # normalise after the product
     return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(q.dtype)
 
@@ -221,8 +218,7 @@ class _Tiling(NamedTuple):
 
     def scores(self, qb, kb, mask):
         scale = qb.shape[-1] ** -0.5
-        scores = jnp.einsum("BKGQH,BKSH->BKGQS", qb, kb, precision=precision(qb, kb),
-                            preferred_element_type=jnp.float32) * scale
+        scores = einsum("BKGQH,BKSH->BKGQS", qb, kb, preferred_element_type=jnp.float32) * scale
         return jnp.where(mask, scores, _MASKED)
 
     def each_block(self, run, *carry):
@@ -263,9 +259,7 @@ def _block_sparse_forward(q, k, v, segments, block: int):
             top = scores.max(axis=-1, keepdims=True)
             probs = jnp.exp(scores - top)
             total = probs.sum(axis=-1, keepdims=True)
-            weights = probs.astype(vb.dtype)
-            out = jnp.einsum("BKGQS,BKSH->BKGQH", weights, vb, precision=precision(weights, vb),
-                             preferred_element_type=jnp.float32)
+            out = einsum("BKGQS,BKSH->BKGQH", probs.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
             return out / total, (top + jnp.log(total))[..., 0]       # normalise after the product
         return attend
 
@@ -296,13 +290,12 @@ def _block_sparse_bwd(block: int, saved, d_out):
             probs = jnp.where(mask, jnp.exp(tiling.scores(qb, kb, mask) - lse), 0.0)
             do = jax.lax.dynamic_slice_in_dim(dog, i * block, block, axis=3)
             dd = jax.lax.dynamic_slice_in_dim(delta, i * block, block, axis=3)[..., None]
-            exact = jax.lax.Precision.HIGHEST                        # every operand here is float32
-            d_scores = probs * (jnp.einsum("BKGQH,BKSH->BKGQS", do, vb, precision=exact) - dd) * qb.shape[-1] ** -0.5
-            dq = jnp.einsum("BKGQS,BKSH->BKGQH", d_scores, kb, precision=exact)
+            d_scores = probs * (einsum("BKGQH,BKSH->BKGQS", do, vb) - dd) * qb.shape[-1] ** -0.5
+            dq = einsum("BKGQS,BKSH->BKGQH", d_scores, kb)
             add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
                 acc, jax.lax.dynamic_slice_in_dim(acc, start, width, axis=2) + x, start, axis=2)
-            dk = add(dk, jnp.einsum("BKGQS,BKGQH->BKSH", d_scores, qb, precision=exact))
-            dv = add(dv, jnp.einsum("BKGQS,BKGQH->BKSH", probs, do, precision=exact))
+            dk = add(dk, einsum("BKGQS,BKGQH->BKSH", d_scores, qb))
+            dv = add(dv, einsum("BKGQS,BKGQH->BKSH", probs, do))
             return dq, dk, dv
         return step
 

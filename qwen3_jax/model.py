@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qwen3_jax.attention import attention, positions_from_segments
 from qwen3_jax.config import Qwen3Config
-from qwen3_jax.numerics import precision
+from qwen3_jax.numerics import einsum
 
 _init = nnx.initializers.normal(stddev=0.02)
 
@@ -41,9 +41,7 @@ def _accumulation(dtype) -> jnp.dtype | None:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _project(spec: str, x: jax.Array, weight: jax.Array) -> jax.Array:
-    weight = weight.astype(x.dtype)
-    return jnp.einsum(spec, x, weight, precision=precision(x, weight),
-                      preferred_element_type=_accumulation(x.dtype)).astype(x.dtype)
+    return einsum(spec, x, weight.astype(x.dtype), preferred_element_type=_accumulation(x.dtype)).astype(x.dtype)
 
 
 def _project_fwd(spec: str, x: jax.Array, weight: jax.Array):
@@ -59,11 +57,9 @@ def _project_bwd(spec: str, saved, d_out: jax.Array):
     x_spec, w_spec = inputs.split(",")
     if jax.default_backend() == "cpu":
         d_out = jax.lax.optimization_barrier(d_out)
-    w = weight.astype(d_out.dtype)
-    d_x = jnp.einsum(f"{out},{w_spec}->{x_spec}", d_out, w, precision=precision(d_out, w),
-                     preferred_element_type=_accumulation(d_out.dtype)).astype(x.dtype)
-    d_weight = jnp.einsum(f"{x_spec},{out}->{w_spec}", x, d_out, precision=precision(x, d_out),
-                          preferred_element_type=jnp.float32)
+    d_x = einsum(f"{out},{w_spec}->{x_spec}", d_out, weight.astype(d_out.dtype),
+                 preferred_element_type=_accumulation(d_out.dtype)).astype(x.dtype)
+    d_weight = einsum(f"{x_spec},{out}->{w_spec}", x, d_out, preferred_element_type=jnp.float32)
     return d_x, d_weight.astype(weight.dtype)
 
 

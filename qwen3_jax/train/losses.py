@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from qwen3_jax.numerics import precision
+from qwen3_jax.numerics import einsum
 
 _EXCLUDED = -jnp.inf
 
@@ -50,18 +50,17 @@ def infonce(queries: jax.Array, documents: jax.Array, document_mask: jax.Array, 
     row = jnp.arange(num_queries)
     target = row * per_query
     own = (jnp.arange(num_queries * per_query) // per_query)[None, :] == row[:, None]
-    exact = precision(q, docs)
-    qd = jnp.einsum("QD,ND->QN", q, docs, precision=exact)
+    qd = einsum("QD,ND->QN", q, docs)
     candidates = valid[None, :] & (own | use_batch)
     positive = qd[row, target]
     threshold = jax.lax.stop_gradient(positive)[:, None] + (false_negative_margin or 0.0)
     blocks = [jnp.where(candidates & ~_above(qd, threshold, false_negative_margin, target), qd, _EXCLUDED)]
     if include_qq:
-        qq = jnp.einsum("QD,PD->QP", q, q, precision=exact)
+        qq = einsum("QD,PD->QP", q, q)
         others = ~jnp.eye(num_queries, dtype=bool)
         blocks.append(jnp.where(others & ~_above(qq, threshold, false_negative_margin), qq, _EXCLUDED))
     if include_dd:
-        dd = jnp.einsum("QD,ND->QN", docs[target], docs, precision=exact)
+        dd = einsum("QD,ND->QN", docs[target], docs)
         not_itself = jnp.arange(num_queries * per_query)[None, :] != target[:, None]
         blocks.append(jnp.where(valid[None, :] & not_itself, dd, _EXCLUDED))
     logits = jnp.concatenate(blocks, axis=1) / temperature

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen3_jax.model import REMAT_POLICIES, Qwen3Model
+from qwen3_jax.numerics import einsum
 from qwen3_jax.runner import last_token_states
 from qwen3_jax.sharding import BATCH_AXIS, put_global
 from qwen3_jax.train.losses import infonce, matryoshka, reranker_loss
@@ -63,8 +64,7 @@ class Objective:
     def loss(self, model: Qwen3Model, embeddings: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
         """The loss of the pooled final states [texts, D] of a step's batch."""
         if self.kind == "reranker":
-            logits = jnp.einsum("ND,AD->NA", embeddings, model.output_rows(self.answer_ids).astype(jnp.float32),
-                                precision=jax.lax.Precision.HIGHEST)
+            logits = einsum("ND,AD->NA", embeddings, model.output_rows(self.answer_ids).astype(jnp.float32))
             return reranker_loss(logits, batch["labels"])
         loss = functools.partial(infonce, temperature=self.temperature, use_batch=self.use_batch,
                                  include_qq=self.include_qq, include_dd=self.include_dd,
