@@ -142,6 +142,11 @@ def linear(module: nnx.Module, name: str, spec: str, x: jax.Array, rng: jax.Arra
     return y if adapter is None else y + adapter(spec, x, rng)
 
 
+def gather_tokens(x: jax.Array, at: jax.Array) -> jax.Array:
+    """x [B, T, ...] at the positions `at` [B, S] of each row: [B, S, ...]."""
+    return jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def _fold(rng: jax.Array | None, index: int) -> jax.Array | None:
     return None if rng is None else jax.random.fold_in(rng, index)
 
@@ -175,13 +180,16 @@ class Attention(nnx.Module):
         self.k_norm = nnx.Param(jnp.ones((h,), param_dtype))
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, sin, cos, segments, *, impl: str, rng=None):
+    def __call__(self, x, sin, cos, segments, *, impl: str, rng=None, at=None):
+        """[B, T, D] -> [B, T, D], or only at the positions `at` [B, S] (every token is still a key)."""
         q = linear(self, "wq", "BTD,DNH->BTNH", x, _fold(rng, 0))
         k = linear(self, "wk", "BTD,DKH->BTKH", x, _fold(rng, 1))
         v = linear(self, "wv", "BTD,DKH->BTKH", x, _fold(rng, 2))
         q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), sin, cos)
         k = apply_rotary(rms_norm(k, self.k_norm[...], self.eps), sin, cos)
         out = attention(q, k, v, segments, impl=impl)
+        if at is not None:
+            out = gather_tokens(out, at)
         return linear(self, "wo", "BTNH,NHD->BTD", out, _fold(rng, 3))
 
 
@@ -210,8 +218,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, sin, cos, segments, *, impl: str, rng=None):
-        x = x + self.attn(rms_norm(x, self.input_norm[...], self.eps), sin, cos, segments, impl=impl, rng=rng)
+    def __call__(self, x, sin, cos, segments, *, impl: str, rng=None, at=None):
+        """[B, T, D] -> [B, T, D], or [B, S, D] at the positions `at` [B, S] only."""
+        residual = x if at is None else gather_tokens(x, at)
+        x = residual + self.attn(rms_norm(x, self.input_norm[...], self.eps), sin, cos, segments, impl=impl,
+                                 rng=rng, at=at)
         return x + self.mlp(rms_norm(x, self.post_norm[...], self.eps), rng)
 
 
@@ -242,12 +253,15 @@ class Qwen3Model(nnx.Module):
         if with_lm_head and not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(_init(rngs.params(), (vocab_rows, cfg.hidden_size), param_dtype))
 
-    def __call__(self, ids: jax.Array, segments: jax.Array, *, return_layer_states: bool = False,
-                 rng: jax.Array | None = None, remat: str = "off", scan_layers: bool = True):
+    def __call__(self, ids: jax.Array, segments: jax.Array, *, at: jax.Array | None = None,
+                 return_layer_states: bool = False, rng: jax.Array | None = None, remat: str = "off",
+                 scan_layers: bool = True):
         """ids [B, T] and segments [B, T] -> normed hidden states [B, T, D] (and each layer's output).
 
         `segments` is 0 on padding and a positive id per text, so several texts can share a row; a
-        boolean mask of real tokens (one text per row) works as well. `rng` drives adapter dropout in
+        boolean mask of real tokens (one text per row) works as well. `at` [B, S] asks for the states
+        at those positions only, [B, S, D] (the last token of each text, for pooling): the last layer
+        then runs its output projection and MLP on those tokens alone. `rng` drives adapter dropout in
         training (None: none); `remat` picks what a layer keeps for the backward pass (REMAT_POLICIES).
         `scan_layers=False` runs the layers as an unrolled loop: training does, since differentiating
         the blockwise attention (its window switch and query-block loop) inside a layer scan makes XLA
@@ -257,6 +271,8 @@ class Qwen3Model(nnx.Module):
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        if at is not None and return_layer_states:
+            raise ValueError("return_layer_states needs every position: leave `at` out")
         cfg = self.config
         segments = segments.astype(jnp.int32)
         x = self.embed[...].astype(self.dtype)[ids]
@@ -264,22 +280,31 @@ class Qwen3Model(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_hidden_layers)
 
-        def step(h, layer):
-            one_layer_state, layer_rng = layer
-            h = nnx.merge(graphdef, one_layer_state)(h, sin, cos, segments, impl=self.attention_impl, rng=layer_rng)
-            return h, (h if return_layer_states else None)
+        def layer_step(at):
+            def step(h, layer):
+                one_layer_state, layer_rng = layer
+                h = nnx.merge(graphdef, one_layer_state)(h, sin, cos, segments, impl=self.attention_impl,
+                                                         rng=layer_rng, at=at)
+                return h, (h if return_layer_states else None)
+            if remat == "off":
+                return step
+            if scan_layers:
+                return jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+            return recompute_in_order(step, REMAT_POLICIES[remat])
 
-        if remat != "off":
-            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False) if scan_layers else \
-                recompute_in_order(step, REMAT_POLICIES[remat])
+        step = layer_step(None)
+        layer = lambda index: jax.tree.map(lambda a: a[index], (layer_state, layer_rngs))
+        unpruned = cfg.num_hidden_layers - (at is not None)     # the last layer runs apart when pruned
         if scan_layers:
-            x, layer_outputs = jax.lax.scan(step, x, (layer_state, layer_rngs))
+            x, layer_outputs = jax.lax.scan(lambda h, index: step(h, layer(index)), x, jnp.arange(unpruned))
         else:
             outputs = []
-            for layer in range(cfg.num_hidden_layers):
-                x, output = step(x, jax.tree.map(lambda a, layer=layer: a[layer], (layer_state, layer_rngs)))
+            for index in range(unpruned):
+                x, output = step(x, layer(index))
                 outputs.append(output)
             layer_outputs = jnp.stack(outputs) if return_layer_states else None
+        if at is not None:
+            x, _ = layer_step(at)(x, layer(unpruned))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         return (x, layer_outputs) if return_layer_states else x
 

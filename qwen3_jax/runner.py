@@ -30,13 +30,9 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def last_token_states(hidden: jax.Array, ends: jax.Array) -> jax.Array:
-    """Hidden states [rows, T, D] at each text's last token (`ends` [rows, slots]): float32 [rows, slots, D]."""
-    return jnp.take_along_axis(hidden, ends[..., None], axis=1).astype(jnp.float32)
-
-
 def _last_hidden(graphdef, state, ids, segments, ends):
-    return last_token_states(nnx.merge(graphdef, state)(ids, segments), ends)
+    """The final states at each text's last token (`ends` [rows, slots]): float32 [rows, slots, D]."""
+    return nnx.merge(graphdef, state)(ids, segments, at=ends).astype(jnp.float32)
 
 
 class LastTokenRunner:

@@ -1,7 +1,7 @@
 """One jitted training step: embeddings with gradients, the loss, GradCache, optax, over a mesh.
 
 The step is a pure function `(state, batch) -> (state, metrics)`. The batch's texts are embedded with
-the packed layout and last-token pooling of inference (`runner.last_token_states`); every device's rows
+the packed layout and last-token pooling of inference (the model's `at`); every device's rows
 feed one loss over the global batch, so in-batch negatives span all devices and every device's
 embeddings get their exact gradient (a DDP gather, as in ms-swift, drops the other ranks' share).
 """
@@ -21,7 +21,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen3_jax.model import REMAT_POLICIES, Qwen3Model
 from qwen3_jax.numerics import einsum
-from qwen3_jax.runner import last_token_states
 from qwen3_jax.sharding import BATCH_AXIS, put_global
 from qwen3_jax.train.losses import infonce, matryoshka, reranker_loss
 from qwen3_jax.train.lora import LoRAParam
@@ -188,9 +187,8 @@ class TrainStep:
         """Mini-batch m's pooled final states, flat [rows * slots, D] (the layers unrolled where
         gradients flow, see Qwen3Model.__call__)."""
         model = self.model(trainable, frozen)
-        hidden = model(batch["ids"][m], batch["segments"][m], rng=jax.random.fold_in(rng, m), remat=remat,
-                       scan_layers=not differentiated)
-        pooled = last_token_states(hidden, batch["ends"][m])
+        pooled = model(batch["ids"][m], batch["segments"][m], at=batch["ends"][m], rng=jax.random.fold_in(rng, m),
+                       remat=remat, scan_layers=not differentiated).astype(jnp.float32)
         return pooled.reshape(-1, pooled.shape[-1])
 
     def _texts(self, pooled: jax.Array, batch: dict) -> jax.Array:
