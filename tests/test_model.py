@@ -31,6 +31,24 @@ def test_fp32_layers_match_transformers(checkpoint, side):
     assert np.abs(final[valid] - ref_final[valid]).max() <= 1e-4
 
 
+def test_states_at_chosen_positions_match_transformers(checkpoint):
+    """`at` runs the last layer's output projection and MLP on the chosen tokens only (pooling asks for
+    the last token of each text); any positions work, several per row."""
+    ids, valid = _batch(checkpoint)
+    _, ref_final = transformers_hidden_states(checkpoint, ids, valid)
+    lengths = valid.sum(axis=1)
+    at = np.stack([np.maximum(lengths - 1, 0), lengths // 2, np.zeros_like(lengths)], axis=1)
+    model = load_model(checkpoint, dtype="float32")
+    real = valid[np.arange(len(at))[:, None], at]
+    expected = np.take_along_axis(ref_final, at[..., None], axis=1)
+    for scan_layers in (True, False):
+        states = np.asarray(model(jnp.asarray(ids), jnp.asarray(valid), at=jnp.asarray(at), scan_layers=scan_layers))
+        assert states.shape == (*at.shape, ref_final.shape[-1])
+        assert np.abs(states[real] - expected[real]).max() <= 1e-4, f"scan_layers={scan_layers}"
+    with pytest.raises(ValueError, match="return_layer_states"):
+        model(jnp.asarray(ids), jnp.asarray(valid), at=jnp.asarray(at), return_layer_states=True)
+
+
 def test_bf16_compute_stays_close_to_fp32_reference(checkpoint):
     ids, valid = _batch(checkpoint)
     _, ref_final = transformers_hidden_states(checkpoint, ids, valid)
