@@ -231,6 +231,31 @@ def test_lora_gradients_and_three_adamw_steps_match_peft_and_torch(checkpoint, t
         assert np.abs(updated[name] - p.detach().numpy()).max() <= 1e-5, name
 
 
+@pytest.mark.parametrize("spec, x_shape, w_shape", [("BTD,DNH->BTNH", (2, 5, 6), (6, 3, 4)),
+                                                     ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 6))])
+def test_lora_folded_into_the_weight_equals_the_adapter_added_apart(spec, x_shape, w_shape):
+    """float32 without dropout folds the adapter into the weight (peft parity above tests that path);
+    with dropout it is added apart. A dropout that keeps everything makes the two comparable."""
+    from qwen3_jax.train.lora import LoRA
+
+    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+    inputs = 1 if spec.startswith("BTD") else 2
+    x, weight = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], w_shape)
+    a = jax.random.normal(keys[2], (*w_shape[:inputs], 3))
+    b = jax.random.normal(keys[3], (3, *w_shape[inputs:]))
+    cotangent = jax.random.normal(keys[4], (*x_shape[:2], *w_shape[inputs:]))
+
+    def output_and_grads(rng):
+        def run(x, weight, a, b):
+            return LoRA(a, b, scale=2.0, dropout=1e-12)(spec, x, weight, rng)
+        out, pullback = jax.vjp(run, x, weight, a, b)
+        return (out, *pullback(cotangent))
+
+    folded, apart = output_and_grads(None), output_and_grads(jax.random.PRNGKey(0))
+    for name, one, other in zip(("output", "d_x", "d_weight", "d_a", "d_b"), folded, apart):
+        np.testing.assert_allclose(one, other, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_reranker_loss_gradients_match_the_causal_lm(reranker_checkpoint):
     import torch
     from transformers import AutoModelForCausalLM
