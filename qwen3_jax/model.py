@@ -272,8 +272,9 @@ class Qwen3Model(nnx.Module):
 
         `segments` is 0 on padding and a positive id per text, so several texts can share a row; a
         boolean mask of real tokens (one text per row) works as well. `at` [B, S] asks for the states
-        at those positions only, [B, S, D] (the last token of each text, for pooling): the last layer
-        then runs its output projection and MLP on those tokens alone. `rng` drives adapter dropout in
+        at those positions only, [B, S, D] (the last token of each text, for pooling); with unrolled
+        layers the last one then runs its output projection and MLP on those tokens alone (a scan keeps
+        one compiled layer for all, so there the states are picked after it). `rng` drives adapter dropout in
         training (None: none); `remat` picks what a layer keeps for the backward pass (REMAT_POLICIES).
         `scan_layers=False` runs the layers as an unrolled loop: training does, since differentiating
         the blockwise attention (its window switch and query-block loop) inside a layer scan makes XLA
@@ -306,7 +307,8 @@ class Qwen3Model(nnx.Module):
 
         step = layer_step(None)
         layer = lambda index: jax.tree.map(lambda a: a[index], (layer_state, layer_rngs))
-        unpruned = cfg.num_hidden_layers - (at is not None)     # the last layer runs apart when pruned
+        pruned = at is not None and not scan_layers
+        unpruned = cfg.num_hidden_layers - pruned
         if scan_layers:
             x, layer_outputs = jax.lax.scan(lambda h, index: step(h, layer(index)), x, jnp.arange(unpruned))
         else:
@@ -315,8 +317,10 @@ class Qwen3Model(nnx.Module):
                 x, output = step(x, layer(index))
                 outputs.append(output)
             layer_outputs = jnp.stack(outputs) if return_layer_states else None
-        if at is not None:
+        if pruned:
             x, _ = layer_step(at)(x, layer(unpruned))
+        elif at is not None:
+            x = gather_tokens(x, at)
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         return (x, layer_outputs) if return_layer_states else x
 
