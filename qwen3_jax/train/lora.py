@@ -121,6 +121,7 @@ def _adapted(spec: str, scale: float, x: jax.Array, weight: jax.Array, a: jax.Ar
 
 
 def _merged(scale: float, weight: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """W + scale A B in float32, stored in W's dtype: one layer's adapter folded into its weight."""
     return (weight.astype(jnp.float32) + scale * jnp.tensordot(a, b, axes=1)).astype(weight.dtype)
 
 
@@ -180,18 +181,13 @@ def adapters(model: Qwen3Model) -> dict[str, LoRA]:
     return found
 
 
-def _update(adapter: LoRA) -> jax.Array:
-    """scale * A B for every layer, in the projection's own layout [L, input..., output...]."""
-    return adapter.scale * jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))(adapter.a[...], adapter.b[...])
-
-
 def merge_lora(model: Qwen3Model) -> Qwen3Model:
     """Folds every adapter into its projection (W + scale * A B) and removes the adapters, so the model
     exports as a plain checkpoint. Returns the same model."""
     for name, adapter in adapters(model).items():
         module, attribute = _owner(model, PROJECTIONS[name])
         weight = getattr(module, attribute)
-        weight[...] = (weight[...].astype(jnp.float32) + _update(adapter)).astype(weight[...].dtype)
+        weight[...] = jax.vmap(functools.partial(_merged, adapter.scale))(weight[...], adapter.a[...], adapter.b[...])
         delattr(module, attribute + ADAPTER_SUFFIX)
     return model
 
