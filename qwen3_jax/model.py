@@ -267,14 +267,15 @@ class Qwen3Model(nnx.Module):
 
     def __call__(self, ids: jax.Array, segments: jax.Array, *, at: jax.Array | None = None,
                  return_layer_states: bool = False, rng: jax.Array | None = None, remat: str = "off",
-                 scan_layers: bool = True):
+                 scan_layers: bool = True, prune_last: bool | None = None):
         """ids [B, T] and segments [B, T] -> normed hidden states [B, T, D] (and each layer's output).
 
         `segments` is 0 on padding and a positive id per text, so several texts can share a row; a
         boolean mask of real tokens (one text per row) works as well. `at` [B, S] asks for the states
-        at those positions only, [B, S, D] (the last token of each text, for pooling); with unrolled
-        layers the last one then runs its output projection and MLP on those tokens alone (a scan keeps
-        one compiled layer for all, so there the states are picked after it). `rng` drives adapter dropout in
+        at those positions only, [B, S, D] (the last token of each text, for pooling); `prune_last`
+        then has the last layer run its output projection and MLP on those tokens alone. It does by
+        default with unrolled layers; a scan by default keeps one compiled layer for all and picks the
+        states after it (pruning compiles the layer a second time). `rng` drives adapter dropout in
         training (None: none); `remat` picks what a layer keeps for the backward pass (REMAT_POLICIES).
         `scan_layers=False` runs the layers as an unrolled loop: training does, since differentiating
         the blockwise attention (its window switch and query-block loop) inside a layer scan makes XLA
@@ -293,7 +294,7 @@ class Qwen3Model(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_hidden_layers)
 
-        def layer_step(at):
+        def layer_step(at, remat):
             def step(h, layer):
                 one_layer_state, layer_rng = layer
                 h = nnx.merge(graphdef, one_layer_state)(h, sin, cos, segments, impl=self.attention_impl,
@@ -305,20 +306,23 @@ class Qwen3Model(nnx.Module):
                 return jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
             return recompute_in_order(step, REMAT_POLICIES[remat])
 
-        step = layer_step(None)
+        pruned = at is not None and (not scan_layers if prune_last is None else prune_last)
+        step = layer_step(None, remat)
+        # Outside a scan the last layer keeps its activations: its backward pass comes first, right
+        # after the forward one, so recomputing them would repeat its work without lowering the peak.
+        last_step = layer_step(at if pruned else None, "off" if not scan_layers else remat)
         layer = lambda index: jax.tree.map(lambda a: a[index], (layer_state, layer_rngs))
-        pruned = at is not None and not scan_layers
         unpruned = cfg.num_hidden_layers - pruned
         if scan_layers:
             x, layer_outputs = jax.lax.scan(lambda h, index: step(h, layer(index)), x, jnp.arange(unpruned))
         else:
             outputs = []
             for index in range(unpruned):
-                x, output = step(x, layer(index))
+                x, output = (step if index < cfg.num_hidden_layers - 1 else last_step)(x, layer(index))
                 outputs.append(output)
             layer_outputs = jnp.stack(outputs) if return_layer_states else None
         if pruned:
-            x, _ = layer_step(at)(x, layer(unpruned))
+            x, _ = last_step(x, layer(unpruned))
         elif at is not None:
             x = gather_tokens(x, at)
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)

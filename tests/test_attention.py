@@ -41,13 +41,18 @@ def test_blockwise_matches_dense(length, block):
 @pytest.mark.parametrize("text_length", [20, 300, 700])
 def test_blockwise_picks_its_block_from_the_texts_and_matches_dense(text_length):
     """Without block_size the kernel picks the block on the device from the mean text length; every
-    choice gives dense attention's result on packed texts."""
+    choice gives dense attention's result on packed texts, and its gradient (taken in one block size
+    for all, whatever the forward pass picked) dense attention's gradient."""
     q, k, v = (x[:1] for x in _inputs(3, 2048)[:3])
     segments = np.zeros((1, 2048), np.int32)
     for i, start in enumerate(range(0, 2048 - text_length, text_length)):
         segments[0, start:start + text_length - i % 3] = i + 1
     seg = jnp.asarray(segments)
     _close_on_real_tokens(blockwise_attention(q, k, v, seg), dense_attention(q, k, v, seg), seg, 1e-5)
+    d_out = jnp.where(seg[..., None, None] > 0, jax.random.normal(jax.random.PRNGKey(1), q.shape), 0.0)
+    grads = [jax.vjp(lambda *x: kernel(*x, seg), q, k, v)[1](d_out) for kernel in (blockwise_attention, dense_attention)]
+    for got, want in zip(*grads):
+        _close_on_real_tokens(got, want, seg, 1e-4)
 
 
 def test_window_ladder_steps_at_most_one_and_a_half():

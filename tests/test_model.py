@@ -41,10 +41,11 @@ def test_states_at_chosen_positions_match_transformers(checkpoint):
     model = load_model(checkpoint, dtype="float32")
     real = valid[np.arange(len(at))[:, None], at]
     expected = np.take_along_axis(ref_final, at[..., None], axis=1)
-    for scan_layers in (True, False):
-        states = np.asarray(model(jnp.asarray(ids), jnp.asarray(valid), at=jnp.asarray(at), scan_layers=scan_layers))
+    for scan_layers, prune_last in ((True, None), (True, True), (False, None), (False, False)):
+        states = np.asarray(model(jnp.asarray(ids), jnp.asarray(valid), at=jnp.asarray(at), scan_layers=scan_layers,
+                                  prune_last=prune_last))
         assert states.shape == (*at.shape, ref_final.shape[-1])
-        assert np.abs(states[real] - expected[real]).max() <= 1e-4, f"scan_layers={scan_layers}"
+        assert np.abs(states[real] - expected[real]).max() <= 1e-4, f"scan_layers={scan_layers}, prune_last={prune_last}"
     with pytest.raises(ValueError, match="return_layer_states"):
         model(jnp.asarray(ids), jnp.asarray(valid), at=jnp.asarray(at), return_layer_states=True)
 

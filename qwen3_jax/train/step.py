@@ -185,10 +185,10 @@ class TrainStep:
 
     def _embed(self, trainable, frozen, batch: dict, m, rng, remat: str, differentiated: bool = True) -> jax.Array:
         """Mini-batch m's pooled final states, flat [rows * slots, D] (the layers unrolled where
-        gradients flow, see Qwen3Model.__call__)."""
+        gradients flow, see Qwen3Model.__call__; the last one at the pooled tokens alone)."""
         model = self.model(trainable, frozen)
         pooled = model(batch["ids"][m], batch["segments"][m], at=batch["ends"][m], rng=jax.random.fold_in(rng, m),
-                       remat=remat, scan_layers=not differentiated).astype(jnp.float32)
+                       remat=remat, scan_layers=not differentiated, prune_last=True).astype(jnp.float32)
         return pooled.reshape(-1, pooled.shape[-1])
 
     def _texts(self, pooled: jax.Array, batch: dict) -> jax.Array:
