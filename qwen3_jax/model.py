@@ -308,9 +308,9 @@ class Qwen3Model(nnx.Module):
 
         pruned = at is not None and (not scan_layers if prune_last is None else prune_last)
         step = layer_step(None, remat)
-        # Outside a scan the last layer keeps its activations: its backward pass comes first, right
-        # after the forward one, so recomputing them would repeat its work without lowering the peak.
-        last_step = layer_step(at if pruned else None, "off" if not scan_layers else remat)
+        # The last layer never rematerialises: its backward pass comes first, right after the forward
+        # one, so recomputing its activations would repeat its work without lowering the peak.
+        last_step = layer_step(at if pruned else None, "off")
         layer = lambda index: jax.tree.map(lambda a: a[index], (layer_state, layer_rngs))
         unpruned = cfg.num_hidden_layers - pruned
         if scan_layers:
