@@ -137,6 +137,22 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
     return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(q.dtype)
 
 
+def attention_at(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, at: jax.Array) -> jax.Array:
+    """Causal GQA attention of the queries at positions `at` [B, S] alone: q [B, S, N, H] holds those
+    positions' queries, k and v [B, T, K, H] every key -> [B, S, N, H]. A pooled forward pass needs
+    nothing else from its last layer, and the scores [B, K, G, S, T] stay small (S texts a row), so
+    every backend takes them dense."""
+    t = k.shape[1]
+    qg = _group_queries(q, k.shape[2])                                   # [B, S, K, G, H]
+    q_segments = jnp.take_along_axis(segments, at, axis=1)
+    mask = ((q_segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+            & (at[:, :, None] >= jnp.arange(t)))[:, None, None]           # [B, 1, 1, S, T]
+    scores = einsum("BSKGH,BTKH->BKGST", qg, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
+    out = einsum("BKGST,BTKH->BSKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype)
+
+
 def window_ladder(num_blocks: int) -> tuple[int, ...]:
     """Key-window sizes, in blocks, that the blockwise kernel picks from: 1, 2, 3, 4, 6, 8, 12, ...
     (steps of at most 1.5x), ending at the whole row."""

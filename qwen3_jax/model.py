@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from qwen3_jax.attention import attention, positions_from_segments
+from qwen3_jax.attention import attention, attention_at, positions_from_segments
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.numerics import einsum
 
@@ -101,9 +101,17 @@ def input_gradient(spec: str, d_out: jax.Array, weight: jax.Array, dtype) -> jax
 
 
 def weight_gradient(spec: str, x: jax.Array, d_out: jax.Array, dtype) -> jax.Array:
+    """x^T d_out, summed over the tokens, in the weight's layout. XLA's CPU dots read their left operand
+    with the summed axes last, so it is first copied transposed: there the smaller of x and d_out goes
+    left and the product is laid out as the weight afterwards (a LoRA matrix's gradient, [input, R],
+    transposed 40 MB of x for 160 KB of result, 77 ms for each projection at 10,240 tokens)."""
     inputs, out = spec.split("->")
     x_spec, w_spec = inputs.split(",")
-    return einsum(f"{x_spec},{out}->{w_spec}", x, d_out, preferred_element_type=jnp.float32).astype(dtype)
+    if jax.default_backend() != "cpu" or x.size <= d_out.size:
+        return einsum(f"{x_spec},{out}->{w_spec}", x, d_out, preferred_element_type=jnp.float32).astype(dtype)
+    swapped = "".join(sorted(w_spec, key=lambda letter: letter in x_spec))     # d_out's letters first
+    product = einsum(f"{out},{x_spec}->{swapped}", d_out, x, preferred_element_type=jnp.float32)
+    return jnp.einsum(f"{swapped}->{w_spec}", product).astype(dtype)
 
 
 _project.defvjp(_project_fwd, _project_bwd)
@@ -193,15 +201,15 @@ class Attention(nnx.Module):
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x, sin, cos, segments, *, impl: str, rng=None, at=None):
-        """[B, T, D] -> [B, T, D], or only at the positions `at` [B, S] (every token is still a key)."""
-        q = linear(self, "wq", "BTD,DNH->BTNH", x, _fold(rng, 0))
+        """[B, T, D] -> [B, T, D], or only at the positions `at` [B, S]: then only those positions
+        ask (their queries alone are projected and attend), while every token is still a key."""
+        queries = (x, sin, cos) if at is None else (gather_tokens(x, at), gather_tokens(sin, at), gather_tokens(cos, at))
+        q = linear(self, "wq", "BTD,DNH->BTNH", queries[0], _fold(rng, 0))
         k = linear(self, "wk", "BTD,DKH->BTKH", x, _fold(rng, 1))
         v = linear(self, "wv", "BTD,DKH->BTKH", x, _fold(rng, 2))
-        q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), sin, cos)
+        q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), *queries[1:])
         k = apply_rotary(rms_norm(k, self.k_norm[...], self.eps), sin, cos)
-        out = attention(q, k, v, segments, impl=impl)
-        if at is not None:
-            out = gather_tokens(out, at)
+        out = attention(q, k, v, segments, impl=impl) if at is None else attention_at(q, k, v, segments, at)
         return linear(self, "wo", "BTNH,NHD->BTD", out, _fold(rng, 3))
 
 

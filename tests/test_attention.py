@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qwen3_jax.attention import (attention, blockwise_attention, dense_attention, fused_attention, packs_rows,
+from qwen3_jax.attention import (attention, attention_at, blockwise_attention, dense_attention, fused_attention, packs_rows,
                                  row_by_row, window_ladder)
 from qwen3_jax.config import preset
 from qwen3_jax.model import Qwen3Model
@@ -53,6 +53,22 @@ def test_blockwise_picks_its_block_from_the_texts_and_matches_dense(text_length)
     grads = [jax.vjp(lambda *x: kernel(*x, seg), q, k, v)[1](d_out) for kernel in (blockwise_attention, dense_attention)]
     for got, want in zip(*grads):
         _close_on_real_tokens(got, want, seg, 1e-4)
+
+
+def test_attention_at_chosen_positions_matches_dense():
+    """The pruned last layer's attention (queries at the pooled positions only) gives dense attention's
+    rows there, and their gradients: each text's last token, the middle of a text, a padding slot."""
+    q, k, v, seg = _inputs(3, 100)
+    at = jnp.asarray([[92, 40, 97], [99, 5, 60], [32, 49, 96]], jnp.int32)
+    pick = lambda x: jnp.take_along_axis(x, at[:, :, None, None], axis=1)
+    real = np.take_along_axis(np.asarray(seg), np.asarray(at), axis=1) > 0
+    d_out = jax.random.normal(jax.random.PRNGKey(1), pick(q).shape) * real[..., None, None]
+    got, got_grad = jax.vjp(lambda q, k, v: attention_at(pick(q), k, v, seg, at), q, k, v)
+    want, want_grad = jax.vjp(lambda q, k, v: pick(dense_attention(q, k, v, seg)), q, k, v)
+    assert np.abs(np.asarray(got)[real] - np.asarray(want)[real]).max() <= 1e-5
+    assert np.isfinite(np.asarray(got)).all()
+    for a, b in zip(got_grad(d_out), want_grad(d_out)):
+        _close_on_real_tokens(a, b, seg, 1e-5)
 
 
 def test_window_ladder_steps_at_most_one_and_a_half():

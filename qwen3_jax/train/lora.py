@@ -20,7 +20,6 @@ import numpy as np
 from flax import nnx
 
 from qwen3_jax.model import ADAPTER_SUFFIX, Qwen3Model, input_gradient, materialised, project, weight_gradient
-from qwen3_jax.numerics import einsum
 from qwen3_jax.safetensors_file import CheckpointError, SafetensorsFile, write_safetensors
 from qwen3_jax.weights import WEIGHTS, WeightRule, hf_key
 
@@ -133,11 +132,10 @@ def _adapted_fwd(spec, scale, x, weight, a, b):
 def _adapted_bwd(spec, scale, saved, d_out):
     x, merged, a, b = saved
     d_out = materialised(d_out)
-    x_letters, contracted, produced, kept, output = _letters(spec)
-    through_b = einsum(f"{output},R{produced}->{kept}R", d_out, b)      # dy B^T
-    low = einsum(_low_spec(spec), x, a)                                  # x A
-    d_a = scale * einsum(f"{x_letters},{kept}R->{contracted}R", x, through_b, preferred_element_type=jnp.float32)
-    d_b = scale * einsum(f"{kept}R,{output}->R{produced}", low, d_out, preferred_element_type=jnp.float32)
+    through_b = input_gradient(_up_spec(spec), d_out, b, x.dtype)        # dy B^T
+    low = project(_low_spec(spec), x, a)                                 # x A
+    d_a = scale * weight_gradient(_low_spec(spec), x, through_b, jnp.float32)
+    d_b = scale * weight_gradient(_up_spec(spec), low, d_out, jnp.float32)
     return (input_gradient(spec, d_out, merged, x.dtype), weight_gradient(spec, x, d_out, merged.dtype),
             d_a.astype(a.dtype), d_b.astype(b.dtype))
 
