@@ -107,9 +107,9 @@ def row_by_row(kernel, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.A
 
 
 def _group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
-    """[B, T, N, H] -> [B, T, K, G, H]: query head j*G + g is served by kv head j."""
-    b, t, n, h = q.shape
-    return q.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+    """[B, T, N, ...] -> [B, T, K, G, ...]: query head j*G + g is served by kv head j."""
+    b, t, n = q.shape[:3]
+    return q.reshape(b, t, num_kv_heads, n // num_kv_heads, *q.shape[3:])
 
 
 def _heads_first(q: jax.Array, k: jax.Array, v: jax.Array):
@@ -119,9 +119,9 @@ def _heads_first(q: jax.Array, k: jax.Array, v: jax.Array):
 
 
 def _mask(q_segments, k_segments, q_pos, k_pos) -> jax.Array:
-    """[B, Q, S]: same text, key not padding, key not after the query."""
+    """[B, Q, S]: same text, key not padding, key not after the query (positions [Q] or [B, Q])."""
     same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] > 0)
-    return same & (q_pos[:, None] >= k_pos[None, :])[None]
+    return same & (q_pos[..., :, None] >= k_pos[None, :])
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
@@ -142,11 +142,9 @@ def attention_at(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, 
     positions' queries, k and v [B, T, K, H] every key -> [B, S, N, H]. A pooled forward pass needs
     nothing else from its last layer, and the scores [B, K, G, S, T] stay small (S texts a row), so
     every backend takes them dense."""
-    t = k.shape[1]
     qg = _group_queries(q, k.shape[2])                                   # [B, S, K, G, H]
     q_segments = jnp.take_along_axis(segments, at, axis=1)
-    mask = ((q_segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
-            & (at[:, :, None] >= jnp.arange(t)))[:, None, None]           # [B, 1, 1, S, T]
+    mask = _mask(q_segments, segments, at, jnp.arange(k.shape[1]))[:, None, None]   # [B, 1, 1, S, T]
     scores = einsum("BSKGH,BTKH->BKGST", qg, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
     out = einsum("BKGST,BTKH->BSKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -268,9 +266,7 @@ class _Tiling(NamedTuple):
 
     def like_queries(self, x: jax.Array) -> jax.Array:
         """A [B, T, N, ...] array laid out as the queries are: padded, [B, K, G, T, ...]."""
-        b, _, n = x.shape[:3]
-        grouped = _pad_axis(x, 1, self.qg.shape[3]).reshape(b, -1, self.kt.shape[1], n // self.kt.shape[1], *x.shape[3:])
-        return jnp.moveaxis(grouped, 1, 3)
+        return jnp.moveaxis(_group_queries(_pad_axis(x, 1, self.qg.shape[3]), self.kt.shape[1]), 1, 3)
 
     def tile(self, i, width: int):
         """Query block i's queries [B, K, G, Q, H], its window's keys and values [B, K, S, H], the

@@ -205,11 +205,11 @@ class Attention(nnx.Module):
     def __call__(self, x, sin, cos, segments, *, impl: str, rng=None, at=None):
         """[B, T, D] -> [B, T, D], or only at the positions `at` [B, S]: then only those positions
         ask (their queries alone are projected and attend), while every token is still a key."""
-        queries = (x, sin, cos) if at is None else (gather_tokens(x, at), gather_tokens(sin, at), gather_tokens(cos, at))
-        q = linear(self, "wq", "BTD,DNH->BTNH", queries[0], _fold(rng, 0))
+        q_x, q_sin, q_cos = (x, sin, cos) if at is None else (gather_tokens(a, at) for a in (x, sin, cos))
+        q = linear(self, "wq", "BTD,DNH->BTNH", q_x, _fold(rng, 0))
         k = linear(self, "wk", "BTD,DKH->BTKH", x, _fold(rng, 1))
         v = linear(self, "wv", "BTD,DKH->BTKH", x, _fold(rng, 2))
-        q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), *queries[1:])
+        q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), q_sin, q_cos)
         k = apply_rotary(rms_norm(k, self.k_norm[...], self.eps), sin, cos)
         out = attention(q, k, v, segments, impl=impl) if at is None else attention_at(q, k, v, segments, at)
         return linear(self, "wo", "BTNH,NHD->BTD", out, _fold(rng, 3))
