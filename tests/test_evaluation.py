@@ -147,10 +147,10 @@ def test_mteb_reranking_with_our_reranker_scores_as_the_reranker_ranks(reranker_
     candidates = {q: list(dict.fromkeys(ids)) for q, ids in candidates.items()}
     model = mteb_cross_encoder(reranker, instructions={"LocalRetrieval": "Find where the words match"})
     scores = _scores(mteb.evaluate(model, _task(beir, candidates), cache=None, show_progress_bar=False))
-    rankings = {}
-    for q, ids in candidates.items():
-        pair_scores = reranker.score_pairs([(queries[q], corpus[d]) for d in ids], instruction="Find where the words match")
-        rankings[q] = [ids[i] for i in np.argsort(-pair_scores, kind="stable")]
+    pairs = [(q, d) for q, ids in candidates.items() for d in ids]
+    pair_scores = dict(zip(pairs, reranker.score_pairs([(queries[q], corpus[d]) for q, d in pairs],
+                                                       instruction="Find where the words match")))
+    rankings = {q: sorted(ids, key=lambda d: -pair_scores[q, d]) for q, ids in candidates.items()}
     expected = evaluate(rankings, qrels, list(METRICS))
     assert max(abs(expected[name] - scores[key]) for name, key in METRICS.items()) <= 1e-4
     assert 0 < scores["ndcg_at_10"] <= 1

@@ -250,15 +250,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(checkpo
     assert not (tmp_path / "out" / "final").exists()
 
 
-def test_two_processes_train_like_one(checkpoint, data, tmp_path, compile_cache):
+def test_two_processes_train_like_one(checkpoint, data, tmp_path, compile_cache, one_device_env, free_port):
     """The command as two local processes (one device each, a data=2 mesh over both), and the same run
     in one process on two devices: the same losses, and the exported model holds the same weights."""
     args = lambda output: [*_cli_args(checkpoint, data, output, compile_cache, steps=4), "--mesh", "data=2"]
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "qwen3_jax.cli", *args(tmp_path / "two"), "--coordinator", f"127.0.0.1:{port}",
-         "--num-processes", "2", "--process-id", str(rank)], env=env, stdout=subprocess.PIPE,
+        [sys.executable, "-m", "qwen3_jax.cli", *args(tmp_path / "two"), "--coordinator", f"127.0.0.1:{free_port}",
+         "--num-processes", "2", "--process-id", str(rank)], env=one_device_env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for rank in range(2)]
     results = [p.communicate(timeout=600) for p in processes]
     assert all(p.returncode == 0 for p in processes), results
@@ -276,11 +274,3 @@ def test_two_processes_train_like_one(checkpoint, data, tmp_path, compile_cache)
 
     a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two"))
     assert a.keys() == b.keys() and max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,7 +1,5 @@
 """The same embeddings on a device mesh: 8 simulated CPU devices, several layouts, two processes."""
 
-import os
-import socket
 import subprocess
 import sys
 
@@ -112,22 +110,15 @@ def test_8b_shape_splits_evenly_without_memory():
     assert split_total > 0.99 * cfg.num_parameters
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_on_loopback_give_the_single_process_result(checkpoint, tmp_path, single_device):
+def test_two_processes_on_loopback_give_the_single_process_result(checkpoint, tmp_path, single_device, one_device_env,
+                                                                  free_port):
     texts = [t for t in TEXTS if "\n" not in t]
     (tmp_path / "in.txt").write_text("\n".join(texts))
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "qwen3_jax.cli", "embed", "--model", str(checkpoint), "--input",
          str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.npy"), "--mesh", "data=2",
-         "--batch-size", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-         "--process-id", str(rank)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--batch-size", "4", "--coordinator", f"127.0.0.1:{free_port}", "--num-processes", "2",
+         "--process-id", str(rank)], env=one_device_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), results
