@@ -71,6 +71,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mini-batch-size", type=int, default=None,
                         help="GradCache: embed the step's texts this many at a time (exact gradients)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per text, <|endoftext|> included")
+    parser.add_argument("--row-length", type=int, default=None,
+                        help="pad each step's packed rows to at least this many tokens: steps whose texts fit "
+                             "share one compiled program (each new row length compiles the step again)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=0, help="warm-up steps")
     parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
@@ -405,8 +408,9 @@ def run_train(args) -> None:
         use_batch=not args.no_batch_negatives, include_qq=args.include_qq, include_dd=args.include_dd,
         false_negative_margin=args.false_negative_margin, matryoshka_dims=dims, instruction=args.instruction,
         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, max_length=args.max_length,
-        learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, steps=args.steps, epochs=args.epochs, remat=args.remat, dtype=args.dtype,
+        row_length=args.row_length, learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.schedule,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, steps=args.steps, epochs=args.epochs,
+        remat=args.remat, dtype=args.dtype,
         fsdp=args.fsdp, eval_data=args.eval, eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
         seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
     train(config, mesh=_mesh(args), out=lambda message: print(message, file=sys.stderr))

@@ -201,6 +201,20 @@ def test_a_bad_line_names_the_file_and_line(checkpoint, data, tmp_path, line, me
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("reranker_checkpoint", ["tied"], indirect=True)
+def test_row_length_gives_the_steps_one_shape(checkpoint, reranker_checkpoint, data, tmp_path):
+    """Without --row-length this data's steps take several row lengths (each compiles the step again);
+    with it every step has one shape, for the contrastive and the reranker batches."""
+    def shapes(model, lines, name, **settings):
+        run = Run(_config(model, {"train": lines}, tmp_path / name, steps=8, **settings))
+        return {run.trainer.batch(run.stream.batch(i))["ids"].shape for i in range(8)}
+
+    assert len(shapes(checkpoint, data["train"], "default")) > 1
+    assert shapes(checkpoint, data["train"], "fixed", row_length=200) == {(1, 1, 208)}   # rounded as rows are
+    assert shapes(reranker_checkpoint, data["rerank"], "reranker", loss="reranker", batch_size=4,
+                  row_length=1000) == {(1, 1, 1024)}
+
+
 def test_ms_swift_lines_and_empty_negatives_train(checkpoint, tmp_path):
     names = _names(8, seed=5)
     lines = [{"query": f"where does {n} live", "response": f"{n} lives here", "rejected_response": []}
@@ -230,7 +244,8 @@ def test_fewer_examples_than_a_batch_and_bad_settings(checkpoint, data, tmp_path
                          ({"temperature": 0.0}, "temperature=0.0 must be positive"),
                          ({"matryoshka_dims": (16,)}, "matryoshka dim 16 is outside 32..64"),
                          ({"lora_targets": "q_proj,qkv"}, "LoRA targets qkv do not exist"),
-                         ({"batch_size": 0}, "--batch-size=0 must be a whole number")]:
+                         ({"batch_size": 0}, "--batch-size=0 must be a whole number"),
+                         ({"row_length": 0}, "--row-length=0 must be a whole number")]:
         with pytest.raises(ValueError, match=message):
             Run(_config(checkpoint, data, tmp_path / "out", **bad))
 
@@ -253,7 +268,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(checkpo
 def test_two_processes_train_like_one(checkpoint, data, tmp_path, compile_cache, one_device_env, free_port):
     """The command as two local processes (one device each, a data=2 mesh over both), and the same run
     in one process on two devices: the same losses, and the exported model holds the same weights."""
-    args = lambda output: [*_cli_args(checkpoint, data, output, compile_cache, steps=4), "--mesh", "data=2"]
+    # one row length for every step: each process compiles one step program
+    args = lambda output: [*_cli_args(checkpoint, data, output, compile_cache, steps=4), "--mesh", "data=2",
+                           "--row-length", "256"]
     processes = [subprocess.Popen(
         [sys.executable, "-m", "qwen3_jax.cli", *args(tmp_path / "two"), "--coordinator", f"127.0.0.1:{free_port}",
          "--num-processes", "2", "--process-id", str(rank)], env=one_device_env, stdout=subprocess.PIPE,
@@ -265,7 +282,8 @@ def test_two_processes_train_like_one(checkpoint, data, tmp_path, compile_cache,
     from qwen3_jax import make_mesh
 
     config = TrainConfig(model=str(checkpoint), data=data["train"], output=str(tmp_path / "one"), lora_rank=4,
-                         learning_rate=5e-3, batch_size=8, steps=4, save_every=2, max_length=64, seed=3, quiet=True)
+                         learning_rate=5e-3, batch_size=8, steps=4, save_every=2, max_length=64, row_length=256,
+                         seed=3, quiet=True)
     train(config, mesh=make_mesh(data=2, devices=jax.devices()[:2]), out=lambda _: None)
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]

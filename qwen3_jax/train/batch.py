@@ -29,9 +29,10 @@ class ContrastiveExample:
 
 
 def pack_texts(texts: Sequence[Sequence[int]], *, pad_id: int, mini_batches: int = 1,
-               rows_multiple: int = 1) -> dict[str, np.ndarray]:
+               rows_multiple: int = 1, min_length: int = 1) -> dict[str, np.ndarray]:
     """ids, segments [M, rows, length], ends [M, rows, slots] and text_slot [n] for `texts`, cut into
-    `mini_batches` consecutive groups of (nearly) equal count."""
+    `mini_batches` consecutive groups of (nearly) equal count. Rows are at least `min_length` tokens
+    (rounded up as row lengths are), so steps whose texts fit share one compiled program."""
     count = len(texts)
     if count < mini_batches:
         raise ValueError(f"{count} texts cannot fill {mini_batches} mini-batches")
@@ -44,7 +45,7 @@ def pack_texts(texts: Sequence[Sequence[int]], *, pad_id: int, mini_batches: int
         (plan,) = plan_batches(lengths, token_budget=sum(lengths) + rows_multiple * max(lengths),
                                rows_multiple=rows_multiple)
         plans.append(plan)
-    length = row_length(max(p.length for p in plans))
+    length = row_length(max(min_length, *(p.length for p in plans)))
     slots = max(len(group) for group in groups)    # fixed by the text count alone: no compile per step
     arrays = {"ids": [], "segments": [], "ends": []}
     text_slot = np.zeros(count, np.int32)
@@ -59,7 +60,7 @@ def pack_texts(texts: Sequence[Sequence[int]], *, pad_id: int, mini_batches: int
 
 
 def contrastive_batch(examples: Sequence[ContrastiveExample], *, negatives: int, pad_id: int,
-                      mini_batches: int = 1, rows_multiple: int = 1) -> dict[str, np.ndarray]:
+                      mini_batches: int = 1, rows_multiple: int = 1, min_length: int = 1) -> dict[str, np.ndarray]:
     """The packed texts of a contrastive step plus query_text [Q] and document_text [Q, 1 + negatives]
     (indices into the texts, -1 where a query has fewer negatives). More negatives than `negatives`
     are cut, as ms-swift's INFONCE_HARD_NEGATIVES cuts them; fewer are masked, never repeated. A
@@ -73,14 +74,16 @@ def contrastive_batch(examples: Sequence[ContrastiveExample], *, negatives: int,
             documents[q, c] = len(texts)
             texts.append(document)
         texts.extend([[pad_id]] * (1 + negatives - len(present)))
-    packed = pack_texts(texts, pad_id=pad_id, mini_batches=mini_batches, rows_multiple=rows_multiple)
+    packed = pack_texts(texts, pad_id=pad_id, mini_batches=mini_batches, rows_multiple=rows_multiple,
+                        min_length=min_length)
     return {**packed, "query_text": np.arange(len(examples), dtype=np.int32), "document_text": documents}
 
 
 def pointwise_batch(prompts: Sequence[Sequence[int]], labels: Sequence[int], *, pad_id: int,
-                    rows_multiple: int = 1) -> dict[str, np.ndarray]:
+                    rows_multiple: int = 1, min_length: int = 1) -> dict[str, np.ndarray]:
     """The packed reranker prompts of a step and their labels (1 relevant, 0 not)."""
     labels = np.asarray(labels, np.int32)
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("reranker labels must be 0 or 1")
-    return {**pack_texts(prompts, pad_id=pad_id, rows_multiple=rows_multiple), "labels": labels}
+    return {**pack_texts(prompts, pad_id=pad_id, rows_multiple=rows_multiple, min_length=min_length),
+            "labels": labels}

@@ -42,7 +42,9 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS, FINAL, ADAPTER = "checkpoints", "final", "adapter"
 EVAL_METRICS = ("recall@1", "recall@10", "ndcg@10")
 # Settings that do not change what a run computes, so a resumed run may differ in them.
-NOT_FINGERPRINTED = ("output", "overwrite", "quiet", "save_every", "keep", "log_every", "eval_every")
+# (--row-length only pads the rows.)
+NOT_FINGERPRINTED = ("output", "overwrite", "quiet", "save_every", "keep", "log_every", "eval_every",
+                     "row_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,7 @@ class TrainConfig:
     batch_size: int = 32
     mini_batch_size: int | None = None
     max_length: int = 512
+    row_length: int | None = None
     learning_rate: float = 1e-4
     warmup_steps: int = 0
     schedule: str = "cosine"
@@ -94,7 +97,7 @@ class TrainConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of --steps and --epochs")
         for name in ("batch_size", "max_length", "save_every", "keep", "log_every", "steps", "eval_every",
-                     "mini_batch_size", "lora_rank"):
+                     "mini_batch_size", "lora_rank", "row_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')}={value!r} must be a whole number of at least 1")
@@ -166,10 +169,10 @@ class Trainer:
     def batch(self, examples: list[Example]) -> dict:
         """A step's packed batch: the queries (with their instruction, as `encode` formats them) and up
         to `negatives` hard negatives each, or the reranker prompts and labels."""
-        rows = shard_count(self.mesh)
-        pad = self.tokenizer.end_of_text_id
+        layout = {"pad_id": self.tokenizer.end_of_text_id, "rows_multiple": shard_count(self.mesh),
+                  "min_length": self.config.row_length or 1}
         if self.prompts is not None:
-            return pointwise_batch(self._prompts(examples), [e.label for e in examples], pad_id=pad, rows_multiple=rows)
+            return pointwise_batch(self._prompts(examples), [e.label for e in examples], **layout)
         queries = self.tokenizer.encode([self._query_text(e) for e in examples], self.config.max_length)
         kept = [e.documents[:1 + self.negatives] for e in examples]
         documents = iter(self.tokenizer.encode([d for texts in kept for d in texts], self.config.max_length))
@@ -177,8 +180,7 @@ class Trainer:
         for query, texts in zip(queries, kept):
             positive, *negatives = [next(documents) for _ in texts]
             tokenized.append(ContrastiveExample(query, positive, negatives))
-        return contrastive_batch(tokenized, negatives=self.negatives, pad_id=pad, mini_batches=self.mini_batches,
-                                 rows_multiple=rows)
+        return contrastive_batch(tokenized, negatives=self.negatives, mini_batches=self.mini_batches, **layout)
 
     def _prompts(self, examples: list[Example]) -> list[list[int]]:
         """The reranker prompt of each example, with its own instruction or the run's (None: the default)."""
