@@ -310,12 +310,13 @@ def _pad_axis(x: jax.Array, axis: int, length: int) -> jax.Array:
     return jnp.pad(x, [(0, length - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
 
 
-def _unblock(x: jax.Array, shape) -> jax.Array:
-    """[blocks, B, K, G, Q, H] (or without H) -> [B, T, N(, H)], cut to the unpadded length."""
-    b, t, n = shape[:3]
-    x = jnp.moveaxis(x, 0, 1)                                    # [B, blocks, K, G, Q, ...]
-    x = jnp.moveaxis(x, 4, 2)                                    # [B, blocks, Q, K, G, ...]
-    return x.reshape(b, -1, n, *x.shape[5:])[:, :t]
+def _unblock(x: jax.Array, qg: jax.Array) -> jax.Array:
+    """[blocks, B, K, G, Q, H] -> [B, T, N, H] in the dtype of the heads-first queries qg [B, K, G, T, H],
+    cut to their unpadded length T."""
+    b, k, g, t = qg.shape[:4]
+    x = jnp.moveaxis(x, 0, 1)                                    # [B, blocks, K, G, Q, H]
+    x = jnp.moveaxis(x, 4, 2)                                    # [B, blocks, Q, K, G, H]
+    return x.reshape(b, -1, k * g, x.shape[-1])[:, :t].astype(qg.dtype)
 
 
 def _block_sparse_forward(heads, segments, block: int):
@@ -334,9 +335,7 @@ def _block_sparse_forward(heads, segments, block: int):
         return attend
 
     out, logsumexp = tiling.each_block(run)
-    qg = heads[0]
-    shape = (qg.shape[0], qg.shape[3], qg.shape[1] * qg.shape[2])
-    return _unblock(out, shape).astype(qg.dtype), logsumexp
+    return _unblock(out, heads[0]), logsumexp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -383,7 +382,7 @@ def _block_sparse_bwd(block: int, saved, d_out):
     dq, dk, dv = tiling.accumulate(run, dq, zeros, zeros)
     t = segments.shape[1]
     dk, dv = (jnp.einsum("BKTH->BTKH", x)[:, :t].astype(x_in.dtype) for x, x_in in zip((dk, dv), heads[1:]))
-    return _unblock(dq, (b, t, k_heads * g)).astype(heads[0].dtype), dk, dv, None
+    return _unblock(dq, heads[0]), dk, dv, None
 
 
 _block_sparse.defvjp(_block_sparse_fwd, _block_sparse_bwd)
