@@ -375,3 +375,31 @@ def test_remat_keeps_one_layer_of_activations_instead_of_all():
 
     off, full, dots = (working_memory(remat) for remat in ("off", "full", "dots"))
     assert full < off / 2.5 and full < dots < off, (off, full, dots)
+
+
+def test_the_embedding_gradient_is_not_held_through_the_backward_pass():
+    """XLA's working memory for full fine-tuning's gradients grows by nothing with the vocabulary while
+    the layers' activations set the peak: the embedding table's gradient (zeros, then the tokens' rows
+    added) is made once the backward pass reaches it. A plain gather's zeros were allocated as the
+    backward pass began, a whole table beside every layer's activations."""
+    from qwen3_jax.config import preset
+    from qwen3_jax.model import Qwen3Model
+
+    ids = jnp.ones((1, 1024), jnp.int32)
+    segments = jnp.repeat(jnp.arange(1, 9, dtype=jnp.int32), 128)[None]
+
+    def working_memory(vocab: int) -> int:
+        cfg = preset("0.6B", vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+        graphdef, params = nnx.split(Qwen3Model(cfg, attention_impl="dense", rngs=nnx.Rngs(0)))
+
+        def loss(params):
+            return (nnx.merge(graphdef, params)(ids, segments, scan_layers=False)[:, ::128] ** 2).sum()
+
+        def squared_gradients(params):       # the gradients used inside the program, as an optimizer does
+            return sum(jnp.vdot(g, g) for g in jax.tree.leaves(jax.grad(loss)(params)))
+        return jax.jit(squared_gradients).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    table = 8192 * 64 * 4
+    small, large = working_memory(256), working_memory(8192)
+    assert large - small < table / 4, (small, large, table)
