@@ -203,17 +203,24 @@ class TrainStep:
                 pooled = jnp.stack([self._embed(trainable, frozen, batch, m, rng, self.remat) for m in range(count)])
                 return self.objective.loss(self.model(trainable, frozen), self._texts(pooled, batch), batch)
             return jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        # The last mini-batch keeps its activations from the first pass (its pullback), so only the
+        # others run again: the peak is still one mini-batch's forward and backward pass.
+        last = count - 1
         pooled = jax.lax.map(lambda m: self._embed(trainable, frozen, batch, m, rng, "off", differentiated=False),
-                             jnp.arange(count))
+                             jnp.arange(last))
+        last_pooled, last_pullback = jax.vjp(lambda t: self._embed(t, frozen, batch, last, rng, self.remat),
+                                             trainable)
         model = self.model(trainable, frozen)
         (loss, metrics), cotangent = jax.value_and_grad(
-            lambda p: self.objective.loss(model, self._texts(p, batch), batch), has_aux=True)(pooled)
+            lambda p: self.objective.loss(model, self._texts(p, batch), batch),
+            has_aux=True)(jnp.concatenate([pooled, last_pooled[None]]))
 
         def rerun(grads, m):
             _, pullback = jax.vjp(lambda t: self._embed(t, frozen, batch, m, rng, self.remat), trainable)
             return jax.tree.map(jnp.add, grads, pullback(cotangent[m])[0]), None
 
-        grads, _ = jax.lax.scan(rerun, jax.tree.map(jnp.zeros_like, trainable), jnp.arange(count))
+        # the scan starts from the last mini-batch's gradients, so its activations are freed before it
+        grads, _ = jax.lax.scan(rerun, last_pullback(cotangent[last])[0], jnp.arange(last))
         return (loss, metrics), grads
 
     def _apply(self, state: TrainState, frozen, batch: dict) -> tuple[TrainState, dict]:
