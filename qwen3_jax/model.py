@@ -128,6 +128,12 @@ REMAT_POLICIES = {"off": None, "full": jax.checkpoint_policies.nothing_saveable,
 ADAPTER_SUFFIX = "_lora"
 
 
+def _zero_after(gradient) -> jax.Array:
+    """A zero computed from (the first leaf of) an incoming gradient: XLA cannot schedule what is made
+    of it before that gradient exists."""
+    return jax.tree.leaves(gradient)[0].reshape(-1)[0] * 0
+
+
 def recompute_in_order(fn, policy):
     """`jax.checkpoint(fn, policy=policy)` for layers applied one after another outside a scan.
 
@@ -147,7 +153,7 @@ def recompute_in_order(fn, policy):
         return jax.vjp(layer, *args)          # the output, and a pullback holding what the policy saves
 
     def backward(pullback, d_out):
-        zero = jax.tree.leaves(d_out)[0].reshape(-1)[0] * 0
+        zero = _zero_after(d_out)
         tie = lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
         return jax.tree.map(tie, pullback)(d_out)
 
@@ -179,8 +185,8 @@ def _embed_tokens_fwd(table: jax.Array, ids: jax.Array):
 
 def _embed_tokens_bwd(saved, d_out: jax.Array):
     table, ids = saved
-    zero = (d_out.reshape(-1)[0] * 0).astype(table.dtype)
-    return jnp.broadcast_to(zero, table.shape).at[ids].add(d_out.astype(table.dtype)), None
+    zeros = jnp.broadcast_to(_zero_after(d_out).astype(table.dtype), table.shape)
+    return zeros.at[ids].add(d_out.astype(table.dtype)), None
 
 
 embed_tokens.defvjp(_embed_tokens_fwd, _embed_tokens_bwd)

@@ -355,25 +355,34 @@ def test_bad_settings_fail_before_anything_compiles(checkpoint):
         TrainStep(model, objective=Objective(), optimizer=OptimizerConfig(), remat="some")
 
 
-def test_remat_keeps_one_layer_of_activations_instead_of_all():
-    """XLA's working memory for the gradient of 4 unrolled layers: remat "full" keeps each layer's input
-    only (XLA's CPU compiler drops jax.checkpoint's barrier, so remat once saved nothing there), "dots"
-    keeps the projections too."""
+def _gradient_working_memory(*, remat: str = "off", layers: int = 4, vocab: int = 256,
+                             used_inside: bool = False) -> int:
+    """XLA's working memory for the gradient of a tiny model of the 0.6B layout (dense attention, unrolled
+    layers, one row of 8 texts of 128 tokens); `used_inside` sums the gradients' squares in the program,
+    as an optimizer uses them, instead of returning them."""
     from qwen3_jax.config import preset
     from qwen3_jax.model import Qwen3Model
 
-    cfg = preset("0.6B", vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+    cfg = preset("0.6B", vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32)
     graphdef, params = nnx.split(Qwen3Model(cfg, attention_impl="dense", rngs=nnx.Rngs(0)))
     ids = jnp.ones((1, 1024), jnp.int32)
     segments = jnp.repeat(jnp.arange(1, 9, dtype=jnp.int32), 128)[None]
 
-    def working_memory(remat: str) -> int:
-        def loss(params):
-            return (nnx.merge(graphdef, params)(ids, segments, remat=remat, scan_layers=False)[:, ::128] ** 2).sum()
-        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+    def loss(params):
+        return (nnx.merge(graphdef, params)(ids, segments, remat=remat, scan_layers=False)[:, ::128] ** 2).sum()
 
-    off, full, dots = (working_memory(remat) for remat in ("off", "full", "dots"))
+    def squared_gradients(params):
+        return sum(jnp.vdot(g, g) for g in jax.tree.leaves(jax.grad(loss)(params)))
+    program = jax.jit(squared_gradients if used_inside else jax.grad(loss))
+    return program.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_remat_keeps_one_layer_of_activations_instead_of_all():
+    """XLA's working memory for the gradient of 4 unrolled layers: remat "full" keeps each layer's input
+    only (XLA's CPU compiler drops jax.checkpoint's barrier, so remat once saved nothing there), "dots"
+    keeps the projections too."""
+    off, full, dots = (_gradient_working_memory(remat=remat) for remat in ("off", "full", "dots"))
     assert full < off / 2.5 and full < dots < off, (off, full, dots)
 
 
@@ -382,24 +391,6 @@ def test_the_embedding_gradient_is_not_held_through_the_backward_pass():
     the layers' activations set the peak: the embedding table's gradient (zeros, then the tokens' rows
     added) is made once the backward pass reaches it. A plain gather's zeros were allocated as the
     backward pass began, a whole table beside every layer's activations."""
-    from qwen3_jax.config import preset
-    from qwen3_jax.model import Qwen3Model
-
-    ids = jnp.ones((1, 1024), jnp.int32)
-    segments = jnp.repeat(jnp.arange(1, 9, dtype=jnp.int32), 128)[None]
-
-    def working_memory(vocab: int) -> int:
-        cfg = preset("0.6B", vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-        graphdef, params = nnx.split(Qwen3Model(cfg, attention_impl="dense", rngs=nnx.Rngs(0)))
-
-        def loss(params):
-            return (nnx.merge(graphdef, params)(ids, segments, scan_layers=False)[:, ::128] ** 2).sum()
-
-        def squared_gradients(params):       # the gradients used inside the program, as an optimizer does
-            return sum(jnp.vdot(g, g) for g in jax.tree.leaves(jax.grad(loss)(params)))
-        return jax.jit(squared_gradients).lower(params).compile().memory_analysis().temp_size_in_bytes
-
     table = 8192 * 64 * 4
-    small, large = working_memory(256), working_memory(8192)
+    small, large = (_gradient_working_memory(layers=2, vocab=vocab, used_inside=True) for vocab in (256, 8192))
     assert large - small < table / 4, (small, large, table)
