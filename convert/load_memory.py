@@ -3,7 +3,7 @@
     python convert/load_memory.py --random 0.6B            # writes a random bf16 checkpoint of that shape
     python convert/load_memory.py --model /path/to/Qwen3-Embedding-0.6B
 
-The checkpoint is written (with our own safetensors writer, no torch) by one process and loaded by a
+The checkpoint is written (by `qwen3-jax init-random`'s writer, no torch) by one process and loaded by a
 fresh one, so the figure is the loader's alone.
 """
 
@@ -16,31 +16,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-
-def write_random_checkpoint(size: str, folder: Path) -> None:
-    import ml_dtypes
-    import numpy as np
-
-    from qwen3_jax.config import preset
-    from qwen3_jax.loader import abstract_model
-    from qwen3_jax.safetensors_file import write_safetensors
-    from qwen3_jax.weights import RULES_BY_PATH, hf_key, hf_layer_shape
-
-    from flax import nnx
-
-    cfg = preset(size)
-    model = abstract_model(cfg, param_dtype=np.float32, dtype=np.float32, attention="auto", with_lm_head=False)
-    rng = np.random.default_rng(0)
-    tensors = []
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        rule = RULES_BY_PATH[path]
-        shape = hf_layer_shape(rule, var.shape, cfg.vocab_size)
-        for layer in range(cfg.num_hidden_layers) if rule.per_layer else [None]:
-            values = rng.standard_normal(shape, dtype=np.float32) * 0.02
-            tensors.append((hf_key(rule, layer), values.astype(ml_dtypes.bfloat16)))
-    write_safetensors(folder / "model.safetensors", tensors)
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
 
 
 def high_water_bytes() -> int:
@@ -75,7 +50,9 @@ def main() -> int:
     parser.add_argument("--write", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
-        write_random_checkpoint(args.random, Path(args.write))
+        from qwen3_jax.init_random import write_random_checkpoint
+
+        write_random_checkpoint(Path(args.write), args.random, overwrite=True)
         return 0
     if args.measure:
         print(json.dumps(measure(Path(args.measure))))

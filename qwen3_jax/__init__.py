@@ -4,7 +4,7 @@ from qwen3_jax.config import Qwen3Config
 from qwen3_jax.embedder import Qwen3Embedder
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
-from qwen3_jax.runner import enable_compilation_cache
+from qwen3_jax.compile_cache import enable_compilation_cache
 from qwen3_jax.reranker import Qwen3Reranker
 from qwen3_jax.sharding import make_mesh
 

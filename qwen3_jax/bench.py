@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen3_jax.checks import UsageError
 from qwen3_jax.config import Qwen3Config
-from qwen3_jax.model import project
-from qwen3_jax.tokenize import TextTokenizer, with_appended_end_of_text, write_sentence_transformers_files
+from qwen3_jax.extras import require
+from qwen3_jax.kernels.projection import project
+from qwen3_jax.tokenize import TextTokenizer
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which or were are be this "
          "model vector search query document language retrieval embedding attention layer token memory "
@@ -35,7 +37,7 @@ def synthetic_texts(tokenizer: TextTokenizer, count: int, min_tokens: int, max_t
     rng = np.random.default_rng(seed)
     low, high = min_tokens, max_tokens or min_tokens
     if not 2 <= low <= high:
-        raise ValueError(f"token range {low}-{high}: need 2 <= MIN <= MAX")
+        raise UsageError(f"token range {low}-{high}: need 2 <= MIN <= MAX")
     targets = np.exp(rng.uniform(np.log(low), np.log(high + 1), count)) if long_tail else \
         rng.integers(low, high + 1, count)
     units = WORDS + [str(n) for n in (7, 42, 365, 2024, 31415)] + list(CJK_WORDS)
@@ -62,38 +64,6 @@ def _exactly(text: str, target: int, tokenizer: TextTokenizer, filler: list[str]
             return text
         text = text + " " + filler[0] if size < target else text.rsplit(" ", 1)[0]
     return text
-
-
-def random_checkpoint(size: str, layers: int | None, tokenizer_dir: Path, folder: Path, dtype: str) -> Path:
-    """Writes a random-weight checkpoint of a published shape, in the published layout, with transformers."""
-    import shutil
-
-    import torch
-    import transformers
-    from tokenizers import Tokenizer
-
-    from qwen3_jax.config import preset
-
-    cfg = preset(size, **({"num_hidden_layers": layers} if layers else {}))
-    hf_config = transformers.Qwen3Config(**{k: v for k, v in cfg.to_hf_dict().items()
-                                            if k not in ("architectures", "torch_dtype")})
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))     # initialise straight in the stored dtype
-    try:
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = transformers.Qwen3Model(hf_config)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.save_pretrained(folder)
-    del model
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, folder / name)
-    tokenizer = with_appended_end_of_text(Tokenizer.from_file(str(folder / "tokenizer.json")))
-    tokenizer.save(str(folder / "tokenizer.json"))
-    write_sentence_transformers_files(folder, hidden_size=cfg.hidden_size, max_seq_length=32768)
-    return folder
 
 
 def _dtype_keyword() -> str:
@@ -178,12 +148,14 @@ def bench_checkpoint(*, model: str | None, random: str | None, layers: int | Non
 
         yield resolve_model(model)
         return
-    if not tokenizer or not (Path(tokenizer) / "tokenizer.json").is_file():
-        raise FileNotFoundError("--random needs --tokenizer DIR (or QWEN3_TOKENIZER_DIR) holding a Qwen3 "
-                                "tokenizer.json")
+    from qwen3_jax.init_random import write_random_checkpoint
+
+    if not tokenizer:
+        out("no --tokenizer (or QWEN3_TOKENIZER_DIR): the small built-in tokenizer is used, so texts of the same "
+            "token counts hold fewer words than with Qwen3's")
     with tempfile.TemporaryDirectory(prefix="qwen3-jax-bench-") as tmp:
         start = time.perf_counter()
-        folder = random_checkpoint(random, layers, Path(tokenizer), Path(tmp), "bfloat16")
+        folder = write_random_checkpoint(Path(tmp) / "checkpoint", random, layers=layers, tokenizer=tokenizer)
         out(f"random {random} checkpoint ({layers or 'all'} layers) written in {time.perf_counter() - start:.1f} s")
         yield folder
 
@@ -200,6 +172,7 @@ def bench_models(*, model: str | None, random: str | None, layers: int | None, t
         loaded = {"load_s": time.perf_counter() - start, "peak_rss_gib_after_load": peak_rss_gib()}
         st = None
         if reference:
+            require("reference", "the benchmark's sentence-transformers side (or pass --no-reference)")
             import torch
             from sentence_transformers import SentenceTransformer
 
@@ -217,11 +190,10 @@ def compare(ours, st, corpus: list[str], *, batch_size: int, repeats: int, dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")        # over-long texts of a user's file are cut alike on both sides
         lengths = [len(r) for r in ours.tokenizer.encode(corpus, ours.max_length)]
-        runner = ours.runner
-        programs_before, computed_before = ours.compiled_programs, runner.tokens_computed
+        programs_before, computed_before = ours.compiled_programs, ours.tokens_computed
         with compile_seconds() as compiling:
             ours_out = ours.encode(corpus, batch_size=batch_size)
-        computed = runner.tokens_computed - computed_before
+        computed = ours.tokens_computed - computed_before
         if st is not None:
             st_out = st.encode(corpus, batch_size=batch_size)
         ours_times, st_times, matmul_rates = [], [], []
@@ -270,7 +242,7 @@ def parse_token_range(spec: str) -> tuple[int, int]:
     """"512" -> (512, 512); "80-185" -> (80, 185)."""
     low, _, high = spec.partition("-")
     if not low.isdigit() or not (high.isdigit() or not high):
-        raise ValueError(f"--tokens {spec!r}: expected N or MIN-MAX, e.g. 512 or 80-185")
+        raise UsageError(f"--tokens {spec!r}: expected N or MIN-MAX, e.g. 512 or 80-185")
     return int(low), int(high or low)
 
 
@@ -370,12 +342,12 @@ def run_corpus_benchmark(*, model: str | None, random: str | None, layers: int |
         embed_corpus(embedder, Path(tmp) / "corpus.txt", Path(tmp) / "index", batch_size=batch_size,
                      shard_size=max(1, documents // 10), out=lambda _: None)
         seconds = time.perf_counter() - start
-        real = embedder.runner.tokens_embedded
+        real = embedder.tokens_embedded
         start = time.perf_counter()
         embed_corpus(embedder, Path(tmp) / "corpus.txt", Path(tmp) / "index", batch_size=batch_size,
                      shard_size=max(1, documents // 10), out=lambda _: None)
         result.update(seconds=seconds, documents_per_s=documents / seconds, tokens_per_s=real / seconds,
-                      real_tokens=real, computed_per_real=embedder.runner.tokens_computed / real,
+                      real_tokens=real, computed_per_real=embedder.tokens_computed / real,
                       compiled_programs=embedder.compiled_programs, rerun_complete_s=time.perf_counter() - start,
                       peak_rss_gib=peak_rss_gib())
         width = embedder.dimension

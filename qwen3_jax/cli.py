@@ -8,8 +8,10 @@ import os
 import sys
 import traceback
 
-
-ATTENTION = ("auto", "dense", "blockwise", "cudnn", "splash")   # qwen3_jax.attention.IMPLEMENTATIONS
+from qwen3_jax.attention import IMPLEMENTATIONS as ATTENTION
+from qwen3_jax.checks import UsageError
+from qwen3_jax.compile_cache import enable_compilation_cache, use_default_compilation_cache
+from qwen3_jax.config import PRESETS
 
 
 def _env_int(name: str) -> int | None:
@@ -26,11 +28,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
     parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
     _distributed(parser)
-    parser.add_argument("--compile-cache", default=None,
-                        help="folder for JAX's persistent compilation cache (env JAX_COMPILATION_CACHE_DIR)")
+    _compile_cache(parser)
     parser.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error, not a warning")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _compile_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                        help="folder of JAX's persistent compilation cache, so a rerun compiles nothing (default "
+                             "~/.cache/qwen3-jax/xla, env QWEN3_JAX_COMPILE_CACHE; off: none)")
 
 
 def _distributed(parser: argparse.ArgumentParser) -> None:
@@ -95,8 +102,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace another run's --output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--compile-cache", default=None,
-                        help="folder for JAX's persistent compilation cache: a resumed run starts without compiling")
+    _compile_cache(parser)
     _distributed(parser)
     parser.add_argument("--debug", action="store_true")
 
@@ -148,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time embed-corpus on N texts (long-tail lengths over --tokens) and exact search")
     bench.add_argument("--search-vectors", type=int, default=1_000_000,
                        help="with --corpus: random float16 vectors the 1,000 search queries scan (0: no search)")
+    bench.add_argument("--serve", action="store_true",
+                       help="load-test `qwen3-jax serve` (and Infinity, with --infinity) on loopback at --levels")
+    bench.add_argument("--infinity", default=os.environ.get("QWEN3_JAX_INFINITY"),
+                       help="with --serve: the infinity_emb executable of its own virtual environment")
+    bench.add_argument("--levels", default="1,4,16", help="with --serve: concurrent clients per level")
+    bench.add_argument("--requests", type=int, default=60, help="with --serve: at most this many requests a level")
+    bench.add_argument("--seconds", type=float, default=180, help="with --serve: at most this long a level")
+    bench.add_argument("--max-batch-tokens", type=int, default=None, help="with --serve: the server's batch budget")
     bench.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--debug", action="store_true")
@@ -186,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="this process's part, 0..N-1 (env JAX_PROCESS_ID)")
     corpus.add_argument("--skip-bad", action="store_true", help="write unreadable lines to rejects.jsonl and go on")
     corpus.add_argument("--quiet", action="store_true", help="no progress bar")
-    corpus.add_argument("--compile-cache", default=None, help="folder for JAX's persistent compilation cache")
+    _compile_cache(corpus)
     corpus.add_argument("--debug", action="store_true")
 
     search = commands.add_parser("search", help="exact top-k search of an embed-corpus folder")
@@ -200,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=int, default=10)
     search.add_argument("--model", default=None, help="embed the queries with this model (default: the index's)")
     search.add_argument("--batch-size", type=int, default=32)
+    _compile_cache(search)
     search.add_argument("--debug", action="store_true")
 
     evaluation = commands.add_parser("eval", help="score a retrieval set in the BEIR layout (nDCG@10, MAP@100, ...)")
@@ -214,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     evaluation.add_argument("--batch-size", type=int, default=32)
     evaluation.add_argument("--output", default=None, help="also write the figures to this .json file")
+    _compile_cache(evaluation)
     evaluation.add_argument("--debug", action="store_true")
 
     train = commands.add_parser("train", help="fine-tune an embedding model (contrastive) or a reranker")
@@ -225,6 +241,47 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter", help="LoRA runs: also write the peft adapter folder here")
     export.add_argument("--overwrite", action="store_true", help="replace existing folders")
     export.add_argument("--debug", action="store_true")
+
+    serve = commands.add_parser("serve", help="serve embeddings and reranking over HTTP (OpenAI, TEI, Cohere APIs)")
+    serve.add_argument("--model", default=None, help="embedding checkpoint folder or hub id")
+    serve.add_argument("--reranker", default=None, help="Qwen3-Reranker folder or hub id (also, or instead)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument("--dim", type=int, default=None, help="MRL dimension of embeddings a request does not size")
+    serve.add_argument("--attention", default="auto", choices=ATTENTION)
+    serve.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
+    serve.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
+    serve.add_argument("--max-batch-tokens", type=int, default=None,
+                       help="token budget of one batch (default 2048 on the CPU, 16384 on accelerators)")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0,
+                       help="how long a short queue waits for company before its batch starts")
+    serve.add_argument("--max-queue-tokens", type=int, default=None,
+                       help="tokens waiting at most; beyond, requests get 429 (default: 16 batches)")
+    serve.add_argument("--max-texts-per-request", type=int, default=512)
+    serve.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
+    serve.add_argument("--api-key", default=os.environ.get("QWEN3_JAX_API_KEY"),
+                       help="require Authorization: Bearer KEY (env QWEN3_JAX_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the embedding model's name in requests")
+    serve.add_argument("--served-reranker-name", default=None, help="the reranker's name in requests")
+    _compile_cache(serve)
+    serve.add_argument("--debug", action="store_true")
+
+    init = commands.add_parser("init-random", help="write a random-weight checkpoint in the published layout "
+                                                   "(offline: try every command without downloading weights)")
+    init.add_argument("output", help="checkpoint folder to write (written elsewhere first, renamed at the end)")
+    init.add_argument("--shape", default="tiny", choices=["tiny", *PRESETS],
+                      help="tiny (2 layers of width 64, compiles in seconds) or a published size (default tiny)")
+    init.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape's")
+    init.add_argument("--reranker", action="store_true", help="a Qwen3-Reranker (causal LM with an LM head)")
+    init.add_argument("--tie-word-embeddings", action="store_true", help="--reranker: the LM head is the embedding")
+    init.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
+                      help="folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR; default: a small built-in one)")
+    init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="stored dtype")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    init.add_argument("--quiet", action="store_true", help="no progress bar")
+    init.add_argument("--debug", action="store_true")
 
     verify = commands.add_parser("verify", help="compare one checkpoint in transformers and in qwen3-jax")
     verify.add_argument("--model", required=True, help="checkpoint folder or hub id")
@@ -276,7 +333,7 @@ def run_embed(args) -> None:
         print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {args.output}", file=sys.stderr)
     else:
         for record_id, row in zip(ids, vectors):
-            print(json.dumps({"id": record_id, "embedding": [round(float(x), 7) for x in row]}))
+            print(json.dumps({"id": record_id, "embedding": row.tolist()}))
 
 
 def run_rerank(args) -> None:
@@ -290,14 +347,27 @@ def run_rerank(args) -> None:
     hits = model.rank(args.query, documents, top_k=args.top_k, instruction=args.instruction,
                       batch_size=args.batch_size, show_progress_bar=_shows_progress(args))
     for hit in hits if _is_writer() else []:
-        print(json.dumps({"id": ids[hit["index"]], "score": round(hit["score"], 7), "text": hit["document"]},
+        print(json.dumps({"id": ids[hit["index"]], "score": hit["score"], "text": hit["document"]},
                          ensure_ascii=False))
 
 
 def run_bench(args) -> None:
     from qwen3_jax.bench import run_benchmark, run_mixes, run_suite
 
-    if args.train:
+    if args.serve:
+        import tempfile
+        from pathlib import Path
+
+        from qwen3_jax.bench import bench_checkpoint
+        from qwen3_jax.serve.load import run_serve_benchmark
+
+        levels = [int(level) for level in args.levels.split(",")]
+        with bench_checkpoint(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
+                              out=print) as folder, tempfile.TemporaryDirectory(prefix="qwen3-jax-serve-") as scratch:
+            result = run_serve_benchmark(Path(folder), infinity=args.infinity, dtype=args.dtype, levels=levels,
+                                         max_requests=args.requests, max_seconds=args.seconds,
+                                         max_batch_tokens=args.max_batch_tokens, scratch=Path(scratch))
+    elif args.train:
         from qwen3_jax.train.bench import run_train_benchmark
 
         result = run_train_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
@@ -372,7 +442,7 @@ def run_search(args) -> None:
     scores, hits = index.search(vectors, args.top_k)
     for query_id, query, row_scores, row_ids in zip(ids, queries, scores, hits):
         print(json.dumps({"id": query_id, "query": query,
-                          "hits": [{"id": i, "score": round(float(s), 6)} for i, s in zip(row_ids, row_scores)]},
+                          "hits": [{"id": i, "score": float(s)} for i, s in zip(row_ids, row_scores)]},
                          ensure_ascii=False))
 
 
@@ -383,9 +453,9 @@ def run_eval(args) -> None:
     from qwen3_jax.textio import atomic_output
 
     if args.rerank and not args.reranker:
-        raise ValueError("--rerank R needs --reranker MODEL")
+        raise UsageError("--rerank R needs --reranker MODEL")
     if args.output and not args.output.endswith(".json"):
-        raise ValueError(f"--output {args.output} must end in .json")
+        raise UsageError(f"--output {args.output} must end in .json")
     model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype)
     reranker = Qwen3Reranker.from_pretrained(args.reranker, dtype=args.dtype) if args.reranker else None
     results = evaluate_beir(model, args.data, instruction=args.instruction, dim=args.dim, top_k=args.top_k,
@@ -424,6 +494,36 @@ def run_export(args) -> None:
         print(f"wrote {name}: {folder}", file=sys.stderr)
 
 
+def run_serve(args) -> int:
+    from qwen3_jax.serve.server import serve
+    from qwen3_jax.serve.settings import ServeSettings
+
+    settings = ServeSettings(
+        model=args.model, reranker=args.reranker, host=args.host, port=args.port, dtype=args.dtype, dim=args.dim,
+        attention=args.attention, mesh=args.mesh, fsdp=args.fsdp, max_batch_tokens=args.max_batch_tokens,
+        max_wait_ms=args.max_wait_ms, max_queue_tokens=args.max_queue_tokens,
+        max_texts_per_request=args.max_texts_per_request, max_length=args.max_length, api_key=args.api_key,
+        served_model_name=args.served_model_name, served_reranker_name=args.served_reranker_name)
+    settings.check()
+    mesh = None
+    if args.mesh:
+        from qwen3_jax.sharding import make_mesh, parse_mesh
+
+        mesh = make_mesh(**parse_mesh(args.mesh))
+    return serve(settings, mesh=mesh, out=lambda message: print(message, file=sys.stderr, flush=True))
+
+
+def run_init_random(args) -> None:
+    from qwen3_jax.init_random import write_random_checkpoint
+
+    folder = write_random_checkpoint(args.output, args.shape, layers=args.layers, reranker=args.reranker,
+                                     tie_word_embeddings=args.tie_word_embeddings, tokenizer=args.tokenizer,
+                                     dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
+                                     progress=_shows_progress(args))
+    kind = "Qwen3-Reranker" if args.reranker else "Qwen3-Embedding"
+    print(f"wrote a random-weight {kind} checkpoint of the {args.shape} shape to {folder}", file=sys.stderr)
+
+
 def run_verify(args) -> int:
     from qwen3_jax.verify import verify
 
@@ -432,7 +532,7 @@ def run_verify(args) -> int:
 
 COMMANDS = {"embed": run_embed, "embed-corpus": run_embed_corpus, "search": run_search, "rerank": run_rerank,
             "eval": run_eval, "train": run_train, "export": run_export, "bench": run_bench, "convert": run_convert,
-            "verify": run_verify}
+            "verify": run_verify, "init-random": run_init_random, "serve": run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,13 +542,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if getattr(args, "compile_cache", None):
-            from qwen3_jax.runner import enable_compilation_cache
-
             enable_compilation_cache(args.compile_cache)
+        elif args.command == "bench":
+            enable_compilation_cache("off")          # it measures compile times
+        else:
+            use_default_compilation_cache()
         status = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("qwen3-jax: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`qwen3-jax embed ... | head`): stop quietly, as `yes | head` does, with
+        # stdout pointed at /dev/null so that Python's own flush at exit does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except UsageError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"qwen3-jax: error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 - one line for users, the traceback under --debug
         if args.debug:
             traceback.print_exc()

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from qwen3_jax.checks import UsageError
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.loader import ORBAX_META, ORBAX_PARAMS, is_orbax_folder, load_model, load_orbax, parse_dtype
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.safetensors_file import write_safetensors
+from qwen3_jax.textio import plain_mode
 from qwen3_jax.weights import INDEX_FILE, SINGLE_FILE, CheckpointFolder, iter_hf_tensors
 
 # Files that travel with the weights: tokenizer, sentence-transformers modules, generation settings.
@@ -42,7 +45,7 @@ def parse_size(text: str | int) -> int:
             return int(float(text[: -len(unit)]) * factor)
     if text.isdigit():
         return int(text)
-    raise ValueError(f"size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
+    raise UsageError(f"size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
 
 
 @contextlib.contextmanager
@@ -53,6 +56,7 @@ def staged_folder(destination: str | Path, overwrite: bool) -> Iterator[Path]:
         raise FileExistsError(f"{destination} already exists; pass --overwrite to replace it")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    os.chmod(staging, plain_mode(destination, folder=True))
     try:
         yield staging
         if destination.exists():
@@ -85,6 +89,42 @@ def _host_params(model: Qwen3Model) -> Iterator[tuple[tuple[str, ...], np.ndarra
         yield path, np.asarray(jax.device_get(var.get_value()))
 
 
+def write_weight_files(folder: Path, tensors: Iterable[tuple[str, np.ndarray]], *,
+                       max_shard_bytes: int | str = DEFAULT_SHARD_BYTES) -> np.dtype:
+    """Writes (published name, array) tensors as safetensors files in `folder`: one model.safetensors,
+    or above `max_shard_bytes` model-0000i-of-0000n.safetensors shards and model.safetensors.index.json.
+    Each shard is written once full, so memory stays near one shard. Returns the last tensor's dtype."""
+    limit = parse_size(max_shard_bytes)
+    written: list[tuple[Path, list[str]]] = []
+    pending: list[tuple[str, np.ndarray]] = []
+    size, total, stored_dtype = 0, 0, None
+
+    def flush() -> None:
+        nonlocal total
+        file = folder / f"shard-{len(written):05d}.partial"
+        total += write_safetensors(file, pending, metadata={"format": "pt"})
+        written.append((file, [name for name, _ in pending]))
+        pending.clear()
+
+    for name, tensor in tensors:
+        stored_dtype = tensor.dtype
+        if pending and size + tensor.nbytes > limit:
+            flush()
+            size = 0
+        pending.append((name, tensor))
+        size += tensor.nbytes
+    flush()
+    weight_map = {}
+    for i, (file, names) in enumerate(written):
+        final = SINGLE_FILE if len(written) == 1 else f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        file.rename(folder / final)
+        weight_map.update({name: final for name in names})
+    if len(written) > 1:
+        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                    indent=2))
+    return stored_dtype
+
+
 def export_hf(model: Qwen3Model, destination: str | Path, *, source: str | Path | None = None,
               dtype: str | None = None, prefix: str = "", max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
               overwrite: bool = False) -> Path:
@@ -96,36 +136,10 @@ def export_hf(model: Qwen3Model, destination: str | Path, *, source: str | Path 
     sentence-transformers files are copied from `source`.
     """
     target = parse_dtype(dtype) if dtype else None
-    limit = parse_size(max_shard_bytes)
+    tensors = iter_hf_tensors(_host_params(model), model.config, prefix=prefix)
     with staged_folder(destination, overwrite) as staging:
-        written: list[tuple[Path, list[str]]] = []
-        pending: list[tuple[str, np.ndarray]] = []
-        size, total, stored_dtype = 0, 0, None
-
-        def flush() -> None:
-            nonlocal total
-            file = staging / f"shard-{len(written):05d}.partial"
-            total += write_safetensors(file, pending, metadata={"format": "pt"})
-            written.append((file, [name for name, _ in pending]))
-            pending.clear()
-
-        for name, tensor in iter_hf_tensors(_host_params(model), model.config, prefix=prefix):
-            tensor = tensor.astype(target) if target is not None else tensor
-            stored_dtype = tensor.dtype
-            if pending and size + tensor.nbytes > limit:
-                flush()
-                size = 0
-            pending.append((name, tensor))
-            size += tensor.nbytes
-        flush()
-        weight_map = {}
-        for i, (file, names) in enumerate(written):
-            final = SINGLE_FILE if len(written) == 1 else f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-            file.rename(staging / final)
-            weight_map.update({name: final for name in names})
-        if len(written) > 1:
-            (staging / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        stored_dtype = write_weight_files(staging, ((name, tensor if target is None else tensor.astype(target))
+                                                    for name, tensor in tensors), max_shard_bytes=max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(
             export_config(model.config, source, str(np.dtype(stored_dtype))), indent=2))
         if source is not None:
@@ -164,7 +178,7 @@ def convert(source: str | Path, destination: str | Path, *, to: str, dtype: str 
     """One conversion step: an HF folder or Orbax folder `source` -> `to` ("orbax" or "hf")."""
     source = Path(source)
     if to not in ("orbax", "hf"):
-        raise ValueError(f"--to {to!r}: choose orbax or hf")
+        raise UsageError(f"--to {to!r}: choose orbax or hf")
     if Path(destination).exists() and not overwrite:
         raise FileExistsError(f"{destination} already exists; pass --overwrite to replace it")
     if is_orbax_folder(source):

@@ -21,6 +21,11 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from qwen3_jax.checks import whole_number
+from qwen3_jax.checks import UsageError
+from qwen3_jax.extras import require
+from qwen3_jax.hub import model_identity
+from qwen3_jax.progress import progress_bar
 from qwen3_jax.textio import InputError, atomic_output, iter_lines_at, parse_record
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -48,7 +53,7 @@ def corpus_files(path: str | Path) -> list[Path]:
         if path.is_dir() else [path]
     for file in files:
         if file.suffix not in CORPUS_SUFFIXES:
-            raise ValueError(f"input {file} must be .txt (one text a line), .jsonl or .parquet")
+            raise UsageError(f"input {file} must be .txt (one text a line), .jsonl or .parquet")
     return files
 
 
@@ -80,12 +85,16 @@ def iter_corpus(path: str | Path, *, text_field: str = "text", id_field: str = "
             yield Item(name, number, f"{name}:{number}" if record.id is None else record.id, record.text)
 
 
+def _parquet_file(file: Path):
+    """A Parquet file opened with pyarrow (the `parquet` extra)."""
+    require("parquet", f"reading {file}")
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(file)
+
+
 def _parquet_items(file: Path, name: str, text_field: str, id_field: str) -> Iterator[Item]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(f"reading {file} needs pyarrow: pip install \"qwen3-jax[parquet]\"") from None
-    table = pq.ParquetFile(file)
+    table = _parquet_file(file)
     columns = table.schema_arrow.names
     if text_field not in columns:
         raise InputError(f"{file}: no column {text_field!r} (columns: {', '.join(columns)})")
@@ -107,9 +116,7 @@ def count_records(path: str | Path) -> int:
     total = 0
     for file in corpus_files(path):
         if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(file).metadata.num_rows
+            total += _parquet_file(file).metadata.num_rows
         else:
             with open(file, "rb") as handle:
                 total += sum(1 for line in handle if line.strip())
@@ -134,9 +141,8 @@ class CorpusSettings:
 
     def check(self) -> None:
         if self.output_dtype not in OUTPUT_DTYPES:
-            raise ValueError(f"--output-dtype {self.output_dtype!r}: choose float32 or float16")
-        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
-            raise ValueError(f"--shard-size={self.shard_size!r} must be a whole number of at least 1")
+            raise UsageError(f"--output-dtype {self.output_dtype!r}: choose float32 or float16")
+        whole_number(self.shard_size, "--shard-size")
 
 
 def manifest_name(process: int, processes: int) -> str:
@@ -175,7 +181,7 @@ class CorpusJob:
                  batch_size: int = 32, skip_bad: bool = False, quiet: bool = False, out=print):
         settings.check()
         if not 0 <= process < settings.num_processes:
-            raise ValueError(f"process {process} of {settings.num_processes}: expected 0..{settings.num_processes - 1}")
+            raise UsageError(f"process {process} of {settings.num_processes}: expected 0..{settings.num_processes - 1}")
         self.embedder, self.settings, self.process = embedder, settings, process
         self.output = Path(output)
         self.batch_size, self.skip_bad, self.quiet, self.out = batch_size, skip_bad, quiet, out
@@ -211,22 +217,22 @@ class CorpusJob:
             self.out(f"{self.output}: this process's shards are complete ({self._count()} records)")
             return self.manifest
         settings, size, count = self.settings, self.settings.shard_size, self.settings.num_processes
-        done = {entry["shard"] for entry in self.manifest["shards"]}
+        done = {entry["shard"]: entry for entry in self.manifest["shards"]}
         total = count_records(settings.input)
         mine = sum(min(size, total - k * size) for k in range(self.process, -(-total // size), count))
-        progress = _progress(mine, self._count(), quiet=self.quiet)
-        meter = (time.perf_counter(), self.embedder.runner.tokens_embedded)
+        progress = progress_bar(mine, "doc", initial=self._count(), enabled=not self.quiet and sys.stderr.isatty())
+        meter = (time.perf_counter(), self.embedder.tokens_embedded)
         position, items = 0, []
         for item in iter_corpus(settings.input, text_field=settings.text_field, id_field=settings.id_field):
             shard = position // size
             position += 1
-            if shard % count == self.process and shard not in done:
+            if shard % count == self.process:
                 items.append(item)
                 if position % size == 0:
-                    self._write(shard, items, progress, meter)
+                    self._write_or_check(shard, items, done, progress, meter)
                     items = []
         if items:
-            self._write((position - 1) // size, items, progress, meter)
+            self._write_or_check((position - 1) // size, items, done, progress, meter)
         progress.close()
         self.manifest.update(complete=True, records=position)
         self._commit()
@@ -235,6 +241,18 @@ class CorpusJob:
 
     def _count(self) -> int:
         return sum(entry["count"] + entry.get("rejected", 0) for entry in self.manifest["shards"])
+
+    def _write_or_check(self, shard: int, items: list[Item], done: dict, progress, meter) -> None:
+        """Embeds and writes a shard not yet done; for a done one, checks that the input still holds the
+        records it was made from (an input edited between a kill and the rerun would shift every later
+        shard: refused, never embedded silently out of place)."""
+        if shard not in done:
+            self._write(shard, items, progress, meter)
+        elif done[shard].get("digest", records_digest(items)) != records_digest(items):
+            entry = done[shard]
+            raise InputError(f"{self.settings.input} changed since shard {shard} was embedded (its records "
+                             f"{entry['start']}..{entry['end'] - 1} differ), so {self.output} no longer matches it; "
+                             "restore the input, or embed it into another --output")
 
     def _write(self, shard: int, items: list[Item], progress, meter: tuple[float, int]) -> None:
         good = [item for item in items if item.error is None]
@@ -248,6 +266,7 @@ class CorpusJob:
                                            batch_size=self.batch_size, max_length=settings.max_length)
         entry = write_shard(self.output, shard, vectors.astype(settings.output_dtype), [item.id for item in good],
                             start=shard * settings.shard_size, records=len(items))
+        entry["digest"] = records_digest(items)
         if bad:
             with atomic_output(self.output / f"{shard_name(shard)}.rejects.jsonl") as handle:
                 for item in bad:
@@ -257,7 +276,7 @@ class CorpusJob:
         self._commit()
         progress.update(len(items))
         elapsed = max(time.perf_counter() - meter[0], 1e-9)
-        progress.set_postfix(tok_s=f"{(self.embedder.runner.tokens_embedded - meter[1]) / elapsed:.0f}")
+        progress.set_postfix(tok_s=f"{(self.embedder.tokens_embedded - meter[1]) / elapsed:.0f}")
 
     def _finish(self) -> None:
         """Once every process is complete: all rejected lines in one REJECTS file (rewritten whole, so
@@ -277,6 +296,14 @@ class CorpusJob:
             shown = ", ".join(json.dumps(i) for i in repeated[:5])
             self.out(f"warning: {len(repeated)} ids occur more than once (e.g. {shown}); search results name "
                      "them by id, so make ids unique")
+
+
+def records_digest(items: list[Item]) -> str:
+    """A hash of what a shard was made from (each record's source, line, id and text)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for item in items:
+        digest.update(json.dumps([item.source, item.line, item.id, item.text, item.error]).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def repeated_ids(files) -> list:
@@ -300,13 +327,6 @@ def repeated_ids(files) -> list:
     return [json.loads(key) for key, n in seen.items() if n > 1]
 
 
-def _progress(total: int, initial: int, *, quiet: bool):
-    """tqdm's bar (documents/s, tokens/s, time left) on a terminal; silent otherwise or when quiet."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="doc", dynamic_ncols=True, disable=quiet or not sys.stderr.isatty())
-
-
 def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: str | None = None,
                  prompt_name: str | None = None, dim: int | None = None, output_dtype: str = "float32",
                  text_field: str = "text", id_field: str = "id", shard_size: int = 10_000, batch_size: int = 32,
@@ -315,7 +335,8 @@ def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: s
     """Embeds (or finishes embedding) the corpus at `input` into the folder `output` with a
     Qwen3Embedder `model`; returns this process's manifest. `model_name` is what the manifest records
     (the hub id or folder the model came from) for `qwen3-jax search` to load."""
-    settings = CorpusSettings(model=str(model_name or ""), input=str(Path(input).absolute()), dim=model.check_dim(dim),
+    settings = CorpusSettings(model=model_identity(model_name) if model_name else "", input=str(Path(input).resolve()),
+                              dim=model.check_dim(dim),
                               prefix=model.resolve_prefix(prompt_name, None, instruction), dtype=dtype,
                               output_dtype=output_dtype, text_field=text_field, id_field=id_field,
                               shard_size=shard_size, max_length=model.max_length if max_length is None else max_length,

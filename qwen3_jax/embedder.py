@@ -8,36 +8,14 @@ from typing import Sequence
 import numpy as np
 from jax.sharding import Mesh
 
+from qwen3_jax.checks import check_dim, check_max_length, check_texts
+from qwen3_jax.checks import UsageError
+from qwen3_jax.compile_cache import use_default_compilation_cache
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.tokenize import TextTokenizer, format_instruction, read_sentence_transformers_files
-
-MIN_DIM = 32
-
-
-def check_texts(texts) -> list[str]:
-    """A list of strings (a 1-D numpy array of them too), or a clear error naming the first item that
-    is not one."""
-    if isinstance(texts, np.ndarray) and texts.ndim == 1:
-        texts = texts.tolist()
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
-        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
-    return list(texts)
-
-
-def check_max_length(max_length, default: int | None = None) -> int:
-    """A whole number of tokens of at least 2 (a text token and <|endoftext|>); None: `default`."""
-    if max_length is None and default is not None:
-        return default
-    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
-        raise ValueError(f"max_length={max_length!r} must be a whole number of tokens, at least 2")
-    return int(max_length)
-
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -65,6 +43,7 @@ class Qwen3Embedder:
                         fsdp: bool = False, revision: str | None = None, cache_dir: str | None = None,
                         strict: bool = False, **kwargs) -> "Qwen3Embedder":
         """Loads a local checkpoint folder or a hub id ("Qwen/Qwen3-Embedding-0.6B")."""
+        use_default_compilation_cache()
         folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
         model = load_model(folder, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh,
                            fsdp=fsdp, strict=strict)
@@ -78,6 +57,16 @@ class Qwen3Embedder:
         return self.config.hidden_size
 
     @property
+    def tokens_embedded(self) -> int:
+        """Real tokens embedded so far (prompts and <|endoftext|> included)."""
+        return self.runner.tokens_embedded
+
+    @property
+    def tokens_computed(self) -> int:
+        """Tokens the forward passes computed so far, padding included (>= tokens_embedded)."""
+        return self.runner.tokens_computed
+
+    @property
     def compiled_programs(self) -> int:
         """How many (batch, length) programs the forward pass has compiled so far."""
         return self.runner.compiled_programs
@@ -86,7 +75,7 @@ class Qwen3Embedder:
         """The string put before every text: at most one of the three ways of choosing it; none
         chosen, the checkpoint's default_prompt_name (as sentence-transformers does)."""
         if sum(x is not None for x in (prompt_name, prompt, instruction)) > 1:
-            raise ValueError("pass at most one of prompt_name, prompt and instruction")
+            raise UsageError("pass at most one of prompt_name, prompt and instruction")
         if instruction is not None:
             return format_instruction(instruction)
         if prompt is None and prompt_name is None:
@@ -94,18 +83,13 @@ class Qwen3Embedder:
         if prompt_name is not None:
             if prompt_name not in self.prompts:
                 known = ", ".join(self.prompts) or "none (no config_sentence_transformers.json)"
-                raise ValueError(f"prompt_name={prompt_name!r} is unknown; this model has: {known}")
+                raise UsageError(f"prompt_name={prompt_name!r} is unknown; this model has: {known}")
             return self.prompts[prompt_name]
         return prompt or ""
 
     def check_dim(self, dim: int | None) -> int:
-        hidden = self.config.hidden_size
-        if dim is None:
-            return hidden
-        low = min(MIN_DIM, hidden)
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not low <= dim <= hidden:
-            raise ValueError(f"dim={dim!r} is outside {low}..{hidden} supported by this model")
-        return int(dim)
+        """A Matryoshka dimension this model supports (None: its whole width)."""
+        return check_dim(dim, self.config.hidden_size)
 
     def encode(self, texts: Sequence[str] | str, *, prompt_name: str | None = None, prompt: str | None = None,
                instruction: str | None = None, dim: int | None = None, batch_size: int = 32,

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from qwen3_jax.corpus import embed_corpus
+from qwen3_jax.extras import require
 from qwen3_jax.index import Index
 from qwen3_jax.metrics import evaluate
-from qwen3_jax.textio import InputError, iter_lines_at
+from qwen3_jax.textio import InputError, iter_json_lines, iter_lines_at
 
 BEIR_METRICS = ("ndcg@10", "map@100", "recall@10", "recall@100", "mrr@10")
 
@@ -30,6 +31,7 @@ def mteb_encoder(embedder, *, model_name: str = "qwen3-jax", instructions: dict[
     metadata's own prompt (for queries), the checkpoint's "query" prompt; documents get the
     checkpoint's "document" prompt (Qwen3: none). Batching is ours (packed rows), not mteb's.
     """
+    require("mteb", "mteb_encoder")
     from mteb.models import ModelMeta
     from mteb.models.abs_encoder import AbsEncoder
     from mteb.types import PromptType
@@ -69,6 +71,7 @@ def mteb_cross_encoder(reranker, *, model_name: str = "qwen3-jax-reranker", inst
     """A cross-encoder for mteb's reranking tasks, backed by a Qwen3Reranker: each (query, document) pair
     scored with the official prompt; the instruction is `instructions[task name]`, else the task
     metadata's query prompt, else the reranker's default (the model card's web-search instruction)."""
+    require("mteb", "mteb_cross_encoder")
     from mteb.models import ModelMeta
     from mteb.types import PromptType
 
@@ -101,13 +104,7 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
         raise FileNotFoundError(f"{path} does not exist (a BEIR folder holds corpus.jsonl, queries.jsonl, "
                                 "qrels/test.tsv)")
     records = []
-    for number, _, line in iter_lines_at(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for number, _, record in iter_json_lines(path):
         if not isinstance(record, dict) or any(not isinstance(record.get(f), (str, int)) for f in fields):
             raise InputError(f"{path}:{number}: each line needs {' and '.join(map(repr, fields))}")
         records.append(record)
@@ -126,6 +123,9 @@ def read_beir(folder: str | Path, split: str = "test") -> tuple[dict[str, str], 
     if not queries:
         raise InputError(f"{folder / 'queries.jsonl'} holds no queries")
     qrels_file = folder / "qrels" / f"{split}.tsv"
+    if not qrels_file.is_file():
+        raise FileNotFoundError(f"{qrels_file} does not exist (a BEIR folder holds qrels/SPLIT.tsv; --split picks "
+                                "another split)")
     qrels: dict[str, dict[str, int]] = {}
     for number, _, line in iter_lines_at(qrels_file):
         cells = line.split("\t")

@@ -9,6 +9,13 @@ from pathlib import Path
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "1_Pooling/*", "merges.txt", "vocab.json"]
 
 
+def model_identity(name_or_path: str | os.PathLike) -> str:
+    """How a run records its model: a local folder by its resolved path (so `./emb`, `emb` and
+    `../x/emb` are one model), a hub id as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name_or_path)
+
+
 def resolve_model(name_or_path: str | os.PathLike, *, revision: str | None = None,
                   cache_dir: str | None = None) -> Path:
     """A local checkpoint folder for a path or a Hugging Face hub id such as "Qwen/Qwen3-Embedding-0.6B"."""

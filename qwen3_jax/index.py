@@ -12,9 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3_jax.checks import whole_number
 from qwen3_jax.corpus import read_manifests, shard_name
 
 BLOCK_ROWS = 65_536
+
+
+def _top_k_in_order(scores: np.ndarray, k: int) -> np.ndarray:
+    """A mask [n, m] of each row's k best scores, ties at the k-th score broken towards the lower column.
+    Columns run in index order (the kept best so far come first, in index order themselves), so
+    the lower column is the lower position."""
+    kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k, None]
+    above, at = scores > kth, scores == kth
+    wanted = k - above.sum(axis=1, keepdims=True)                 # how many of the ties fill the top k
+    return above | (at & (np.cumsum(at, axis=1) <= wanted))
 
 
 class Index:
@@ -53,12 +64,12 @@ class Index:
 
     def search(self, queries: np.ndarray, k: int = 10, *, block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, list]:
         """(scores [n, k'], ids: n lists of k' ids), best first, k' = min(k, len(self)); scores are dot
-        products (cosines, as both sides are normalised)."""
+        products (cosines, as both sides are normalised). Equal scores come in index order (the lower
+        position first), whatever k and the block size: duplicate documents are common."""
         queries = np.atleast_2d(np.asarray(queries, np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {queries.shape[1]}; this index holds {self.dim}-dim embeddings")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k={k!r} must be a whole number of at least 1")
+        whole_number(k, "k")
         n, k = len(queries), min(int(k), len(self))
         best = np.full((n, k), -np.inf, np.float32)
         where = np.zeros((n, k), np.int64)
@@ -69,9 +80,8 @@ class Index:
                 scores = np.concatenate([best, queries @ block.T], axis=1)
                 positions = np.concatenate([where, np.broadcast_to(offset + start + np.arange(len(block)),
                                                                    (n, len(block)))], axis=1)
-                keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-                best = np.take_along_axis(scores, keep, axis=1)
-                where = np.take_along_axis(positions, keep, axis=1)
+                keep = _top_k_in_order(scores, k)
+                best, where = scores[keep].reshape(n, k), positions[keep].reshape(n, k)
             offset += len(vectors)
         order = np.lexsort((where, -best), axis=1)          # best first; equal scores in index order
         best, where = np.take_along_axis(best, order, axis=1), np.take_along_axis(where, order, axis=1)

@@ -1,11 +1,16 @@
 """Laying texts out for the forward pass: padding-free rows of packed texts, in few shapes.
 
-Texts lie end to end in a row (each attends only to itself, see `attention.py`), so the token-wise
+Texts lie end to end in a row (each attends only to itself, see `attention/`), so the token-wise
 work (projections, MLP, norms) sees almost no padding. A batch is `num_rows` rows of `length` tokens:
-one row per data shard for the blockwise kernel, shorter rows for kernels whose cost grows with the
-row. A stream of texts fills full batches of one shape; only the last batch, and texts longer than a
-full row, take a row length from `row_length`'s fine ladder. So a stream of any length mix compiles a
-handful of programs and computes within a few percent of its real tokens.
+one row per data shard for kernels that skip the pairs of different texts, shorter rows for kernels
+whose cost grows with the row. A stream of texts fills full batches of one shape; only the last batch,
+and texts longer than a full row, take other lengths:
+- from `row_length`'s fine ladder (16 lengths per power of two: at most 6.25% padding) on the CPU,
+  where padding costs more than a compile;
+- with `fixed=True`, from the coarse ladder of `coarse_length` (powers of two and 1.5 times them) and
+  one slot density, so that every shape a token budget can produce is known in advance
+  (`fixed_shapes`): accelerators, where a compile takes seconds to minutes, and the server, which
+  compiles every shape before it accepts a request.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 
 TOKENS_PER_TEXT = 512            # a batch holds batch_size x 512 tokens
 SLOT_DENSITIES = (16, 4, 1)      # a row of R tokens has R // 16 output slots, more for tiny texts
+FIXED_SLOT_TOKENS = 4            # fixed shapes: a row of R tokens has R // 4 slots; a text takes at least 4
+COARSE_MINIMUM = 32
 ROW_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -27,6 +34,15 @@ def row_length(num_tokens: int, minimum: int = 16) -> int:
     num_tokens = max(num_tokens, 1)
     step = max(minimum, 1 << max(0, num_tokens.bit_length() - 5))
     return -(-num_tokens // step) * step
+
+
+def coarse_length(num_tokens: int, minimum: int = COARSE_MINIMUM) -> int:
+    """The smallest of 32, 48, 64, 96, 128, 192, ... (powers of two and 1.5 times them) that holds
+    `num_tokens`: at most a third of a row is padding, and a budget meets a dozen lengths."""
+    length = minimum
+    while length < num_tokens:
+        length = length * 3 // 2 if length & (length - 1) == 0 else length // 3 * 4
+    return length
 
 
 @dataclasses.dataclass
@@ -50,13 +66,21 @@ def _with_slots(rows: list[list[int]], length: int, num_rows: int) -> Batch:
     return Batch(rows, length, num_rows, slots)
 
 
+def _rows(token_budget: int, rows_multiple: int, row_limit: int | None) -> tuple[int, int]:
+    """(rows of a batch, tokens of a full row) for a budget, data-shard count and row limit."""
+    full_row = max(1, token_budget // rows_multiple) if row_limit is None else \
+        max(1, min(row_limit, token_budget // rows_multiple))
+    return rows_multiple * max(1, token_budget // (rows_multiple * full_row)), full_row
+
+
 def plan_batches(lengths: Sequence[int], *, token_budget: int, rows_multiple: int = 1,
-                 row_limit: int | None = None, pack: bool = True) -> list[Batch]:
+                 row_limit: int | None = None, pack: bool = True, fixed: bool = False) -> list[Batch]:
     """Batches for texts of these token counts, longest first; see the module docstring.
 
     `token_budget` bounds the tokens of a batch (a longer text gets a batch of its own);
     `rows_multiple` is the data-shard count (rows per batch are a multiple of it); `row_limit` caps a
-    packed row's length; `pack=False` puts one text in each row (for cuDNN's kernel).
+    packed row's length; `pack=False` puts one text in each row (for cuDNN's kernel); `fixed` takes
+    every shape from `fixed_shapes`.
     """
     lengths = [int(n) for n in lengths]
     if any(n < 1 for n in lengths):
@@ -64,25 +88,45 @@ def plan_batches(lengths: Sequence[int], *, token_budget: int, rows_multiple: in
     order = [int(i) for i in np.argsort(-np.asarray(lengths, np.int64), kind="stable")]
     if not pack:
         return _one_text_per_row(order, lengths, token_budget, rows_multiple)
-    full_row = max(1, token_budget // rows_multiple) if row_limit is None else \
-        max(1, min(row_limit, token_budget // rows_multiple))
-    num_rows = rows_multiple * max(1, token_budget // (rows_multiple * full_row))
+    num_rows, full_row = _rows(token_budget, rows_multiple, row_limit)
+    ladder = coarse_length if fixed else row_length
+    # With fixed shapes a text takes at least FIXED_SLOT_TOKENS of a row, so length // 4 slots hold a row.
+    cost = [max(n, FIXED_SLOT_TOKENS) for n in lengths] if fixed else lengths
     batches, lo, hi = [], 0, len(order) - 1
     while lo <= hi:
-        longest = lengths[order[lo]]
-        capacity = full_row if longest <= full_row else row_length(longest)
+        longest = cost[order[lo]]
+        capacity = full_row if longest <= full_row else ladder(longest)
         rows: list[list[int]] = [[] for _ in range(num_rows)]
         used = [(0, r) for r in range(num_rows)]       # a heap of (tokens, row): the emptiest row first
-        while lo <= hi and used[0][0] + lengths[order[lo]] <= capacity:   # the longest texts first,
-            _place(order[lo], lengths[order[lo]], rows, used)
+        while lo <= hi and used[0][0] + cost[order[lo]] <= capacity:   # the longest texts first,
+            _place(order[lo], cost[order[lo]], rows, used)
             lo += 1
-        while lo <= hi and used[0][0] + lengths[order[hi]] <= capacity:   # then the shortest fill the gaps
-            _place(order[hi], lengths[order[hi]], rows, used)
+        while lo <= hi and used[0][0] + cost[order[hi]] <= capacity:   # then the shortest fill the gaps
+            _place(order[hi], cost[order[hi]], rows, used)
             hi -= 1
         longest_row = max(tokens for tokens, _ in used)
-        length = capacity if lo <= hi else min(row_length(longest_row), capacity)
-        batches.append(_with_slots([row for row in rows if row], length, num_rows))
+        length = capacity if lo <= hi else min(ladder(longest_row), capacity)
+        rows = [row for row in rows if row]
+        batches.append(Batch(rows, length, num_rows, max(1, length // FIXED_SLOT_TOKENS)) if fixed
+                       else _with_slots(rows, length, num_rows))
     return batches
+
+
+def fixed_shapes(token_budget: int, *, rows_multiple: int = 1, row_limit: int | None = None,
+                 max_text_tokens: int | None = None) -> list[tuple[int, int, int]]:
+    """Every (rows, length, slots) that `plan_batches(..., fixed=True)` can give for this budget and
+    texts of up to `max_text_tokens` (default: the full row): a full row, the coarse lengths below
+    it, and the coarse lengths a text longer than a full row takes."""
+    num_rows, full_row = _rows(token_budget, rows_multiple, row_limit)
+    lengths = {full_row}
+    length = COARSE_MINIMUM
+    while length < max(full_row, max_text_tokens or 0):
+        if length < full_row or length >= coarse_length(full_row + 1):
+            lengths.add(length)
+        length = coarse_length(length + 1)
+    if max_text_tokens and max_text_tokens > full_row:
+        lengths.add(coarse_length(max_text_tokens))
+    return [(num_rows, n, max(1, n // FIXED_SLOT_TOKENS)) for n in sorted(lengths)]
 
 
 def _place(text: int, tokens: int, rows: list[list[int]], used: list[tuple[int, int]]) -> None:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from qwen3_jax.checks import UsageError
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.sharding import FSDP, TENSOR_PARALLEL, partition_spec
@@ -26,7 +27,7 @@ def parse_dtype(dtype) -> jnp.dtype:
     """"float32" | "bfloat16" | "float16" (or a jnp dtype) -> jnp.dtype, with a clear error otherwise."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+            raise UsageError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         return jnp.dtype(DTYPES[dtype])
     return jnp.dtype(dtype)
 
@@ -51,7 +52,7 @@ def parameter_shardings(model: Qwen3Model, mesh: Mesh | None, *, fsdp: bool = Fa
     def sharding(path: tuple[str, ...]) -> NamedSharding:
         rule = RULES_BY_PATH[path]
         axes = (("layers",) if rule.per_layer else ()) + rule.axes
-        return NamedSharding(mesh, partition_spec(axes, shapes[path], mesh, rules))
+        return NamedSharding(mesh, partition_spec(axes, shapes[path], mesh, rules, name=".".join(path)))
 
     return sharding
 

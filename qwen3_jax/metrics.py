@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from qwen3_jax.checks import UsageError
+
 
 def ndcg_at(ranking: Sequence, relevance: Mapping, k: int) -> float:
     gains = [max(relevance.get(doc, 0), 0) for doc in ranking[:k]]
@@ -49,13 +51,13 @@ METRICS = {"ndcg": ndcg_at, "recall": recall_at, "map": average_precision_at, "m
 
 
 def evaluate(rankings: Mapping, qrels: Mapping, metrics: Sequence[str]) -> dict[str, float]:
-    """Mean of each "name@k" (e.g. "ndcg@10", "map@100") over the queries of `qrels` that have a ranking
-    entry; a query without a ranking scores 0, as in trec_eval."""
+    """Mean of each "name@k" (e.g. "ndcg@10", "map@100") over every judged query of `qrels`; a judged
+    query that `rankings` lacks counts, with a score of 0."""
     results = {}
     for metric in metrics:
         name, _, k = metric.partition("@")
         if name not in METRICS or not k.isdigit():
-            raise ValueError(f"metric {metric!r}: expected one of {', '.join(METRICS)} with @k, e.g. ndcg@10")
+            raise UsageError(f"metric {metric!r}: expected one of {', '.join(METRICS)} with @k, e.g. ndcg@10")
         scores = [METRICS[name](rankings.get(query, []), relevance, int(k)) for query, relevance in qrels.items()]
         results[metric] = sum(scores) / len(scores) if scores else 0.0
     return results

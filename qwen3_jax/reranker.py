@@ -9,12 +9,14 @@ from typing import Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen3_jax.embedder import check_max_length, check_texts
+from qwen3_jax.checks import check_max_length, check_texts
+from qwen3_jax.checks import UsageError
+from qwen3_jax.compile_cache import use_default_compilation_cache
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.runner import LastTokenRunner
-from qwen3_jax.tokenize import TextTokenizer
+from qwen3_jax.tokenize import TextTokenizer, TooLong
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -41,19 +43,29 @@ class RerankerPrompts:
             raise ValueError("the tokenizer has no 'yes' / 'no' tokens; is this a Qwen3-Reranker checkpoint?")
         self.prefix_ids, self.suffix_ids = tokenizer.token_ids([PREFIX, SUFFIX])
         if len(self.prefix_ids) + len(self.suffix_ids) >= self.max_length:
-            raise ValueError(f"max_length={max_length} leaves no room between the prompt's prefix and suffix")
+            raise UsageError(f"max_length={max_length} leaves no room between the prompt's prefix and suffix")
 
-    def ids(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[list[int]]:
+    def ids(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None, *,
+            truncate: bool = True) -> list[list[int]]:
         """Token ids of each prompt (instruction None: the default); an over-long document is cut inside
-        the document part, so the prefix and suffix survive."""
+        the document part, so the prefix and suffix survive (`truncate=False`: TooLong instead)."""
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
         bodies = self.tokenizer.token_ids([format_pair(instruction, q, d) for q, d in pairs])
-        cut = sum(len(body) > budget for body in bodies)
+        too_long = [i for i, body in enumerate(bodies) if len(body) > budget]
+        if too_long and not truncate:
+            raise TooLong(too_long, len(bodies[too_long[0]]) + self.max_length - budget, self.max_length)
+        cut = len(too_long)
         if cut:
             warnings.warn(f"{cut} prompt(s) exceed max_length={self.max_length} tokens; their documents were "
                           "truncated (the prompt's prefix and suffix are kept)", stacklevel=3)
         return [self.prefix_ids + body[:budget] + self.suffix_ids for body in bodies]
+
+
+def yes_probability(margin: np.ndarray) -> np.ndarray:
+    """softmax([no, yes])[1] = sigmoid(yes - no), float32, without overflow for confident margins:
+    1 / (1 + exp(-m)) computed as exp(-log(1 + exp(-m)))."""
+    return np.exp(-np.logaddexp(0.0, -np.asarray(margin, np.float64))).astype(np.float32)
 
 
 class Qwen3Reranker:
@@ -76,6 +88,7 @@ class Qwen3Reranker:
                         revision: str | None = None, cache_dir: str | None = None, strict: bool = False,
                         **kwargs) -> "Qwen3Reranker":
         """Loads a local reranker folder or a hub id ("Qwen/Qwen3-Reranker-0.6B"); tied or separate LM head."""
+        use_default_compilation_cache()
         folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
         model = load_model(folder, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh,
                            fsdp=fsdp, with_lm_head=True, strict=strict)
@@ -94,8 +107,12 @@ class Qwen3Reranker:
                 raise TypeError(f"pairs[{i}] must be a (query, document) pair of strings")
         rows = self.prompt_ids(pairs, instruction)
         hidden = self.runner(rows, batch_size=batch_size, progress=show_progress_bar)
+        return yes_probability(self.answer_logits(hidden))
+
+    def answer_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """logit("yes") - logit("no") of last hidden states [n, D] (TEI's raw score)."""
         logits = np.einsum("BD,AD->BA", hidden, self.answer_rows)          # A: ("no", "yes")
-        return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)
+        return logits[:, 1] - logits[:, 0]
 
     def score(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
               batch_size: int = 16, show_progress_bar: bool = False) -> np.ndarray:
@@ -108,7 +125,7 @@ class Qwen3Reranker:
              instruction: str | None = None, batch_size: int = 16, show_progress_bar: bool = False) -> list[dict]:
         """Documents sorted by score: [{"index", "score", "document"}], the best `top_k` of them."""
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k={top_k} must be at least 1")
+            raise UsageError(f"top_k={top_k} must be at least 1")
         scores = self.score(query, documents, instruction=instruction, batch_size=batch_size,
                             show_progress_bar=show_progress_bar)
         order = np.argsort(-scores, kind="stable")[:top_k]

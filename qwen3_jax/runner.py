@@ -1,14 +1,17 @@
 """Running the backbone on packed rows of token ids and keeping each text's last hidden state.
 
-Shared by the embedder and the reranker: `layout.py` plans the rows, one jitted program per batch
-shape runs the model and gathers the last token of every text, and input order is restored on output.
+Shared by the embedder, the reranker and the server: `layout.py` plans the rows, one jitted program
+per batch shape runs the model and gathers the last token of every text, and input order is restored
+on output. A batch is dispatched (laid out, sent, started: the device runs it asynchronously) and then
+collected, so the host lays out the next batch while the device computes the last one.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
-import time
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,22 +20,23 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qwen3_jax.attention import packed_row_limit, packs_rows
-from qwen3_jax.layout import TOKENS_PER_TEXT, layout_batch, plan_batches
+from qwen3_jax.checks import whole_number
+from qwen3_jax.layout import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, plan_batches
 from qwen3_jax.model import Qwen3Model
+from qwen3_jax.progress import progress_bar
 from qwen3_jax.sharding import batch_sharding, fetch_global, put_global, shard_count
-
-
-def enable_compilation_cache(path: str) -> None:
-    """Keeps compiled programs on disk across processes (JAX's persistent cache; the environment
-    variable JAX_COMPILATION_CACHE_DIR does the same). Every program is cached, however quick."""
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _last_hidden(graphdef, state, ids, segments, ends):
     """The final states at each text's last token (`ends` [rows, slots]): float32 [rows, slots, D]."""
     return nnx.merge(graphdef, state)(ids, segments, at=ends).astype(jnp.float32)
+
+
+class Dispatched(NamedTuple):
+    """A batch whose forward pass has been started: its layout and the device result to collect."""
+
+    batch: Batch
+    result: jax.Array
 
 
 class LastTokenRunner:
@@ -50,10 +54,14 @@ class LastTokenRunner:
         self._inputs = batch_sharding(mesh)
         self.pack = packs_rows(model.attention_impl, model.dtype)
         self.row_limit = packed_row_limit(model.attention_impl, model.dtype)
+        # Accelerators take their shapes from a small fixed set (a compile there takes seconds to
+        # minutes); the CPU pads less with the fine ladder (see layout.py).
+        self.fixed_shapes = jax.default_backend() != "cpu"
         if not self.pack and padding_side != "right":
             raise ValueError("cuDNN attention needs right padding; use padding_side='right'")
         self._forward = jax.jit(functools.partial(_last_hidden, self._graphdef),
                                 in_shardings=(None,) + (self._inputs,) * 3, out_shardings=self._inputs)
+        self._compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}
         self.tokens_embedded = self.tokens_computed = 0
 
     def use(self, model: Qwen3Model) -> None:
@@ -67,42 +75,80 @@ class LastTokenRunner:
     @property
     def compiled_programs(self) -> int:
         """How many batch shapes (rows, length, slots) have been compiled so far."""
-        return self._forward._cache_size()
+        return self._forward._cache_size() + len(self._compiled)
+
+    def plan(self, lengths: Sequence[int], *, token_budget: int, fixed: bool | None = None) -> list[Batch]:
+        """The batches for texts of these token counts (see layout.plan_batches), for this runner's
+        mesh and attention kernel; `fixed` (default: on accelerators) takes shapes from fixed_shapes."""
+        return plan_batches(lengths, token_budget=token_budget, rows_multiple=shard_count(self.mesh),
+                            row_limit=self.row_limit, pack=self.pack,
+                            fixed=self.fixed_shapes if fixed is None else fixed)
+
+    def shapes(self, token_budget: int, max_text_tokens: int) -> list[tuple[int, int, int]]:
+        """Every (rows, length, slots) that plan(..., fixed=True) gives for this budget."""
+        if not self.pack:
+            raise ValueError("fixed shapes need an attention kernel that packs texts into rows "
+                             "(not cudnn): choose blockwise, splash or pallas")
+        return fixed_shapes(token_budget, rows_multiple=shard_count(self.mesh), row_limit=self.row_limit,
+                            max_text_tokens=max_text_tokens)
+
+    def compile(self, shapes: Sequence[tuple[int, int, int]], *, threads: int | None = None) -> None:
+        """Compiles the forward pass for every (rows, length, slots) in `shapes` now, several at once,
+        so that no later batch waits for a compile."""
+        def compile_one(shape):
+            rows, length, slots = shape
+            args = [jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=self._inputs)
+                    for width in (length, length, slots)]
+            with jax.set_mesh(self.mesh):
+                return shape, self._forward.lower(self._state, *args).compile()
+
+        missing = [shape for shape in shapes if shape not in self._compiled]
+        with ThreadPoolExecutor(threads or 2) as pool:
+            self._compiled.update(pool.map(compile_one, missing))
+
+    def dispatch(self, batch: Batch, texts: Sequence[Sequence[int]]) -> Dispatched:
+        """Lays `batch` out, sends it to the devices and starts its forward pass (which runs on while
+        this returns)."""
+        arrays = [put_global(a, self._inputs) for a in layout_batch(batch, texts, self.pad_id, self.padding_side)]
+        program = self._compiled.get((batch.num_rows, batch.length, batch.slots))
+        with jax.set_mesh(self.mesh):   # None: no mesh, one device; under a mesh, attention loops over
+            result = program(self._state, *arrays) if program else self._forward(self._state, *arrays)
+        self.tokens_computed += batch.computed_tokens
+        self.tokens_embedded += int(sum(len(texts[i]) for row in batch.rows for i in row))
+        return Dispatched(batch, result)
+
+    @staticmethod
+    def collect(dispatched: Dispatched) -> list[tuple[int, np.ndarray]]:
+        """(text index, last hidden state [D] float32) of each text of a dispatched batch, waiting for it."""
+        pooled = fetch_global(dispatched.result)
+        return [(i, pooled[r, slot]) for r, row in enumerate(dispatched.batch.rows) for slot, i in enumerate(row)]
 
     def __call__(self, texts: Sequence[Sequence[int]], *, batch_size: int, progress: bool = False) -> np.ndarray:
         """Last token's final hidden state for each text, float32 [n, D], in input order.
 
         A batch holds `batch_size` x 512 tokens: batch_size texts of up to 512 tokens, more shorter
-        ones, fewer longer ones. `progress` shows a bar (texts/s, tokens/s, time left) on stderr.
+        ones, fewer longer ones. `progress` shows a bar (texts/s, tokens/s, time left) on stderr from
+        the start, compiling included.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a whole number of at least 1")
+        whole_number(batch_size, "batch_size")
         out = np.zeros((len(texts), self.model.config.hidden_size), np.float32)
-        batches = plan_batches([len(t) for t in texts], token_budget=batch_size * TOKENS_PER_TEXT,
-                               rows_multiple=shard_count(self.mesh), row_limit=self.row_limit, pack=self.pack)
-        pending = []
-        with jax.set_mesh(self.mesh):   # None: no mesh, one device
-            for batch in batches:       # under the mesh, attention loops over each device's own rows
-                arrays = layout_batch(batch, texts, self.pad_id, self.padding_side)
-                inputs = (put_global(a, self._inputs) for a in arrays)
-                pending.append((batch, self._forward(self._state, *inputs)))
-                self.tokens_computed += batch.computed_tokens
-        bar = _progress_bar(len(texts), enabled=progress)
-        done_tokens, started = 0, time.perf_counter()
-        for batch, result in pending:              # in dispatch order, so the bar follows the device
-            pooled = fetch_global(result)
-            for r, row in enumerate(batch.rows):
-                out[row] = pooled[r, : len(row)]
-            done_tokens += sum(len(texts[i]) for row in batch.rows for i in row)
-            bar.update(sum(len(row) for row in batch.rows))
-            bar.set_postfix(tok_s=f"{done_tokens / max(time.perf_counter() - started, 1e-9):.0f}", refresh=False)
-        bar.close()
-        self.tokens_embedded += sum(len(t) for t in texts)
+        with progress_bar(len(texts), "text", enabled=progress) as bar:
+            tokens = 0
+
+            def finish(dispatched: Dispatched) -> None:
+                nonlocal tokens
+                done = self.collect(dispatched)
+                for i, state in done:
+                    out[i] = state
+                tokens += sum(len(texts[i]) for i, _ in done)
+                bar.update(len(done))
+                bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
+
+            in_flight: collections.deque[Dispatched] = collections.deque()
+            for batch in self.plan([len(t) for t in texts], token_budget=batch_size * TOKENS_PER_TEXT):
+                in_flight.append(self.dispatch(batch, texts))
+                if len(in_flight) > 1:           # the device runs one batch while the next is laid out
+                    finish(in_flight.popleft())
+            while in_flight:
+                finish(in_flight.popleft())
         return out
-
-
-def _progress_bar(total: int, *, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="text", dynamic_ncols=True,
-                disable=not enabled or jax.process_index() != 0)

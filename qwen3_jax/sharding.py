@@ -6,12 +6,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen3_jax.checks import UsageError
+
 BATCH_AXIS = "data"   # rows of a batch split over it; the other axis splits the model
 MESH_AXES = (BATCH_AXIS, "model")
 # Tensor parallelism: heads, MLP width and vocabulary split over "model".
 TENSOR_PARALLEL = {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model"}
 # FSDP additionally splits the model width of every matrix over "data".
 FSDP = {**TENSOR_PARALLEL, "embed": "data"}
+# Logical axes kept whole where the mesh axis does not divide them (see partition_spec).
+REPLICATED_WHEN_UNEVEN = {"kv_heads"}
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
@@ -20,7 +24,7 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
     if data is None:
         data = len(devices) // model
     if data < 1 or model < 1 or data * model != len(devices):
-        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices; "
+        raise UsageError(f"mesh data={data} x model={model} needs {data * model} devices; "
                          f"{len(devices)} are available")
     return Mesh(np.array(devices).reshape(data, model), MESH_AXES)
 
@@ -31,23 +35,29 @@ def parse_mesh(spec: str) -> dict[str, int]:
     for part in filter(None, spec.split(",")):
         name, _, value = part.partition("=")
         if name.strip() not in MESH_AXES or not value.strip().isdigit():
-            raise ValueError(f"--mesh {spec!r}: expected e.g. data=4,model=2")
+            raise UsageError(f"--mesh {spec!r}: expected e.g. data=4,model=2")
         sizes[name.strip()] = int(value)
     return sizes
 
 
 def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-                   rules: dict[str, str]) -> PartitionSpec:
-    """Maps logical axes to mesh axes; an axis whose size the mesh axis does not divide is replicated."""
+                   rules: dict[str, str], name: str = "a parameter") -> PartitionSpec:
+    """Maps logical axes to mesh axes. Only kv heads may stay whole when the mesh axis does not divide
+    them (fewer kv heads than tensor-parallel devices is common: they are replicated); any other axis
+    the mesh cannot split evenly is an error that names the parameter, never a silent copy."""
     spec, used = [], set()
-    for name, size in zip(axes, shape):
-        mesh_axis = rules.get(name) if name else None
-        if mesh_axis and mesh_axis not in used and size % mesh.shape[mesh_axis] == 0 \
-                and mesh.shape[mesh_axis] > 1:
+    for axis, size in zip(axes, shape):
+        mesh_axis = rules.get(axis) if axis else None
+        if not mesh_axis or mesh_axis in used or mesh.shape[mesh_axis] == 1:
+            spec.append(None)
+        elif size % mesh.shape[mesh_axis] == 0:
             spec.append(mesh_axis)
             used.add(mesh_axis)
-        else:
+        elif axis in REPLICATED_WHEN_UNEVEN:
             spec.append(None)
+        else:
+            raise UsageError(f"{name}: its {size} {axis} do not split evenly over the mesh's {mesh_axis} axis of "
+                             f"{mesh.shape[mesh_axis]} devices; choose a {mesh_axis} size that divides {size}")
     return PartitionSpec(*spec)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
+
+from qwen3_jax.checks import UsageError
 
 OUTPUT_SUFFIXES = (".npy", ".jsonl")
 
@@ -54,12 +57,24 @@ def iter_lines_at(path: str | Path) -> Iterator[tuple[int, int, str]]:
             offset += len(raw)
 
 
-def parse_record(path: Path, number: int, line: str, *, text_field: str = "text", id_field: str = "id") -> Record:
-    """One JSON line -> Record, or an InputError naming the file and line."""
+def json_line(path: Path, number: int, line: str):
+    """The JSON value of line `number` of `path`, or an InputError naming the file, line and column."""
     try:
-        record = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as err:
         raise InputError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, int, object]]:
+    """(line number, byte offset, JSON value) of each line of a .jsonl file that is not blank."""
+    for number, offset, line in iter_lines_at(path):
+        if line.strip():
+            yield number, offset, json_line(Path(path), number, line)
+
+
+def parse_record(path: Path, number: int, line: str, *, text_field: str = "text", id_field: str = "id") -> Record:
+    """One JSON line -> Record, or an InputError naming the file and line."""
+    record = json_line(path, number, line)
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         raise InputError(f"{path}:{number}: each line needs a string field {text_field!r}")
     record_id = record.get(id_field)
@@ -74,7 +89,7 @@ def iter_records(path: str | Path, *, text_field: str = "text", id_field: str = 
     lines skipped). `skip_blank` also skips blank .txt lines."""
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"input {path} must be a .txt (one text a line) or .jsonl file")
+        raise UsageError(f"input {path} must be a .txt (one text a line) or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     for number, line in iter_lines(path):
@@ -113,12 +128,23 @@ def assign_ids(path, records: Sequence[Record]) -> list:
     return [r.id for r in records]
 
 
+def file_identity(path: str | Path) -> dict:
+    """What a file is, whatever the spelling of its path: its resolved path, size and SHA-256. A run
+    records it, so a respelled path resumes and an edited file is noticed."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
 def check_output_path(path: str | Path) -> Path:
     """An output file that can be written: .npy or .jsonl, in an existing folder, not a folder itself.
     Checked before any work, so a long run is never thrown away at the end."""
     path = Path(path)
     if path.suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"output {path} must end in .npy or .jsonl")
+        raise UsageError(f"output {path} must end in .npy or .jsonl")
     if path.is_dir():
         raise IsADirectoryError(f"output {path} is a folder; name a file inside it")
     if not path.parent.is_dir():
@@ -126,13 +152,15 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
-def _plain_file_mode(path: Path) -> int:
-    """The permissions a plain open(path, "w") would leave: the existing file's, else 0o666 - umask."""
+def plain_mode(path: Path, *, folder: bool = False) -> int:
+    """The permissions a plain open(path, "w") (or mkdir) would leave: the existing file's, else
+    0o666 (0o777 for a folder) less the umask. Temporary files and folders are made private; what
+    is renamed into place gets these."""
     with contextlib.suppress(FileNotFoundError):
         return path.stat().st_mode & 0o7777
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if folder else 0o666) & ~umask
 
 
 @contextlib.contextmanager
@@ -143,7 +171,7 @@ def atomic_output(path: str | Path, mode: str = "w") -> Iterator:
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, _plain_file_mode(path))
+        os.chmod(tmp, plain_mode(path))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
         os.replace(tmp, path)

@@ -19,15 +19,14 @@ def format_instruction(instruction: str) -> str:
     return f"Instruct: {instruction}\nQuery:"
 
 
-def with_appended_end_of_text(tokenizer: Tokenizer) -> Tokenizer:
-    """A copy with the Qwen3-Embedding post-processor, which appends <|endoftext|> to every input."""
-    from tokenizers import processors
+class TooLong(ValueError):
+    """Texts longer than max_length that the caller asked not to truncate."""
 
-    copy = Tokenizer.from_str(tokenizer.to_str())
-    eot = copy.token_to_id(END_OF_TEXT)
-    copy.post_processor = processors.TemplateProcessing(
-        single=f"$A {END_OF_TEXT}", pair=f"$A $B {END_OF_TEXT}", special_tokens=[(END_OF_TEXT, eot)])
-    return copy
+    def __init__(self, indices: list[int], tokens: int, max_length: int):
+        self.indices, self.tokens, self.max_length = indices, tokens, max_length
+        self.what = (f"{len(indices)} input(s) (first: index {indices[0]}, {tokens} tokens) exceed the limit of "
+                     f"{max_length} tokens")
+        super().__init__(f"{self.what}; shorten them, or allow truncation")
 
 
 class TextTokenizer:
@@ -52,20 +51,26 @@ class TextTokenizer:
         """The texts' own tokens, without any special token the post-processor would add."""
         return [encoding.ids for encoding in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def encode(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    def encode(self, texts: Sequence[str], max_length: int, *, truncate: bool = True) -> list[list[int]]:
         """Token ids per text: the text's own tokens, cut to max_length - 1, then <|endoftext|>.
 
         The checkpoint's post-processor is bypassed, so the result is the same whether or not its
-        tokenizer.json appends the end-of-text token itself. Truncation warns once per call.
+        tokenizer.json appends the end-of-text token itself. Truncation warns once per call;
+        `truncate=False` raises TooLong instead.
         """
+        return self.finish(self.token_ids(texts), max_length, truncate=truncate)
+
+    def finish(self, ids: Sequence[Sequence[int]], max_length: int, *, truncate: bool = True) -> list[list[int]]:
+        """Texts' own token ids (e.g. a client's) made into model inputs as `encode` makes them."""
         if max_length < 2:
             raise ValueError(f"max_length={max_length} leaves no room for text and <|endoftext|>")
-        ids = self.token_ids(texts)
         too_long = [i for i, row in enumerate(ids) if len(row) >= max_length]
+        if too_long and not truncate:
+            raise TooLong(too_long, len(ids[too_long[0]]) + 1, max_length)
         if too_long:
             warnings.warn(f"{len(too_long)} text(s) (first: index {too_long[0]}) exceed max_length="
                           f"{max_length} tokens and were truncated; <|endoftext|> was kept", stacklevel=3)
-        return [row[: max_length - 1] + [self.end_of_text_id] for row in ids]
+        return [list(row[: max_length - 1]) + [self.end_of_text_id] for row in ids]
 
 
 def pad_batch(rows: Sequence[Sequence[int]], length: int, batch: int, pad_id: int,
@@ -102,26 +107,3 @@ def read_sentence_transformers_files(folder: Path) -> SentenceTransformersSettin
                          f"one of its prompts ({', '.join(prompts) or 'none'})")
     return SentenceTransformersSettings(prompts, default, settings.get("max_seq_length"))
 
-
-def write_sentence_transformers_files(folder: Path, *, hidden_size: int, max_seq_length: int,
-                                      prompts: dict[str, str] | None = None,
-                                      default_prompt_name: str | None = None) -> None:
-    """The module files sentence-transformers reads beside a Qwen3-Embedding checkpoint:
-    Transformer -> last-token Pooling -> Normalize, the prompts and max_seq_length."""
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": hidden_size, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": True, "include_prompt": True}))
-    prompts = {"query": QUERY_PROMPT, "document": ""} if prompts is None else prompts
-    (folder / "config_sentence_transformers.json").write_text(json.dumps(
-        {"prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine"}))
-    (folder / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": max_seq_length, "do_lower_case": False}))

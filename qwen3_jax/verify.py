@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3_jax.embedder import normalize_rows
+from qwen3_jax.extras import require
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.tokenize import TextTokenizer, format_instruction, pad_batch
@@ -28,6 +29,7 @@ MIN_COSINE = 0.99
 
 def reference_states(folder: Path, ids: np.ndarray, valid: np.ndarray, dtype: str):
     """transformers' per-layer outputs (all but the last) and final normed states."""
+    require("reference", "qwen3-jax verify (transformers on the same checkpoint)")
     import torch
     from transformers import AutoModel
 

@@ -23,7 +23,9 @@ _GIVEN = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_GIVEN] + [f"--{flag}={value}" for flag, value in TEST_XLA_FLAGS.items()
                                                 if flag not in _GIVEN]).strip()
 
-from qwen3_jax.tokenize import END_OF_TEXT, QUERY_PROMPT, with_appended_end_of_text, write_sentence_transformers_files
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.init_random import TINY, small_tokenizer, with_appended_end_of_text, write_random_checkpoint
+
 CORPUS = [
     "The capital of China is Beijing.", "Gravity is a force that attracts two bodies towards each other.",
     "What is the capital of China?", "Explain gravity", "机器学习是人工智能的一个分支。", "東京は日本の首都です。",
@@ -31,83 +33,36 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer():
-    """A small byte-level BPE tokenizer with the Qwen3 special tokens, trained on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[END_OF_TEXT, "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.add_tokens(["yes", "no"])  # the reranker reads these two tokens' logits
-    return tok
-
-
 def base_tokenizer():
-    """The real Qwen3 tokenizer when QWEN3_TOKENIZER_DIR points at it, else the tiny one."""
+    """The real Qwen3 tokenizer when QWEN3_TOKENIZER_DIR points at it, else the small one `init-random` builds."""
     from tokenizers import Tokenizer
 
     folder = os.environ.get("QWEN3_TOKENIZER_DIR")
     if folder and (Path(folder) / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-    return tiny_tokenizer()
+    return small_tokenizer()
 
 
-def save_tokenizer(tok, folder: Path) -> None:
-    from transformers import PreTrainedTokenizerFast
-
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token=END_OF_TEXT)
-    fast.padding_side = "right"
-    fast.save_pretrained(folder)
-    # save_pretrained may rewrite the post-processor; keep exactly the tokenizer we were given.
-    (folder / "tokenizer.json").write_text(tok.to_str())
-
-
-def randomize(model, seed: int) -> None:
-    """Random values for every parameter, norms included, so a mis-mapped weight cannot hide."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            param.copy_(1.0 + 0.1 * noise if "norm" in name else 0.05 * noise)
-
-
-def hub_style_config(folder: Path) -> None:
-    """Rewrites config.json in the transformers-4.51 dialect of the published checkpoints."""
+def transformers5_config(folder: Path) -> None:
+    """Rewrites config.json in the dialect transformers 5 writes (`rope_parameters`, `dtype`)."""
     raw = json.loads((folder / "config.json").read_text())
-    rope = raw.pop("rope_parameters", None) or {}
-    raw["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", 1e6))
-    raw["torch_dtype"] = raw.pop("dtype", "float32")
-    raw["architectures"] = ["Qwen3ForCausalLM"]
+    raw["rope_parameters"] = {"rope_type": "default", "rope_theta": raw.pop("rope_theta")}
+    raw["dtype"] = raw.pop("torch_dtype")
+    raw.pop("rope_scaling", None)
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
 
 
 def build_checkpoint(folder: Path, *, tokenizer, vocab_size: int, dtype: str = "float32", seed: int = 0,
                      hub_config: bool = True, causal_lm: bool = False, tie: bool = False,
-                     layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, head_dim: int = 32,
-                     intermediate: int = 128, max_shard_size: str | None = None) -> Path:
-    """A random Qwen3 checkpoint in the published layout (keys without "model." unless causal_lm)."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
-
-    config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=head_dim, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
-                         tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None)
-    model = (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
-    randomize(model, seed)
-    model = model.to(getattr(torch, dtype))
-    folder.mkdir(parents=True, exist_ok=True)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(folder, **kwargs)
-    if hub_config:
-        hub_style_config(folder)
-    save_tokenizer(tokenizer, folder)
-    write_sentence_transformers_files(folder, hidden_size=hidden, max_seq_length=1024)
+                     max_shard_size: str | None = None) -> Path:
+    """A random checkpoint of the tests' tiny shape, written by `qwen3-jax init-random`'s writer in the
+    published layout (keys without "model." unless causal_lm); every weight random, norms included."""
+    cfg = Qwen3Config(**TINY, vocab_size=vocab_size, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                      tie_word_embeddings=tie)
+    write_random_checkpoint(folder, cfg, reranker=causal_lm, tokenizer=tokenizer, dtype=dtype, seed=seed, std=0.05,
+                            max_seq_length=1024, max_shard_bytes=max_shard_size or "5GB", overwrite=True)
+    if not hub_config:
+        transformers5_config(folder)
     return folder
 
 
@@ -115,9 +70,10 @@ def build_checkpoint(folder: Path, *, tokenizer, vocab_size: int, dtype: str = "
 def compile_cache(tmp_path_factory):
     """JAX's persistent compilation cache for the session: the many models of the same tiny shapes that
     the tests build compile each program once. Subprocesses get the folder through --compile-cache."""
-    from qwen3_jax.runner import enable_compilation_cache
+    from qwen3_jax.compile_cache import ENVIRONMENT, enable_compilation_cache
 
     folder = str(tmp_path_factory.mktemp("compiled"))
+    os.environ[ENVIRONMENT] = folder          # subprocesses too: nothing is written to the user's cache
     enable_compilation_cache(folder)
     return folder
 

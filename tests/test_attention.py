@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from qwen3_jax.attention import (attention, attention_at, blockwise_attention, dense_attention, fused_attention, packs_rows,
-                                 row_by_row, window_ladder)
+                                 row_by_row)
+from qwen3_jax.attention.blockwise import window_ladder
 from qwen3_jax.config import preset
 from qwen3_jax.model import Qwen3Model
 

@@ -124,9 +124,9 @@ def test_each_mix_embeds_as_each_text_alone(checkpoint, embedder, mix):
         lengths[0] = 3000           # a 32k text through torch's eager attention takes minutes here
     rng = np.random.default_rng(2)
     rows = [list(rng.integers(0, embedder.config.vocab_size, n)) for n in lengths]
-    before = embedder.runner.tokens_computed
+    before = embedder.tokens_computed
     ours = embedder.runner(rows, batch_size=2)
-    assert embedder.runner.tokens_computed - before <= 1.10 * sum(lengths)
+    assert embedder.tokens_computed - before <= 1.10 * sum(lengths)
     reference = _transformers_last_states(checkpoint, rows)
     assert np.abs(_normalized(ours) - _normalized(reference)).max() <= 1e-5
 
@@ -142,8 +142,8 @@ def test_encode_packs_texts_and_counts_what_it_compiled(checkpoint):
     model.encode(texts, batch_size=8)
     first = model.compiled_programs
     assert first >= 1
-    assert model.runner.tokens_embedded == real
-    assert real <= model.runner.tokens_computed <= 1.10 * real
+    assert model.tokens_embedded == real
+    assert real <= model.tokens_computed <= 1.10 * real
     model.encode(texts, batch_size=8)
     assert model.compiled_programs == first                       # the same shapes again: no compile
     model.encode(texts[::2], batch_size=8)

@@ -39,7 +39,7 @@ def test_embed_jsonl_keeps_ids(checkpoint, embedder, tmp_path):
 
 def test_failures_print_one_line_and_leave_no_file(checkpoint, tmp_path, capsys):
     out = tmp_path / "out.npy"
-    assert main(["embed", "--model", str(checkpoint), "--text", "a", "--dim", "7", "--output", str(out)]) == 1
+    assert main(["embed", "--model", str(checkpoint), "--text", "a", "--dim", "7", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["qwen3-jax: error: dim=7 is outside 32..64 supported by this model"]
     assert list(tmp_path.iterdir()) == []
@@ -47,6 +47,20 @@ def test_failures_print_one_line_and_leave_no_file(checkpoint, tmp_path, capsys)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
     assert main(["embed", "--model", str(checkpoint), "--input", str(tmp_path / "bad.jsonl")]) == 1
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_stdout_keeps_full_precision_and_a_closed_pipe_ends_quietly(checkpoint, embedder, tmp_path):
+    """JSON lines on stdout hold each float32 exactly; a reader that stops early (`| head`) ends the
+    command quietly (exit 141, as `yes | head`), not with a traceback or "Broken pipe"."""
+    texts = [f"{t} {i}" for i in range(40) for t in CORPUS if "\n" not in t]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    command = [sys.executable, "-m", "qwen3_jax.cli", "embed", "--model", str(checkpoint), "--input",
+               str(tmp_path / "in.txt")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = json.loads(process.stdout.readline())
+    process.stdout.close()                                    # as `head -1` does after its line
+    assert process.wait(timeout=300) == 141 and process.stderr.read() == ""
+    assert np.array_equal(np.asarray(first["embedding"], np.float32), embedder.encode(texts)[0])
 
 
 def test_usage_errors_exit_2_through_the_console_script(checkpoint):
@@ -68,16 +82,32 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 @pytest.mark.parametrize("suffix", [".csv", ".npz"])
 def test_unknown_output_format(checkpoint, tmp_path, suffix, capsys):
-    assert main(["embed", "--model", str(checkpoint), "--text", "a", "--output", str(tmp_path / f"o{suffix}")]) == 1
+    assert main(["embed", "--model", str(checkpoint), "--text", "a", "--output", str(tmp_path / f"o{suffix}")]) == 2
     assert "must end in .npy or .jsonl" in capsys.readouterr().err
 
 
-def test_compile_cache_is_written(checkpoint, tmp_path):
-    cache = tmp_path / "jax-cache"
-    run = subprocess.run([sys.executable, "-m", "qwen3_jax.cli", "embed", "--model", str(checkpoint), "--text", "hi",
-                          "--compile-cache", str(cache)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert any(cache.iterdir())
+def test_the_compile_cache_is_on_by_default_and_a_second_run_compiles_nothing(checkpoint, tmp_path):
+    """With no setting, programs go to ~/.cache/qwen3-jax/xla (here under XDG_CACHE_HOME); the same
+    command again adds nothing to it (every program was found there); `--compile-cache off` writes none."""
+    from qwen3_jax.compile_cache import ENVIRONMENT
+
+    env = {k: v for k, v in os.environ.items() if k != ENVIRONMENT}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "home-cache")
+    command = [sys.executable, "-m", "qwen3_jax.cli", "embed", "--model", str(checkpoint), "--text", "hi", "there"]
+    cache = tmp_path / "home-cache" / "qwen3-jax" / "xla"
+
+    def entries():
+        return sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+
+    for expect_new in (True, False):
+        before = entries()
+        run = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        assert (entries() != before) == expect_new and entries()
+    other = tmp_path / "elsewhere"
+    run = subprocess.run(command + ["--compile-cache", "off"], capture_output=True, text=True,
+                         env={**env, "XDG_CACHE_HOME": str(other)})
+    assert run.returncode == 0 and not other.exists()
 
 
 def test_bench_prints_figures_for_both_sides(checkpoint, tmp_path, capsys):
@@ -116,16 +146,19 @@ def test_datasheet_peak_is_matched_by_device_kind():
     assert datasheet_tflops("cpu", "bfloat16") is None
 
 
+def _tokenizer_option() -> list[str]:
+    """The real Qwen3 tokenizer where QWEN3_TOKENIZER_DIR names it; else init-random's small one."""
+    folder = os.environ.get("QWEN3_TOKENIZER_DIR")
+    return ["--tokenizer", folder] if folder else []
+
+
 def test_gpu_suite_runs_end_to_end_on_a_small_stand_in(monkeypatch, capsys):
     """The accelerator suite's code path, shrunk to a 1-layer 0.6B shape and short texts the CPU can run."""
     import qwen3_jax.bench
 
-    tokenizer = os.environ.get("QWEN3_TOKENIZER_DIR")
-    if not tokenizer:
-        pytest.skip("QWEN3_TOKENIZER_DIR is not set: --random needs the real Qwen3 tokenizer")
     monkeypatch.setattr(qwen3_jax.bench, "GPU_SUITE", {"0.6B": (2, 3)})
     monkeypatch.setattr(qwen3_jax.bench, "SUITE_TOKENS", 64)
-    assert main(["bench", "--suite", "gpu", "--layers", "1", "--repeats", "1", "--tokenizer", tokenizer]) == 0
+    assert main(["bench", "--suite", "gpu", "--layers", "1", "--repeats", "1", *_tokenizer_option()]) == 0
     printed = capsys.readouterr().out
     assert printed.count("checkpoint (1 layers) written") == 1          # one checkpoint for both batch sizes
     for line, batch in zip(printed.splitlines()[-2:], ["2", "3"]):
@@ -137,12 +170,9 @@ def test_length_mix_suite_prints_a_row_per_mix(monkeypatch, capsys):
     """`bench --suite mixes`, shrunk to one layer, three texts and two mixes: fp32 rows match torch."""
     import qwen3_jax.bench
 
-    tokenizer = os.environ.get("QWEN3_TOKENIZER_DIR")
-    if not tokenizer:
-        pytest.skip("QWEN3_TOKENIZER_DIR is not set: --random needs the real Qwen3 tokenizer")
     monkeypatch.setattr(qwen3_jax.bench, "LENGTH_MIXES", (("5-30", False), ("10-200", True)))
     assert main(["bench", "--suite", "mixes", "--layers", "1", "--texts", "3", "--repeats", "1",
-                 "--tokenizer", tokenizer]) == 0
+                 *_tokenizer_option()]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[-2:]]
     assert [row[0] for row in rows] == ["5-30", "10-200"] and rows[1][1:3] == ["long", "tail"]
     assert all(float(row[-2]) <= 1e-4 and int(row[-3]) >= 1 for row in rows)     # max abs diff, programs

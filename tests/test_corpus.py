@@ -184,3 +184,51 @@ def test_search_is_exact_across_blocks_and_shards(embedder, checkpoint, corpus, 
                  "--instruction", "Find the document"]) == 0
     hits = json.loads(capsys.readouterr().out.splitlines()[0])["hits"]
     assert [h["id"] for h in hits] == ids[0][:3]
+
+
+def test_equal_scores_come_in_index_order_whatever_k_and_block_size(embedder, checkpoint, tmp_path, capsys):
+    """Duplicate documents (embedded in one batch, so their vectors are identical) score alike: the lower
+    position comes first, for every k and block size, in Index.search and in `qwen3-jax search`."""
+    from qwen3_jax.cli import main
+
+    copies = [3, 5, 6, 11, 17, 20, 23, 30, 31, 39]
+    texts = ["a river city" if i in copies else f"document {i} about {WORDS[i % len(WORDS)]}" for i in range(40)]
+    path = _write(tmp_path / "dupes.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
+    embed_corpus(embedder, path, tmp_path / "out", model_name=str(checkpoint), quiet=True, out=lambda _: None)
+    index = Index.open(tmp_path / "out")
+    query = embedder.encode(["a river city"])
+    copies = [f"d{i}" for i in copies]
+    for k in (1, 3, 5, 8):
+        for block_rows in (1, 3, 7, 16, 65536):
+            assert index.search(query, k, block_rows=block_rows)[1][0] == copies[:k], (k, block_rows)
+    assert main(["search", "--index", str(tmp_path / "out"), "--query", "a river city", "--top-k", "4"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)["hits"]] == copies[:4]
+
+
+def test_a_respelled_input_resumes_and_an_edited_one_is_refused(embedder, checkpoint, tmp_path, monkeypatch):
+    """The manifest names the input and model by resolved path: another spelling of the same paths (from
+    another folder) resumes. An input edited between a kill and the rerun would shift every later
+    shard: it is refused with the shard it no longer matches."""
+    documents = _documents(50)
+    path = tmp_path / "data" / "docs.jsonl"
+    path.parent.mkdir()
+    _write(path, documents)
+    output = tmp_path / "out"
+    embed_corpus(embedder, path, output, shard_size=10, model_name=str(checkpoint), quiet=True, out=lambda _: None)
+    manifest = output / "manifest-00000-of-00001.json"
+    finished = json.loads(manifest.read_text())
+    finished["shards"] = finished["shards"][:2]                  # as if killed after two shards
+    finished["complete"] = False
+    manifest.write_text(json.dumps(finished))
+    monkeypatch.chdir(tmp_path / "data")
+    respelled = embed_corpus(embedder, "../data/./docs.jsonl", "../out", shard_size=10, quiet=True,
+                             model_name=os.path.relpath(checkpoint), out=lambda _: None)
+    assert respelled["complete"] and len(respelled["shards"]) == 5
+    ids, _ = _load(output)
+    assert ids == [d["id"] for d in documents]
+
+    finished["shards"] = finished["shards"][:2]
+    manifest.write_text(json.dumps(finished))
+    _write(path, documents[:5] + [{"id": "new", "text": "inserted"}] + documents[5:])
+    with pytest.raises(InputError, match=r"changed since shard 0 was embedded \(its records 0..9 differ\)"):
+        embed_corpus(embedder, path, output, shard_size=10, model_name=str(checkpoint), quiet=True)

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from qwen3_jax import Qwen3Embedder
-from tests.conftest import CORPUS, QUERY_PROMPT, long_text
+from tests.conftest import CORPUS, long_text
+
+# The published config_sentence_transformers.json's query prompt, written here from the model card.
+CARD_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
 from tests.reference import cosine_rows
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
@@ -90,7 +93,7 @@ def test_bad_inputs_get_clear_errors(embedder):
         embedder.encode(["a"], batch_size=0)
     with pytest.raises(ValueError, match="batch_size=1.5 must be a whole number"):
         embedder.encode(["a"], batch_size=1.5)
-    with pytest.raises(ValueError, match="max_length=0 must be a whole number of tokens, at least 2"):
+    with pytest.raises(ValueError, match="max_length=0 must be a whole number of tokens of at least 2"):
         embedder.encode(["a"], max_length=0)
 
 
@@ -144,7 +147,7 @@ def test_default_max_length_comes_from_sentence_bert_config(embedder):
 
 
 def test_prompts_are_read_from_the_checkpoint(embedder):
-    assert embedder.prompts["query"] == QUERY_PROMPT
+    assert embedder.prompts["query"] == CARD_QUERY_PROMPT
 
 
 def _hub_cache(checkpoint, root, repo="Qwen/Qwen3-Embedding-0.6B"):

@@ -170,3 +170,29 @@ def test_bad_beir_folders(beir, tmp_path, breakage, message):
     breakage(folder)
     with pytest.raises(InputError, match=message):
         read_beir(folder)
+
+
+def test_metrics_on_a_case_worked_by_hand():
+    """Three relevant documents, ranked a, b, x, c: the ideal ranking of nDCG@k is cut at k too."""
+    import math
+
+    from qwen3_jax.metrics import evaluate
+
+    qrels = {"q": {"a": 1, "b": 1, "c": 1}, "unranked": {"a": 1}}
+    rankings = {"q": ["a", "b", "x", "c"]}
+    found = evaluate(rankings, qrels, ["ndcg@2", "ndcg@4", "recall@2", "map@4", "mrr@10"])
+    by_hand = {"ndcg@2": 1.0,                                   # both slots hold relevant documents
+               "ndcg@4": (1 + 1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3) + 1 / math.log2(4)),
+               "recall@2": 2 / 3, "map@4": (1 / 1 + 2 / 2 + 3 / 4) / 3, "mrr@10": 1.0}
+    for name, value in by_hand.items():              # a judged query without a ranking scores 0
+        assert abs(found[name] - value / 2) <= 1e-12, name
+
+
+def test_a_missing_qrels_file_says_which_and_why(beir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(beir, folder)
+    (folder / "qrels" / "test.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"qrels/test.tsv does not exist .*--split picks another split"):
+        read_beir(folder)

@@ -41,13 +41,14 @@ def test_states_at_chosen_positions_match_transformers(checkpoint):
     model = load_model(checkpoint, dtype="float32")
     real = valid[np.arange(len(at))[:, None], at]
     expected = np.take_along_axis(ref_final, at[..., None], axis=1)
-    for scan_layers, prune_last in ((True, None), (True, True), (False, None), (False, False)):
-        states = np.asarray(model(jnp.asarray(ids), jnp.asarray(valid), at=jnp.asarray(at), scan_layers=scan_layers,
-                                  prune_last=prune_last))
+    for prune_last in (False, True):
+        states = np.asarray(model(jnp.asarray(ids), jnp.asarray(valid), at=jnp.asarray(at), prune_last=prune_last))
         assert states.shape == (*at.shape, ref_final.shape[-1])
-        assert np.abs(states[real] - expected[real]).max() <= 1e-4, f"scan_layers={scan_layers}, prune_last={prune_last}"
+        assert np.abs(states[real] - expected[real]).max() <= 1e-4, f"prune_last={prune_last}"
     with pytest.raises(ValueError, match="return_layer_states"):
         model(jnp.asarray(ids), jnp.asarray(valid), at=jnp.asarray(at), return_layer_states=True)
+    with pytest.raises(ValueError, match="prune_last needs"):
+        model(jnp.asarray(ids), jnp.asarray(valid), prune_last=True)
 
 
 def test_bf16_compute_stays_close_to_fp32_reference(checkpoint):
@@ -87,7 +88,7 @@ def test_float32_products_ask_for_full_precision(checkpoint, dtype):
     graphdef, params = nnx.split(load_model(checkpoint, dtype=dtype))
 
     def loss(params, ids, valid):
-        states = nnx.merge(graphdef, params)(ids, valid, scan_layers=False).astype(jnp.float32)
+        states = nnx.merge(graphdef, params)(ids, valid).astype(jnp.float32)
         documents = states[1::2, -1].reshape(2, 1, -1)
         return infonce(states[::2, -1], documents, jnp.ones((2, 1), bool), temperature=0.05)[0]
 

@@ -107,3 +107,15 @@ def test_scores_under_a_mesh_with_a_padded_vocabulary(reranker_checkpoint, reran
     sharded = Qwen3Reranker.from_pretrained(reranker_checkpoint, mesh=mesh)
     assert sharded.model.embed[...].shape[0] == -(-vocab // model_axis) * model_axis > vocab
     assert np.abs(sharded.score(QUERY, DOCS) - reranker.score(QUERY, DOCS)).max() <= 1e-5
+
+
+def test_confident_scores_do_not_overflow():
+    import warnings
+
+    from qwen3_jax.reranker import yes_probability
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # numpy's overflow warning fails the test
+        scores = yes_probability(np.array([1000.0, -1000.0, 0.0, 2.0], np.float32))
+    np.testing.assert_allclose(scores, [1.0, 0.0, 0.5, 1 / (1 + np.exp(-2.0))], rtol=1e-6)
+    assert scores.dtype == np.float32

@@ -72,7 +72,9 @@ def _cli_args(checkpoint, data, output, cache, steps=6):
             "--seed", "3", "--quiet"]
 
 
-def test_run_killed_mid_way_resumes_with_the_same_losses(checkpoint, data, tmp_path, compile_cache):
+def test_run_killed_mid_way_resumes_with_the_same_losses(checkpoint, data, tmp_path, compile_cache, monkeypatch):
+    """kill -9 after a checkpoint, then the same command from another folder with every path spelled
+    another way (relative, with ./ and ..): it resumes, and every loss equals an uninterrupted run's."""
     from qwen3_jax.cli import main
 
     assert main(_cli_args(checkpoint, data, tmp_path / "whole", compile_cache)) == 0
@@ -92,7 +94,10 @@ def test_run_killed_mid_way_resumes_with_the_same_losses(checkpoint, data, tmp_p
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "final").exists()
-    assert main(_cli_args(checkpoint, data, killed, compile_cache)) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    respelled = {"train": "./" + os.path.relpath(data["train"])}
+    assert main(_cli_args(os.path.relpath(checkpoint) + "/", respelled, "../killed/.", compile_cache)) == 0
     resumed = _losses(killed)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]          # step 3 logged once, by the resumed run
     assert max(abs(resumed[s] - whole[s]) for s in whole) <= 1e-6
@@ -209,10 +214,19 @@ def test_row_length_gives_the_steps_one_shape(checkpoint, reranker_checkpoint, d
         run = Run(_config(model, {"train": lines}, tmp_path / name, steps=8, **settings))
         return {run.trainer.batch(run.stream.batch(i))["ids"].shape for i in range(8)}
 
-    assert len(shapes(checkpoint, data["train"], "default")) > 1
-    assert shapes(checkpoint, data["train"], "fixed", row_length=200) == {(1, 1, 208)}   # rounded as rows are
-    assert shapes(reranker_checkpoint, data["rerank"], "reranker", loss="reranker", batch_size=4,
-                  row_length=1000) == {(1, 1, 1024)}
+    def one_shape_at_least(wanted: int, found: set) -> bool:
+        (shape,) = found
+        # rounded up as rows are: to a multiple of 1/16 of the power of two below, at least 16
+        return shape[:2] == (1, 1) and wanted <= shape[2] < wanted + max(wanted / 16, 16)
+
+    natural = shapes(checkpoint, data["train"], "default")
+    assert len(natural) > 1
+    wanted = max(length for *_, length in natural) + 1                 # every step fits, none is that long
+    assert one_shape_at_least(wanted, shapes(checkpoint, data["train"], "fixed", row_length=wanted))
+    natural = shapes(reranker_checkpoint, data["rerank"], "reranker", loss="reranker", batch_size=4)
+    wanted = max(length for *_, length in natural) + 1
+    assert one_shape_at_least(wanted, shapes(reranker_checkpoint, data["rerank"], "reranker-fixed", loss="reranker",
+                                             batch_size=4, row_length=wanted))
 
 
 def test_ms_swift_lines_and_empty_negatives_train(checkpoint, tmp_path):
@@ -235,6 +249,17 @@ def test_another_runs_folder_is_refused_unless_overwrite(checkpoint, data, tmp_p
     with pytest.raises(FileExistsError, match="holds no training run"):
         Run(_config(checkpoint, data, tmp_path / "mine", overwrite=True))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_an_edited_data_file_cannot_resume_and_the_refusal_says_what_overwrite_deletes(checkpoint, data, tmp_path):
+    lines = tmp_path / "train.jsonl"
+    lines.write_text(open(data["train"]).read())
+    train(_config(checkpoint, {"train": str(lines)}, tmp_path / "out", steps=1), out=lambda _: None)
+    lines.write_text(lines.read_text() + '{"query": "q", "positive": "p"}\n')     # edited after the run began
+    with pytest.raises(FileExistsError, match=r"cannot resume: its data file .*train.jsonl changed since the run "
+                                              r"began .*pass --overwrite to delete that run, its checkpoints included"):
+        Run(_config(checkpoint, {"train": str(lines)}, tmp_path / "out", steps=1))
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint_1").is_dir()
 
 
 def test_fewer_examples_than_a_batch_and_bad_settings(checkpoint, data, tmp_path):

@@ -84,6 +84,13 @@ def test_loading_reads_only_each_devices_shard(checkpoint, monkeypatch):
     assert len(wq) == 2 and all(part[2] == full[2] // 2 for full, part in wq)   # two halves, read once each
 
 
+def test_a_mesh_that_cannot_split_the_heads_is_refused_by_name(checkpoint):
+    """4 query heads over model=3: an error naming the parameter (kv heads alone may stay whole)."""
+    with pytest.raises(ValueError, match=r"layers\.attn\.w[qo]: its 4 heads do not split evenly over the mesh's model "
+                                         r"axis of 3 devices"):
+        Qwen3Embedder.from_pretrained(checkpoint, mesh=_mesh(1, 3))
+
+
 def test_8b_shape_splits_evenly_without_memory():
     """The 8B shape's 30 GB of float32 parameters are planned abstractly: no leaf holds memory."""
     import resource

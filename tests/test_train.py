@@ -114,6 +114,7 @@ def test_infonce_and_its_gradient_match_the_torch_loss(setting):
     rng = np.random.default_rng(0)
     q, docs = rng.standard_normal((5, 16)).astype(np.float32), rng.standard_normal((5, 4, 16)).astype(np.float32)
     docs[2] = docs[0] + 0.01 * docs[2]             # near-duplicates, so false-negative masking has work to do
+    q[3] = q[1] + 0.01 * q[3]                      # (queries too: a q-q term far above any positive)
     mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], bool)
     ours = dict(LOSS_SETTINGS[setting])
     theirs = {name: value for name, value in ours.items() if name != "false_negative_margin"}
@@ -126,6 +127,31 @@ def test_infonce_and_its_gradient_match_the_torch_loss(setting):
     assert abs(float(loss) - reference.item()) <= 1e-5
     assert _relative_error(np.asarray(grads[0]), tq.grad.numpy()) <= 1e-5
     assert _relative_error(np.asarray(grads[1]) * mask[..., None], td.grad.numpy()) <= 1e-5
+
+
+def test_infonce_equals_the_published_formula_on_a_case_worked_by_hand():
+    """The report's and ms-swift's InfoNCE, L = mean_i -log(exp(s(q_i, d_i+)/t) / Z_i), worked out by hand on
+    unit vectors whose cosines are exact (t = 1): Z_1 sums the positive, q1's own negative and the batch's
+    other documents; with the 0.1 margin, n2 (cosine 0.96 > 0.8 + 0.1 with q1) leaves Z_1 as a false
+    negative. Both our loss and the torch reference of these tests must give it."""
+    import math
+
+    import torch
+
+    q = np.array([[1, 0], [0, 1]], np.float32)
+    docs = np.array([[[0.8, 0.6], [0.6, 0.8]],               # q1: positive d1, negative n1
+                     [[0, 1], [0.96, 0.28]]], np.float32)      # q2: positive d2, negative n2
+    mask = np.ones((2, 2), bool)
+    # cosines: q1 . (d1, n1, d2, n2) = 0.8, 0.6, 0, 0.96; q2 . (d1, n1, d2, n2) = 0.6, 0.8, 1, 0.28
+    e = math.exp
+    second = math.log(e(1) + e(0.28) + e(0.6) + e(0.8)) - 1
+    in_batch = (math.log(e(0.8) + e(0.6) + e(0) + e(0.96)) - 0.8 + second) / 2
+    masked = (math.log(e(0.8) + e(0.6) + e(0)) - 0.8 + second) / 2
+    for margin, by_hand in ((None, in_batch), (0.1, masked)):
+        ours, _ = infonce(q, docs, mask, temperature=1.0, false_negative_margin=margin)
+        reference = torch_infonce(torch.tensor(q), torch.tensor(docs), torch.tensor(mask), temperature=1.0,
+                                  margin=margin)
+        assert abs(float(ours) - by_hand) <= 1e-6 and abs(reference.item() - by_hand) <= 1e-6, margin
 
 
 def test_in_batch_infonce_is_sentence_transformers_mnrl():
@@ -217,12 +243,18 @@ def test_lora_gradients_and_three_adamw_steps_match_peft_and_torch(checkpoint, t
         assert np.abs(p.grad.numpy()).max() > 0, name
         assert _relative_error(ours_grads[name], p.grad.numpy()) <= 1e-4, name
 
+    # Three steps of our jitted step against torch.optim.AdamW given the same gradients (ours, at the same
+    # parameters): clipping, decay, the schedule and the update must agree to float rounding. (Fed each its
+    # own gradients, the two drift apart on elements whose clipped gradient is near Adam's eps = 1e-8,
+    # where g / (|g| + eps) turns rounding noise in g into a visible share of a step; the gradients
+    # themselves are compared above.)
     torch_opt = torch.optim.AdamW(list(params.values()), lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda s: s / 1 if s < 1 else max(0.0, (4 - s) / 3))
     for _ in range(3):
+        _, grads = jax.jit(step.loss_and_grads)(state.trainable, step.frozen, step.place(batch), jax.random.PRNGKey(0))
         state, _ = step(state, batch)
-        torch_opt.zero_grad()
-        _torch_contrastive_loss(peft_model, examples, 3, temperature=0.05).backward()
+        for name, gradient in peft_tensors(step.model(grads)).items():
+            params[name].grad = torch.tensor(gradient)
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         torch_opt.step()
         schedule.step()
@@ -357,9 +389,9 @@ def test_bad_settings_fail_before_anything_compiles(checkpoint):
 
 def _gradient_working_memory(*, remat: str = "off", layers: int = 4, vocab: int = 256,
                              used_inside: bool = False) -> int:
-    """XLA's working memory for the gradient of a tiny model of the 0.6B layout (dense attention, unrolled
-    layers, one row of 8 texts of 128 tokens); `used_inside` sums the gradients' squares in the program,
-    as an optimizer uses them, instead of returning them."""
+    """XLA's working memory for the gradient of a tiny model of the 0.6B layout (dense attention, one row
+    of 8 texts of 128 tokens); `used_inside` sums the gradients' squares in the program, as an optimizer
+    uses them, instead of returning them."""
     from qwen3_jax.config import preset
     from qwen3_jax.model import Qwen3Model
 
@@ -370,7 +402,7 @@ def _gradient_working_memory(*, remat: str = "off", layers: int = 4, vocab: int 
     segments = jnp.repeat(jnp.arange(1, 9, dtype=jnp.int32), 128)[None]
 
     def loss(params):
-        return (nnx.merge(graphdef, params)(ids, segments, remat=remat, scan_layers=False)[:, ::128] ** 2).sum()
+        return (nnx.merge(graphdef, params)(ids, segments, remat=remat)[:, ::128] ** 2).sum()
 
     def squared_gradients(params):
         return sum(jnp.vdot(g, g) for g in jax.tree.leaves(jax.grad(loss)(params)))
@@ -379,11 +411,15 @@ def _gradient_working_memory(*, remat: str = "off", layers: int = 4, vocab: int 
 
 
 def test_remat_keeps_one_layer_of_activations_instead_of_all():
-    """XLA's working memory for the gradient of 4 unrolled layers: remat "full" keeps each layer's input
-    only (XLA's CPU compiler drops jax.checkpoint's barrier, so remat once saved nothing there), "dots"
-    keeps the projections too."""
+    """XLA's working memory for the gradient of the scanned layers: remat "full" keeps each layer's input
+    only, "dots" keeps the projections too; without remat it grows with every layer's activations, with
+    "full" by one layer's input per layer."""
     off, full, dots = (_gradient_working_memory(remat=remat) for remat in ("off", "full", "dots"))
     assert full < off / 2.5 and full < dots < off, (off, full, dots)
+    deeper_off, deeper_full = (_gradient_working_memory(remat=remat, layers=8) for remat in ("off", "full"))
+    layer_input = 1024 * 64 * 4              # 4 layers more: without remat each keeps all it computes
+    assert deeper_off - off > 40 * layer_input and deeper_full - full < 5 * layer_input, (off, deeper_off, full,
+                                                                                          deeper_full)
 
 
 def test_the_embedding_gradient_is_not_held_through_the_backward_pass():

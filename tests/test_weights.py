@@ -49,7 +49,7 @@ def test_every_weight_acts_as_transformers_uses_it(checkpoint):
     import torch
     from transformers import AutoModel
 
-    from qwen3_jax.model import project
+    from qwen3_jax.kernels.projection import project
 
     ours = load_model(checkpoint)
     theirs = AutoModel.from_pretrained(str(checkpoint), dtype=torch.float32)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from qwen3_jax.bench import _dtype_keyword, bench_checkpoint, synthetic_texts
+from qwen3_jax.extras import require
 from qwen3_jax.loader import load_model
 from qwen3_jax.tokenize import TextTokenizer
 from qwen3_jax.train.batch import ContrastiveExample, contrastive_batch
@@ -87,6 +88,7 @@ def _torch(folder, columns: list[list[str]], rank: int | None, remat: str, mini_
            repeats: int) -> dict:
     """The same step with sentence-transformers: MultipleNegativesRankingLoss (CachedMNRL for GradCache),
     a peft LoRA adapter on its transformers model, transformers' gradient checkpointing; float32."""
+    require("reference", "the training benchmark's sentence-transformers side (or pass --no-reference)")
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import losses

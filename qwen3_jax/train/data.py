@@ -13,13 +13,13 @@ iterator's position is a small dict that checkpoints store and restore exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import grain
 import numpy as np
 
-from qwen3_jax.textio import InputError, iter_lines_at
+from qwen3_jax.checks import UsageError
+from qwen3_jax.textio import InputError, iter_json_lines, json_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,19 +66,15 @@ class JsonlSource:
         if not self.path.is_file():
             raise FileNotFoundError(f"data file {self.path} does not exist")
         if self.path.suffix != ".jsonl":
-            raise ValueError(f"data file {self.path} must be .jsonl (one JSON object a line)")
+            raise UsageError(f"data file {self.path} must be .jsonl (one JSON object a line)")
         self.kind = kind
         offsets, lines = [], []
         self.max_documents = 0           # the most documents (positive + negatives) of any line
-        for number, offset, line in iter_lines_at(self.path):     # checks UTF-8 and every line up front
-            if line.strip():
-                try:
-                    example = parse_example(json.loads(line), kind, f"{self.path}:{number}")
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{self.path}:{number}: not valid JSON ({err.msg})") from None
-                self.max_documents = max(self.max_documents, len(example.documents))
-                offsets.append(offset)
-                lines.append(number)
+        for number, offset, record in iter_json_lines(self.path):     # checks UTF-8 and every line up front
+            example = parse_example(record, kind, f"{self.path}:{number}")
+            self.max_documents = max(self.max_documents, len(example.documents))
+            offsets.append(offset)
+            lines.append(number)
         self.offsets = np.asarray(offsets, np.int64)
         self.lines = np.asarray(lines, np.int64)
 
@@ -89,7 +85,8 @@ class JsonlSource:
         with open(self.path, "rb") as handle:
             handle.seek(int(self.offsets[index]))
             raw = handle.readline().decode("utf-8")
-        return parse_example(json.loads(raw), self.kind, f"{self.path}:{int(self.lines[index])}")
+        number = int(self.lines[index])
+        return parse_example(json_line(self.path, number, raw), self.kind, f"{self.path}:{number}")
 
 
 class ExampleStream:
@@ -100,7 +97,7 @@ class ExampleStream:
 
     def __init__(self, source: JsonlSource, *, batch_size: int, seed: int):
         if len(source) < batch_size:
-            raise ValueError(f"{source.path} holds {len(source)} examples, fewer than one batch of {batch_size}; "
+            raise UsageError(f"{source.path} holds {len(source)} examples, fewer than one batch of {batch_size}; "
                              "lower --batch-size or add data")
         self.source, self.batch_size = source, batch_size
         self.order = grain.MapDataset.source(source).shuffle(seed=seed).repeat()

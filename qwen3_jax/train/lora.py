@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen3_jax.model import ADAPTER_SUFFIX, Qwen3Model, input_gradient, materialised, project, weight_gradient
+from qwen3_jax.checks import whole_number
+from qwen3_jax.checks import UsageError
+from qwen3_jax.kernels.projection import ADAPTER_SUFFIX, input_gradient, materialised, project, weight_gradient
+from qwen3_jax.model import Qwen3Model
 from qwen3_jax.safetensors_file import CheckpointError, SafetensorsFile, write_safetensors
 from qwen3_jax.weights import WEIGHTS, WeightRule, hf_key
 
@@ -52,12 +55,11 @@ class LoRAConfig:
             object.__setattr__(self, "targets", tuple(PROJECTIONS))
         unknown = [t for t in self.targets if t not in PROJECTIONS]
         if unknown or not self.targets:
-            raise ValueError(f"LoRA targets {', '.join(unknown) or '(none)'} do not exist; choose among "
+            raise UsageError(f"LoRA targets {', '.join(unknown) or '(none)'} do not exist; choose among "
                              f"{', '.join(PROJECTIONS)} or all-linear")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRA rank={self.rank!r} must be a whole number of at least 1")
+        whole_number(self.rank, "LoRA rank")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+            raise UsageError(f"LoRA dropout={self.dropout} must be in [0, 1)")
 
     @property
     def scale(self) -> float:

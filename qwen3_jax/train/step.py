@@ -19,6 +19,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen3_jax.checks import check_dim
+from qwen3_jax.checks import UsageError
 from qwen3_jax.model import REMAT_POLICIES, Qwen3Model
 from qwen3_jax.numerics import einsum
 from qwen3_jax.sharding import BATCH_AXIS, put_global
@@ -46,19 +48,17 @@ class Objective:
     def check(self, hidden_size: int) -> None:
         """Raises a clear error for a setting that cannot work, before anything compiles."""
         if self.kind not in ("infonce", "reranker"):
-            raise ValueError(f"loss {self.kind!r}: choose infonce or reranker")
+            raise UsageError(f"loss {self.kind!r}: choose infonce or reranker")
         if self.kind == "reranker" and self.answer_ids is None:
             raise ValueError("the reranker loss needs answer_ids (the tokens of 'no' and 'yes')")
         if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be positive")
+            raise UsageError(f"temperature={self.temperature} must be positive")
         if not self.use_batch and (self.include_qq or self.include_dd):
-            raise ValueError("include_qq and include_dd compare across the batch; they need use_batch")
-        low = min(32, hidden_size)
+            raise UsageError("include_qq and include_dd compare across the batch; they need use_batch")
         for dim in self.matryoshka_dims:
-            if isinstance(dim, bool) or not isinstance(dim, int) or not low <= dim <= hidden_size:
-                raise ValueError(f"matryoshka dim {dim!r} is outside {low}..{hidden_size} supported by this model")
+            check_dim(dim, hidden_size, name="matryoshka dim ")
         if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims):
-            raise ValueError(f"{len(self.matryoshka_dims)} matryoshka dims but {len(self.matryoshka_weights)} weights")
+            raise UsageError(f"{len(self.matryoshka_dims)} matryoshka dims but {len(self.matryoshka_weights)} weights")
 
     def loss(self, model: Qwen3Model, embeddings: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
         """The loss of the pooled final states [texts, D] of a step's batch."""
@@ -94,7 +94,7 @@ class OptimizerConfig:
 
     def learning_rates(self) -> optax.Schedule:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+            raise UsageError(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         decay_steps = max(self.total_steps - self.warmup_steps, 1)
         decay = {"cosine": optax.cosine_decay_schedule(self.learning_rate, decay_steps),
                  "linear": optax.linear_schedule(self.learning_rate, 0.0, decay_steps),
@@ -139,9 +139,9 @@ class TrainStep:
                  remat: str = "off", mini_batches: int = 1, mesh: Mesh | None = None, seed: int = 0):
         objective.check(model.config.hidden_size)
         if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+            raise UsageError(f"remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
         if mini_batches > 1 and objective.kind != "infonce":
-            raise ValueError("GradCache (mini-batches) serves the contrastive loss; the reranker loss is per "
+            raise UsageError("GradCache (mini-batches) serves the contrastive loss; the reranker loss is per "
                              "example: use gradient accumulation instead")
         self.objective, self.optimizer, self.remat, self.mini_batches = objective, optimizer, remat, mini_batches
         self.mesh = mesh
@@ -183,12 +183,12 @@ class TrainStep:
         with jax.set_mesh(self.mesh):   # under a mesh, attention loops over each device's own rows
             return self._step(state, self.frozen, self.place(batch))
 
-    def _embed(self, trainable, frozen, batch: dict, m, rng, remat: str, differentiated: bool = True) -> jax.Array:
-        """Mini-batch m's pooled final states, flat [rows * slots, D] (the layers unrolled where
-        gradients flow, see Qwen3Model.__call__; the last one at the pooled tokens alone)."""
+    def _embed(self, trainable, frozen, batch: dict, m, rng, remat: str) -> jax.Array:
+        """Mini-batch m's pooled final states, flat [rows * slots, D] (the last layer at the pooled
+        tokens alone, see Qwen3Model.__call__)."""
         model = self.model(trainable, frozen)
         pooled = model(batch["ids"][m], batch["segments"][m], at=batch["ends"][m], rng=jax.random.fold_in(rng, m),
-                       remat=remat, scan_layers=not differentiated, prune_last=True).astype(jnp.float32)
+                       remat=remat, prune_last=True).astype(jnp.float32)
         return pooled.reshape(-1, pooled.shape[-1])
 
     def _texts(self, pooled: jax.Array, batch: dict) -> jax.Array:
@@ -206,8 +206,7 @@ class TrainStep:
         # The last mini-batch keeps its activations from the first pass (its pullback), so only the
         # others run again: the peak is still one mini-batch's forward and backward pass.
         last = count - 1
-        pooled = jax.lax.map(lambda m: self._embed(trainable, frozen, batch, m, rng, "off", differentiated=False),
-                             jnp.arange(last))
+        pooled = jax.lax.map(lambda m: self._embed(trainable, frozen, batch, m, rng, "off"), jnp.arange(last))
         last_pooled, last_pullback = jax.vjp(lambda t: self._embed(t, frozen, batch, last, rng, self.remat),
                                              trainable)
         model = self.model(trainable, frozen)

@@ -1,9 +1,7 @@
-"""Causal self-attention behind one signature, with interchangeable implementations.
+"""Block-sparse attention for packed rows: each query block scores only the keys of the texts it holds.
 
-Shapes: q [B, T, N, H]; k, v [B, T, K, H] (K key/value heads, N = K * G query heads);
-`segments` [B, T] int32: 0 marks padding, equal positive ids mark the tokens of one text. Several
-texts may be packed into one row; a token attends to the earlier tokens of its own text only.
-Padding may sit on either side. Padding rows produce finite values that callers ignore.
+The forward pass and the flash-attention backward pass (recomputing each tile from the saved
+log-sum-exp) are written out; on the CPU the block size follows the row's mean text length.
 """
 
 from __future__ import annotations
@@ -14,62 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qwen3_jax.attention.masking import MASKED, group_queries, heads_first, positions_from_segments, segment_mask
 from qwen3_jax.numerics import einsum
-from qwen3_jax.sharding import BATCH_AXIS
-
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash")
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
-# The longest packed row each kernel is given. dense and splash compute every causal pair of a row,
-# texts alike or not, so their rows stay short; blockwise skips the pairs of different texts, so one
-# row may hold a whole batch. cuDNN's kernel takes one text a row (see `packs_rows`).
-PACKED_ROW_LIMIT = {"dense": 2048, "splash": 2048, "blockwise": None}
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
-              impl: str = "auto", block_size: int | None = None, interpret: bool = False) -> jax.Array:
-    """Causal GQA attention within segments; `impl` picks the kernel (see IMPLEMENTATIONS)."""
-    impl = resolve_implementation(impl, q.dtype)
-    if impl in ("dense", "blockwise"):
-        kernel = dense_attention if impl == "dense" else functools.partial(blockwise_attention, block_size=block_size)
-        return row_by_row(kernel, q, k, v, segments, rows_per_step=default_rows_per_step())
-    if impl == "cudnn":
-        return fused_attention(q, k, v, segments, implementation="cudnn")
-    return splash_attention(q, k, v, segments, interpret=interpret)
-
-
-def resolve_implementation(impl: str, dtype) -> str:
-    """The kernel `impl` names; "auto" picks one for the default backend and dtype: cuDNN for
-    half precision on GPUs, splash on TPUs, blockwise elsewhere."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLEMENTATIONS)}")
-    if impl != "auto":
-        return impl
-    backend = jax.default_backend()
-    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
-    return "splash" if backend == "tpu" else "blockwise"
-
-
-def packs_rows(impl: str, dtype) -> bool:
-    """Whether this implementation handles several texts per row (all but cuDNN's fused kernel)."""
-    return resolve_implementation(impl, dtype) != "cudnn"
-
-
-def packed_row_limit(impl: str, dtype) -> int | None:
-    """The longest row of packed texts to give this implementation (None: any length)."""
-    return PACKED_ROW_LIMIT.get(resolve_implementation(impl, dtype))
-
-
-def default_rows_per_step() -> int | None:
-    """How many rows the XLA kernels compute together: all at once on accelerators (None); on the
-    CPU one row per data shard at a time, so a row's scores stay in cache between the two products
-    and the softmax (1.3-2x faster there). The data-shard count comes from the mesh set with
-    `jax.set_mesh`, so each device loops over its own rows."""
-    if jax.default_backend() != "cpu":
-        return None
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else mesh.shape.get(BATCH_AXIS, 1)
-
 
 # Query blocks of the blockwise kernel by the mean text length of a row (up to the first bound, the
 # first size, ...): on the CPU a block of short texts should look back little, while long texts run
@@ -82,73 +26,6 @@ def default_rows_per_step() -> int | None:
 CPU_BLOCKS = ((192, 32), (384, 64), (None, 128))
 CPU_BACKWARD_BLOCK = 64
 ACCELERATOR_BLOCKS = ((None, 256),)
-
-
-def positions_from_segments(segments: jax.Array) -> jax.Array:
-    """0..n-1 within each text of a row (texts may be packed; padding may sit on either side)."""
-    index = jnp.arange(segments.shape[1])
-    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
-    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-
-
-def row_by_row(kernel, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
-               rows_per_step: int | None) -> jax.Array:
-    """`kernel` on `rows_per_step` rows at a time (a loop over the rest), or on all rows when None.
-
-    The loop runs over the second factor of rows = [rows_per_step, steps], so rows split over data
-    shards stay on their device.
-    """
-    b = q.shape[0]
-    if rows_per_step is None or rows_per_step >= b or b % rows_per_step:
-        return kernel(q, k, v, segments)
-    to_steps = lambda x: jnp.swapaxes(x.reshape(rows_per_step, b // rows_per_step, *x.shape[1:]), 0, 1)
-    out = jax.lax.map(lambda xs: kernel(*xs), tuple(to_steps(x) for x in (q, k, v, segments)))
-    return jnp.swapaxes(out, 0, 1).reshape(q.shape)
-
-
-def _group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
-    """[B, T, N, ...] -> [B, T, K, G, ...]: query head j*G + g is served by kv head j."""
-    b, t, n = q.shape[:3]
-    return q.reshape(b, t, num_kv_heads, n // num_kv_heads, *q.shape[3:])
-
-
-def _heads_first(q: jax.Array, k: jax.Array, v: jax.Array):
-    """q [B, K, G, T, H] and k, v [B, K, T, H]: each kv head's work is one batched matrix product."""
-    qg = jnp.einsum("BTKGH->BKGTH", _group_queries(q, k.shape[2]))
-    return qg, jnp.einsum("BTKH->BKTH", k), jnp.einsum("BTKH->BKTH", v)
-
-
-def _mask(q_segments, k_segments, q_pos, k_pos) -> jax.Array:
-    """[B, Q, S]: same text, key not padding, key not after the query (positions [Q] or [B, Q])."""
-    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] > 0)
-    return same & (q_pos[..., :, None] >= k_pos[None, :])
-
-
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
-    """Reference attention: the full score matrix, softmax statistics in float32."""
-    b, t, n, h = q.shape
-    qg, kt, vt = _heads_first(q, k, v)
-    positions = jnp.arange(t)
-    bias = jnp.where(_mask(segments, segments, positions, positions), 0.0, _MASKED)[:, None, None]
-    scores = einsum("BKGTH,BKSH->BKGTS", qg, kt, preferred_element_type=jnp.float32) * h**-0.5 + bias
-    probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    out = einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), vt, preferred_element_type=jnp.float32)
-    out = out / probs.sum(axis=-1, keepdims=True)                      # normalise after the product
-    return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(q.dtype)
-
-
-def attention_at(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, at: jax.Array) -> jax.Array:
-    """Causal GQA attention of the queries at positions `at` [B, S] alone: q [B, S, N, H] holds those
-    positions' queries, k and v [B, T, K, H] every key -> [B, S, N, H]. A pooled forward pass needs
-    nothing else from its last layer, and the scores [B, K, G, S, T] stay small (S texts a row), so
-    every backend takes them dense."""
-    qg = _group_queries(q, k.shape[2])                                   # [B, S, K, G, H]
-    q_segments = jnp.take_along_axis(segments, at, axis=1)
-    mask = _mask(q_segments, segments, at, jnp.arange(k.shape[1]))[:, None, None]   # [B, 1, 1, S, T]
-    scores = einsum("BSKGH,BTKH->BKGST", qg, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-    probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
-    out = einsum("BKGST,BTKH->BSKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(q.shape).astype(q.dtype)
 
 
 def window_ladder(num_blocks: int) -> tuple[int, ...]:
@@ -164,7 +41,14 @@ def window_ladder(num_blocks: int) -> tuple[int, ...]:
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
                         block_size: int | None = None) -> jax.Array:
     """Block-sparse attention for packed rows (see `blocks_of`); without `block_size`, the block
-    size is picked on the device from the row's mean text length (CPU_BLOCKS)."""
+    size is picked on the device from the row's mean text length (CPU_BLOCKS).
+
+    The segments are tied to the queries first. Inside a scan over layers, they are the same at every
+    layer, and when the scan is differentiated JAX computes whatever depends on them alone once, out of
+    the loop: every query block's mask for every window width, stacked (90 GiB for 10,240 tokens of
+    the 0.6B width). Tied to the queries, the masks stay in the block loop, one tile at a time.
+    """
+    segments, q = jax.lax.optimization_barrier((segments, q))
     if block_size is not None:
         return blocks_of(q, k, v, segments, block_size=block_size)
     if jax.default_backend() != "cpu":
@@ -185,7 +69,7 @@ def _forward_by_text_length(q, k, v, segments):
     starts = (segments > 0) & (segments != jnp.pad(segments, [(0, 0), (1, 0)])[:, :-1])
     mean_length = (segments > 0).sum() / jnp.maximum(starts.sum(), 1)
     bounds = jnp.asarray([bound for bound, _ in CPU_BLOCKS[:-1]])
-    heads = _heads_first(q, k, v)
+    heads = heads_first(q, k, v)
     out, logsumexp = jax.lax.switch(jnp.searchsorted(bounds, mean_length),
                                     [kernel(size) for _, size in CPU_BLOCKS], heads, segments)
     return out, logsumexp, heads
@@ -250,7 +134,7 @@ class _Tiling(NamedTuple):
 
     @classmethod
     def of(cls, heads, segments, block: int) -> "_Tiling":
-        """From the heads-first q, k, v (see _heads_first), padded here to whole blocks."""
+        """From the heads-first q, k, v (see heads_first), padded here to whole blocks."""
         b, t = segments.shape
         padded = -(-t // block) * block
         num_blocks = padded // block
@@ -266,7 +150,7 @@ class _Tiling(NamedTuple):
 
     def like_queries(self, x: jax.Array) -> jax.Array:
         """A [B, T, N, ...] array laid out as the queries are: padded, [B, K, G, T, ...]."""
-        return jnp.moveaxis(_group_queries(_pad_axis(x, 1, self.qg.shape[3]), self.kt.shape[1]), 1, 3)
+        return jnp.moveaxis(group_queries(_pad_axis(x, 1, self.qg.shape[3]), self.kt.shape[1]), 1, 3)
 
     def tile(self, i, width: int):
         """Query block i's queries [B, K, G, Q, H], its window's keys and values [B, K, S, H], the
@@ -278,13 +162,13 @@ class _Tiling(NamedTuple):
         vb = jax.lax.dynamic_slice_in_dim(self.vt, start, width, axis=2)
         q_seg = jax.lax.dynamic_slice_in_dim(self.segments, i * block, block, axis=1)
         k_seg = jax.lax.dynamic_slice_in_dim(self.segments, start, width, axis=1)
-        mask = _mask(q_seg, k_seg, i * block + jnp.arange(block), start + jnp.arange(width))[:, None, None]
+        mask = segment_mask(q_seg, k_seg, i * block + jnp.arange(block), start + jnp.arange(width))[:, None, None]
         return qb, kb, vb, start, mask
 
     def scores(self, qb, kb, mask):
         scale = qb.shape[-1] ** -0.5
         scores = einsum("BKGQH,BKSH->BKGQS", qb, kb, preferred_element_type=jnp.float32) * scale
-        return jnp.where(mask, scores, _MASKED)
+        return jnp.where(mask, scores, MASKED)
 
     def each_block(self, run):
         """`run(width)(i)` for every query block, stacked: a map over the blocks, the width switched per block."""
@@ -340,14 +224,14 @@ def _block_sparse_forward(heads, segments, block: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _block_sparse(q, k, v, segments, block: int):
-    return _block_sparse_forward(_heads_first(q, k, v), segments, block)[0]
+    return _block_sparse_forward(heads_first(q, k, v), segments, block)[0]
 
 
 def _block_sparse_fwd(q, k, v, segments, block: int):
     """Keeps the heads-first q, k, v the forward pass laid out, not q, k, v: the backward pass reads
     them so (transposing each again took as long as its share of the products, ~25 ms per array for
     10,240 tokens of 0.6B-width heads)."""
-    heads = _heads_first(q, k, v)
+    heads = heads_first(q, k, v)
     out, logsumexp = _block_sparse_forward(heads, segments, block)
     return out, (heads, segments, out, logsumexp)
 
@@ -386,52 +270,3 @@ def _block_sparse_bwd(block: int, saved, d_out):
 
 
 _block_sparse.defvjp(_block_sparse_fwd, _block_sparse_bwd)
-
-
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
-                    implementation: str | None = "cudnn") -> jax.Array:
-    """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU (None lets XLA choose).
-
-    Uses cuDNN's causal-with-padding mask, so each row must hold one right-padded text: the
-    runner does not pack rows for this implementation (see `packs_rows`).
-    """
-    lengths = (segments > 0).sum(axis=1).astype(jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                                        key_value_seq_lengths=lengths, implementation=implementation)
-
-
-SPLASH_BLOCK = 128
-
-
-@functools.cache
-def _splash_kernel(num_groups: int, length: int, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-
-    mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * num_groups)
-    block = min(SPLASH_BLOCK, length)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
-    return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-
-
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
-                     interpret: bool = False) -> jax.Array:
-    """Pallas splash attention (TPU; `interpret=True` runs it anywhere): one MQA kernel per kv head."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    padded = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
-    pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
-    q, k, v = (jnp.pad(x, pad) for x in (q * jnp.asarray(h**-0.5, q.dtype), k, v))
-    segments = jnp.pad(segments, [(0, 0), (0, padded - t)])
-    kernel = _splash_kernel(n // kv_heads, padded, interpret)
-    qg = jnp.einsum("BTKGH->BKGTH", _group_queries(q, kv_heads))
-    kg, vg = jnp.einsum("BTKH->BKTH", k), jnp.einsum("BTKH->BKTH", v)
-
-    def one(q_heads, k_head, v_head, seg):
-        return kernel(q_heads, k_head, v_head, segment_ids=splash.SegmentIds(q=seg, kv=seg))
-
-    per_kv_head = jax.vmap(one, in_axes=(0, 0, 0, None))
-    out = jax.vmap(per_kv_head)(qg, kg, vg, segments)                    # [B, K, G, T, H]
-    return jnp.einsum("BKGTH->BTKGH", out).reshape(b, padded, n, h)[:, :t].astype(q.dtype)

@@ -1,0 +1,47 @@
+"""Pallas splash attention (TPU): segment ids keep packed texts apart."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qwen3_jax.attention.masking import group_queries
+
+
+SPLASH_BLOCK = 128
+
+
+@functools.cache
+def _splash_kernel(num_groups: int, length: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * num_groups)
+    block = min(SPLASH_BLOCK, length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+    return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
+                     interpret: bool = False) -> jax.Array:
+    """Pallas splash attention (TPU; `interpret=True` runs it anywhere): one MQA kernel per kv head."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    padded = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
+    pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(x, pad) for x in (q * jnp.asarray(h**-0.5, q.dtype), k, v))
+    segments = jnp.pad(segments, [(0, 0), (0, padded - t)])
+    kernel = _splash_kernel(n // kv_heads, padded, interpret)
+    qg = jnp.einsum("BTKGH->BKGTH", group_queries(q, kv_heads))
+    kg, vg = jnp.einsum("BTKH->BKTH", k), jnp.einsum("BTKH->BKTH", v)
+
+    def one(q_heads, k_head, v_head, seg):
+        return kernel(q_heads, k_head, v_head, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+
+    per_kv_head = jax.vmap(one, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_kv_head)(qg, kg, vg, segments)                    # [B, K, G, T, H]
+    return jnp.einsum("BKGTH->BTKGH", out).reshape(b, padded, n, h)[:, :t].astype(q.dtype)
