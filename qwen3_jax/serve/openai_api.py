@@ -1,0 +1,90 @@
+"""OpenAI's embeddings API: POST /v1/embeddings (also /embeddings) and GET /v1/models.
+
+Request fields as OpenAI takes them (`input` a string, strings, token ids or lists of token ids;
+`model`, `dimensions`, `encoding_format` float or base64, `user`), plus three of ours for what OpenAI has
+no field for: `instruction` (a query's task, formatted as Qwen3-Embedding was trained), `prompt_name`
+(a prompt of the checkpoint, e.g. "query") and `truncate` (cut over-long texts instead of refusing
+them). The openai client sends them with `extra_body={...}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+
+from qwen3_jax.serve.errors import APIError
+from qwen3_jax.serve.service import Service, served
+
+router = APIRouter()
+ENCODINGS = ("float", "base64")
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    model: StrictStr | None = None
+    dimensions: StrictInt | None = None
+    encoding_format: StrictStr = "float"
+    user: StrictStr | None = None
+    instruction: StrictStr | None = None
+    prompt_name: StrictStr | None = None
+    truncate: StrictBool = False
+
+
+def _encoded(vector: np.ndarray, encoding_format: str):
+    """A vector as OpenAI returns it: a list of floats, or base64 of its little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+@router.post("/v1/embeddings")
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request, service: Service = Depends(served)) -> JSONResponse:
+    service.require("embedding", body.model)
+    if body.encoding_format not in ENCODINGS:
+        raise APIError(400, f"encoding_format={body.encoding_format!r}: choose float or base64",
+                       code="invalid_encoding_format", param="encoding_format")
+    dim = service.check_dim(body.dimensions)
+    given = [body.input] if isinstance(body.input, str) else body.input
+    tokenized = bool(given) and not isinstance(given[0], str)
+    if tokenized and isinstance(given[0], int):
+        given = [given]                                     # one text given as its token ids
+    service.check_count(len(given), "input")
+    if tokenized:
+        if body.instruction is not None or body.prompt_name is not None:
+            raise APIError(400, "instruction and prompt_name apply to text inputs; put the prompt's tokens in the "
+                           "token ids instead", code="invalid_request", param="instruction")
+        rows = await run_in_threadpool(service.token_rows, given, truncate=body.truncate, status=400)
+    else:
+        if any(text == "" for text in given):
+            raise APIError(400, f"input[{given.index('')}] is an empty string: send some text", code="empty_input",
+                           param="input")
+        rows = await run_in_threadpool(service.embedding_rows, given, prompt_name=body.prompt_name,
+                                       instruction=body.instruction, truncate=body.truncate, status=400)
+    hidden = await service.run("embedding", request, rows)
+
+    def respond() -> JSONResponse:
+        vectors = service.vectors(hidden, dim)
+        tokens = sum(len(row) for row in rows)
+        return JSONResponse({
+            "object": "list", "model": service.embedding_name,
+            "data": [{"object": "embedding", "index": i, "embedding": _encoded(v, body.encoding_format)}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return await run_in_threadpool(respond)
+
+
+@router.get("/v1/models")
+@router.get("/models")
+async def models(service: Service = Depends(served)) -> dict:
+    created = int(time.time())
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "qwen3-jax",
+                                        "type": kind} for name, kind in service.served()]}

@@ -1,0 +1,227 @@
+"""One queue, a token budget, batches formed from whatever is waiting: the server's scheduler, no HTTP in it.
+
+Requests (lists of token-id rows) wait in one first-come-first-served queue, counted in tokens. A
+scheduling thread takes texts from its head until the next would pass the batch's token budget (a
+text longer than the budget goes alone), lays them out with the runner's fixed shapes and starts the
+forward pass; a collecting thread waits for each batch's result and hands every request its rows once
+all of them are done. While the device computes one batch, the next one is formed and laid out: at most
+`in_flight` batches are started and not yet collected, so texts arriving meanwhile merge into the next.
+
+A request that would push the queue past `max_queue_tokens` is refused at once (Overloaded), a
+cancelled request's waiting texts are dropped, and `close()` stops taking requests but finishes every
+accepted one.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable, Sequence
+
+import numpy as np
+
+from qwen3_jax.runner import Dispatched, LastTokenRunner
+
+
+class Overloaded(Exception):
+    """The queue holds too many tokens to take this request now; `retry_after` seconds is a fair wait."""
+
+    def __init__(self, waiting: int, limit: int, retry_after: int):
+        self.waiting, self.limit, self.retry_after = waiting, limit, retry_after
+        super().__init__(f"the server is busy: {waiting} tokens are queued (the limit is {limit}); "
+                         f"retry in {retry_after} s")
+
+
+class ShuttingDown(Exception):
+    """The server is stopping: it finishes what it accepted and takes nothing new."""
+
+
+@dataclasses.dataclass(eq=False)
+class Ticket:
+    """One request in the scheduler: its rows, their results as they come, and a future of all of them."""
+
+    rows: Sequence[Sequence[int]]
+    future: Future
+    submitted: float
+    results: list = dataclasses.field(default_factory=list)
+    remaining: int = 0
+    cancelled: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(row) for row in self.rows)
+
+
+@dataclasses.dataclass
+class BatchReport:
+    """What one batch held, for the metrics: texts, requests, real and computed tokens, and the seconds
+    from its start to its results."""
+
+    texts: int
+    requests: int
+    real_tokens: int
+    computed_tokens: int
+    seconds: float
+
+
+class Scheduler:
+    """Batches the texts of concurrent requests for one runner by a token budget (see module docstring).
+    `report(BatchReport)` is called from the collecting thread after each batch."""
+
+    def __init__(self, runner: LastTokenRunner, *, max_batch_tokens: int, max_queue_tokens: int,
+                 max_wait_ms: float = 2.0, in_flight: int = 2, report: Callable[[BatchReport], None] | None = None):
+        self.runner = runner
+        self.max_batch_tokens, self.max_queue_tokens = max_batch_tokens, max_queue_tokens
+        self.max_wait = max_wait_ms / 1000
+        self.report = report or (lambda _: None)
+        self._waiting: collections.deque[tuple[Ticket, int]] = collections.deque()   # (request, row index)
+        self._queued_tokens = 0
+        self._lock = threading.Condition()
+        self._slots = threading.Semaphore(in_flight)
+        self._started: collections.deque = collections.deque()
+        self._started_ready = threading.Condition()
+        self._closing = False
+        self._tokens_per_s = 0.0
+        self._threads = [threading.Thread(target=self._schedule, name="qwen3-jax-scheduler", daemon=True),
+                         threading.Thread(target=self._collect, name="qwen3-jax-collector", daemon=True)]
+
+    # --- the request side ---------------------------------------------------------------------------
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    def start(self) -> "Scheduler":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def submit(self, rows: Sequence[Sequence[int]]) -> Ticket:
+        """Queues a request's rows; its ticket's future gets their last hidden states [n, D] in order.
+        Raises Overloaded when the queue cannot take them now, ShuttingDown once closing."""
+        ticket = Ticket(rows, Future(), time.perf_counter(), [None] * len(rows), len(rows))
+        with self._lock:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            if self._queued_tokens and self._queued_tokens + ticket.tokens > self.max_queue_tokens:
+                raise Overloaded(self._queued_tokens, self.max_queue_tokens, self._retry_after())
+            self._waiting.extend((ticket, i) for i in range(len(rows)))
+            self._queued_tokens += ticket.tokens
+            self._lock.notify_all()
+        if not rows:
+            ticket.future.set_result(np.zeros((0, self.runner.model.config.hidden_size), np.float32))
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Drops a request's texts that have not started (its client went away)."""
+        with self._lock:
+            if ticket.cancelled or ticket.future.done():
+                return
+            ticket.cancelled = True
+            kept = collections.deque(item for item in self._waiting if item[0] is not ticket)
+            self._queued_tokens -= sum(len(ticket.rows[i]) for t, i in self._waiting if t is ticket)
+            self._waiting = kept
+        ticket.future.cancel()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Takes no new request, finishes every accepted one, then stops the threads."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has drained at the recent rate (at least 1)."""
+        rate = self._tokens_per_s or self.max_batch_tokens
+        return max(1, int(np.ceil(self._queued_tokens / rate)))
+
+    # --- the device side ----------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[tuple[Ticket, int]] | None:
+        """The texts of the next batch, first come first served, within the token budget; None once
+        closing with nothing left. Waits up to max_wait for company when the queue is short."""
+        with self._lock:
+            while not self._waiting and not self._closing:
+                self._lock.wait()
+            if not self._waiting:
+                return None
+            deadline = time.perf_counter() + self.max_wait
+            while self._queued_tokens < self.max_batch_tokens and not self._closing:
+                left = deadline - time.perf_counter()
+                if left <= 0 or not self._lock.wait(left):
+                    break
+            taken, tokens = [], 0
+            while self._waiting:
+                ticket, i = self._waiting[0]
+                size = len(ticket.rows[i])
+                if taken and tokens + size > self.max_batch_tokens:
+                    break
+                self._waiting.popleft()
+                taken.append((ticket, i))
+                tokens += size
+            self._queued_tokens -= tokens
+            return taken
+
+    def _schedule(self) -> None:
+        while True:
+            self._slots.acquire()                     # at most `in_flight` batches started, not collected
+            items = self._next_batch()
+            if items is None:
+                with self._started_ready:
+                    self._started.append(None)
+                    self._started_ready.notify()
+                return
+            rows = [ticket.rows[i] for ticket, i in items]
+            try:
+                started = [self.runner.dispatch(batch, rows)
+                           for batch in self.runner.plan([len(r) for r in rows], token_budget=self.max_batch_tokens,
+                                                         fixed=True)]
+            except Exception as error:  # noqa: BLE001 - the requests get the error, the server goes on
+                self._fail(items, error)
+                self._slots.release()
+                continue
+            with self._started_ready:
+                self._started.append((items, started, time.perf_counter()))
+                self._started_ready.notify()
+
+    def _collect(self) -> None:
+        while True:
+            with self._started_ready:
+                while not self._started:
+                    self._started_ready.wait()
+                entry = self._started.popleft()
+            if entry is None:
+                return
+            items, started, began = entry
+            try:
+                self._deliver(items, started, began)
+            except Exception as error:  # noqa: BLE001
+                self._fail(items, error)
+            finally:
+                self._slots.release()
+
+    def _deliver(self, items: list[tuple[Ticket, int]], started: list[Dispatched], began: float) -> None:
+        done = [result for dispatched in started for result in LastTokenRunner.collect(dispatched)]
+        seconds = time.perf_counter() - began
+        real = sum(len(items[k][0].rows[items[k][1]]) for k, _ in done)
+        computed = sum(d.batch.computed_tokens for d in started)
+        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * real / max(seconds, 1e-6) if self._tokens_per_s \
+            else real / max(seconds, 1e-6)
+        with self._lock:                              # a request cancelled meanwhile gets nothing
+            for k, state in done:
+                ticket, i = items[k]
+                ticket.results[i] = state
+                ticket.remaining -= 1
+                if ticket.remaining == 0 and not ticket.cancelled:
+                    ticket.future.set_result(np.stack(ticket.results))
+        self.report(BatchReport(len(items), len({id(ticket) for ticket, _ in items}), real, computed, seconds))
+
+    def _fail(self, items: list[tuple[Ticket, int]], error: Exception) -> None:
+        with self._lock:
+            for ticket, _ in items:
+                if not ticket.future.done():
+                    ticket.future.set_exception(error)

@@ -1,0 +1,281 @@
+"""`qwen3-jax serve`: a real server in a subprocess on a loopback port, driven by real clients (the official
+openai client, httpx) and checked against Qwen3Embedder / Qwen3Reranker on the same checkpoints."""
+
+import asyncio
+import base64
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from qwen3_jax import Qwen3Embedder, Qwen3Reranker
+from tests.conftest import CORPUS, build_checkpoint, long_text
+
+TASK = "Given a web search query, retrieve relevant passages that answer the query"
+LIMITS = ["--max-length", "256", "--max-batch-tokens", "512"]
+ROOMY = [*LIMITS, "--max-queue-tokens", "262144"]          # for the tests that must not meet a full queue
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`qwen3-jax serve ...` in a subprocess, ready once /health answers 200."""
+
+    def __init__(self, *args: str, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.process = subprocess.Popen([sys.executable, "-m", "qwen3_jax.cli", "serve", "--port", str(self.port), *args],
+                                        stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert self.process.poll() is None, log.read_text()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(log.read_text())
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reranker_folder(tmp_path_factory, tokenizers_pair, vocab_size):
+    return build_checkpoint(tmp_path_factory.mktemp("serve-reranker"), tokenizer=tokenizers_pair[0],
+                            vocab_size=vocab_size, causal_lm=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, reranker_folder, tmp_path_factory):
+    running = Server("--model", str(checkpoint), "--reranker", str(reranker_folder), *ROOMY,
+                     "--served-model-name", "emb", log=tmp_path_factory.mktemp("serve") / "server.log")
+    yield running
+    assert running.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint):
+    """What the server must equal: encode on the same checkpoint, with the server's length limit."""
+    return Qwen3Embedder.from_pretrained(checkpoint, max_length=256)
+
+
+def _client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_the_openai_client_gets_what_encode_gives(server, local):
+    client = _client(server)
+    texts = [*CORPUS, long_text(30)]
+    for fmt in ("float", "base64"):         # base64 asked for explicitly: the client hands back the string
+        response = client.embeddings.create(model="emb", input=texts, encoding_format=fmt)
+        got = np.array([np.frombuffer(base64.b64decode(item.embedding), "<f4") if fmt == "base64" else item.embedding
+                        for item in response.data], np.float32)
+        assert [item.index for item in response.data] == list(range(len(texts)))
+        assert np.abs(got - local.encode(texts)).max() <= 1e-6, fmt
+    expected_tokens = sum(len(r) for r in local.tokenizer.encode(texts, 256))
+    assert response.usage.prompt_tokens == response.usage.total_tokens == expected_tokens
+    default = client.embeddings.create(model="emb", input=texts[:3])          # the client's default: base64
+    assert np.abs(np.array([d.embedding for d in default.data]) - local.encode(texts[:3])).max() <= 1e-6
+    small = client.embeddings.create(model="emb", input="What is the capital of China?", dimensions=32,
+                                     extra_body={"instruction": TASK})
+    expected = local.encode(["What is the capital of China?"], instruction=TASK, dim=32)
+    assert len(small.data[0].embedding) == 32 and np.abs(np.array(small.data[0].embedding) - expected).max() <= 1e-6
+    named = client.embeddings.create(model="emb", input=["Explain gravity"], extra_body={"prompt_name": "query"})
+    expected = local.encode(["Explain gravity"], prompt_name="query")
+    assert np.abs(np.array(named.data[0].embedding) - expected).max() <= 1e-6
+    ids = local.tokenizer.token_ids(texts[:2])
+    tokens = client.embeddings.create(model="emb", input=ids)
+    assert np.abs(np.array([d.embedding for d in tokens.data]) - local.encode(texts[:2])).max() <= 1e-6
+    assert [m.id for m in client.models.list().data] == ["emb", server_reranker_name(server)]
+
+
+def server_reranker_name(server) -> str:
+    return httpx.get(server.url + "/v1/models").json()["data"][1]["id"]
+
+
+def test_rerank_endpoints_score_as_the_reranker(server, reranker_folder):
+    reranker = Qwen3Reranker.from_pretrained(reranker_folder)
+    query, documents = "What is the capital of China?", CORPUS[:6]
+    expected = reranker.score(query, documents)
+    tei = httpx.post(server.url + "/rerank", json={"query": query, "texts": documents, "return_text": True}).json()
+    assert [hit["index"] for hit in tei] == list(np.argsort(-expected, kind="stable"))
+    assert max(abs(hit["score"] - expected[hit["index"]]) for hit in tei) <= 1e-6
+    assert all(hit["text"] == documents[hit["index"]] for hit in tei)
+    raw = httpx.post(server.url + "/rerank", json={"query": query, "texts": documents, "raw_scores": True}).json()
+    margins = {hit["index"]: hit["score"] for hit in raw}
+    assert max(abs(1 / (1 + np.exp(-margins[i])) - expected[i]) for i in margins) <= 1e-6
+    cohere = httpx.post(server.url + "/v1/rerank", json={"query": query, "documents": [{"text": d} for d in documents],
+                                                         "top_n": 3, "return_documents": True,
+                                                         "instruction": "Find the matching sentence"}).json()
+    with_instruction = reranker.score(query, documents, instruction="Find the matching sentence")
+    assert [r["index"] for r in cohere["results"]] == list(np.argsort(-with_instruction, kind="stable")[:3])
+    assert max(abs(r["relevance_score"] - with_instruction[r["index"]]) for r in cohere["results"]) <= 1e-6
+    assert cohere["results"][0]["document"]["text"] == documents[cohere["results"][0]["index"]]
+    assert cohere["usage"]["total_tokens"] > 0
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    """The value of one sample of the Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_concurrent_requests_of_mixed_sizes_each_get_their_own_answer(server, local):
+    """64 requests at once, from single short queries to batches of long documents: each response equals
+    its own encode, and the metrics show batches that merged several requests."""
+    rng = np.random.default_rng(0)
+    requests = []
+    for r in range(64):
+        count = int(rng.choice([1, 1, 2, 5, 12]))
+        requests.append([f"{CORPUS[(r + i) % len(CORPUS)]} {long_text(int(rng.integers(2, 40)))}" for i in range(count)])
+    before = httpx.get(server.url + "/metrics").text
+
+    async def send_all():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*[client.post(server.url + "/v1/embeddings", json={"input": texts})
+                                          for texts in requests])
+
+    responses = asyncio.run(send_all())
+    for texts, response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        got = np.array([d["embedding"] for d in response.json()["data"]], np.float32)
+        assert np.abs(got - local.encode(texts)).max() <= 1e-6
+    after = httpx.get(server.url + "/metrics").text
+    merged = _metric(after, "qwen3_batch_requests_count", model="emb") - _metric(after, "qwen3_batch_requests_bucket",
+                                                                                 model="emb", le="1.0")
+    merged -= _metric(before, "qwen3_batch_requests_count", model="emb") - _metric(before, "qwen3_batch_requests_bucket",
+                                                                                   model="emb", le="1.0")
+    assert merged >= 1                                       # batches that held two requests or more
+    assert _metric(after, "qwen3_requests_total", endpoint="/v1/embeddings", status="200") >= 64
+    real, computed = (_metric(after, "qwen3_tokens_total", model="emb", kind=kind) for kind in ("real", "computed"))
+    assert 0 < real <= computed
+    assert _metric(after, "qwen3_compiled_programs", model="emb") >= 1 and "qwen3_queue_tokens" in after
+
+
+BAD_REQUESTS = [
+    ("/v1/embeddings", {"input": []}, 400, "empty_input"),
+    ("/v1/embeddings", {"input": [""]}, 400, "empty_input"),
+    ("/v1/embeddings", {"input": ["a"] * 513}, 400, "too_many_inputs"),
+    ("/v1/embeddings", {"input": "a", "dimensions": 7}, 400, "invalid_dimensions"),
+    ("/v1/embeddings", {"input": "a", "dimensions": 65}, 400, "invalid_dimensions"),
+    ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 400, "invalid_encoding_format"),
+    ("/v1/embeddings", {"input": 5}, 422, "invalid_request"),
+    ("/v1/embeddings", {"input": ["a", 3]}, 422, "invalid_request"),
+    ("/v1/embeddings", {"inputs": "a"}, 422, "invalid_request"),
+    ("/v1/embeddings", {"input": "a", "model": "another"}, 404, "model_not_found"),
+    ("/v1/embeddings", {"input": [[1, 2, 10 ** 9]]}, 400, "invalid_tokens"),
+    ("/v1/embeddings", {"input": "a", "prompt_name": "nope"}, 400, "invalid_prompt"),
+    ("/v1/embeddings", {"input": long_text(400)}, 400, "context_length_exceeded"),
+    ("/embed", {"inputs": [long_text(400)]}, 413, "context_length_exceeded"),
+    ("/embed", {"inputs": "a", "truncation_direction": "Left"}, 400, "invalid_request"),
+    ("/rerank", {"query": "q", "texts": []}, 400, "empty_input"),
+    ("/rerank", {"query": "q", "texts": [long_text(400)]}, 413, "context_length_exceeded"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 400, "invalid_top_n"),
+    ("/v1/rerank", {"query": "q", "documents": "a"}, 422, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, code", BAD_REQUESTS)
+def test_bad_input_gets_its_status_and_an_error_body(server, path, body, status, code):
+    response = httpx.post(server.url + path, json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+
+
+def test_malformed_json_and_truncation_on_request(server, local):
+    response = httpx.post(server.url + "/v1/embeddings", content=b'{"input": ["a"', timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+    text = long_text(400)
+    cut = httpx.post(server.url + "/embed", json={"inputs": [text], "truncate": True}, timeout=60).json()
+    assert np.abs(np.array(cut) - local.encode([text])).max() <= 1e-6          # encode cuts at 256 tokens too
+
+
+def _texts_of(words: int, count: int, seed: int) -> list[str]:
+    """`count` texts of about `words` words (a few dozen to a few hundred tokens, within the limit)."""
+    rng = np.random.default_rng(seed)
+    return [long_text(words) + f" {rng.integers(1000)}" for _ in range(count)]
+
+
+def test_overload_gets_429_and_every_accepted_request_completes(checkpoint, local, tmp_path):
+    """A queue of 1,024 tokens and far more offered at once: the excess gets 429 with Retry-After at once,
+    everything accepted is answered correctly; the API key is enforced."""
+    server = Server("--model", str(checkpoint), *LIMITS, "--max-queue-tokens", "1024", "--api-key", "sesame",
+                    log=tmp_path / "server.log")
+    try:
+        assert httpx.post(server.url + "/embed", json={"inputs": "a"}).status_code == 401
+        wrong = httpx.post(server.url + "/embed", json={"inputs": "a"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(server.url + "/health").status_code == 200          # no key needed
+        requests = [_texts_of(20, 3, seed) for seed in range(48)]
+
+        async def send_all():
+            async with httpx.AsyncClient(timeout=300, headers={"Authorization": "Bearer sesame"}) as client:
+                return await asyncio.gather(*[client.post(server.url + "/embed", json={"inputs": texts})
+                                              for texts in requests])
+
+        responses = asyncio.run(send_all())
+        refused = [r for r in responses if r.status_code == 429]
+        assert refused and all(int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "queue_full"
+                               for r in refused)
+        accepted = [(texts, r) for texts, r in zip(requests, responses) if r.status_code == 200]
+        assert accepted and len(accepted) + len(refused) == len(requests)
+        for texts, response in accepted:
+            assert np.abs(np.array(response.json()) - local.encode(texts)).max() <= 1e-6
+        too_big = httpx.post(server.url + "/embed", json={"inputs": _texts_of(40, 40, 0)},
+                             headers={"Authorization": "Bearer sesame"})
+        assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_during_load_answers_every_accepted_request_and_exits_0(checkpoint, local, tmp_path):
+    """SIGTERM while requests are queued: each request the server has received is answered correctly, new
+    connections are refused, and the process exits 0. A client that gives up has its queued work
+    dropped (499 in the metrics)."""
+    server = Server("--model", str(checkpoint), *ROOMY, log=tmp_path / "server.log")
+    requests = [_texts_of(40, 12, seed) for seed in range(48)]
+
+    async def load():
+        async with httpx.AsyncClient(timeout=300) as client:
+            sent = [asyncio.ensure_future(client.post(server.url + "/embed", json={"inputs": texts}))
+                    for texts in requests]
+            with pytest.raises(httpx.TimeoutException):           # gives up while its work is still queued
+                await client.post(server.url + "/embed", json={"inputs": _texts_of(40, 12, 99)}, timeout=0.2)
+            for _ in range(100):              # until the server saw that disconnect and received all the others
+                metrics = (await client.get(server.url + "/metrics")).text
+                dropped = _metric(metrics, "qwen3_requests_total", status="499")
+                if dropped and _metric(metrics, "qwen3_requests_in_flight") >= len(requests):
+                    break
+                await asyncio.sleep(0.1)
+            server.process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*sent), dropped
+
+    responses, dropped = asyncio.run(load())
+    assert dropped == 1
+    for texts, response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        assert np.abs(np.array(response.json()) - local.encode(texts)).max() <= 1e-6
+    assert server.process.wait(timeout=120) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health")
+    assert "every accepted request was answered" in server.log.read_text()
