@@ -273,18 +273,19 @@ GPU_SUITE = {"0.6B": (32, 128), "4B": (32, 128)}
 SUITE_TOKENS = 512
 
 
-def run_suite(*, tokenizer: str | None, layers: int | None, repeats: int, out=print) -> list[dict]:
+def run_suite(*, tokenizer: str | None, layers: int | None, repeats: int, attention: str = "auto",
+              out=print) -> list[dict]:
     """Every GPU_SUITE configuration, ours against sentence-transformers (torch sdpa), one table at the end.
     Each size's checkpoint is written and loaded once for all its batch sizes."""
     rows = []
     for size, batches in GPU_SUITE.items():
         with bench_models(model=None, random=size, layers=layers, tokenizer=tokenizer, dtype="bfloat16",
-                          attention="auto", reference=True, out=out) as (ours, st, loaded):
+                          attention=attention, reference=True, out=out) as (ours, st, loaded):
             for batch in batches:
                 out(f"\n== {size}, bf16, {batch} texts of {SUITE_TOKENS} tokens ==")
                 corpus = synthetic_texts(ours.tokenizer, batch, SUITE_TOKENS)
                 result = compare(ours, st, corpus, batch_size=batch, repeats=repeats, dtype="bfloat16",
-                                 attention="auto")
+                                 attention=attention)
                 _print(result, out)
                 rows.append({"size": size, "batch": batch, **loaded, **result})
     out(f"\n{'model':>6} {'batch':>5} {'ours tok/s':>11} {'torch tok/s':>11} {'ratio':>6} {'of matmul':>9} "
@@ -301,17 +302,17 @@ LENGTH_MIXES = (("5-30", False), ("80-185", False), ("512", False), ("10-4000", 
 
 
 def run_mixes(*, tokenizer: str | None, layers: int | None, dtype: str, texts: int | None, batch_size: int,
-              repeats: int, out=print) -> list[dict]:
+              repeats: int, attention: str = "auto", out=print) -> list[dict]:
     """Ours against sentence-transformers on each LENGTH_MIXES mix of synthetic texts, at the 0.6B shape
     and `dtype`, one checkpoint for all; one table at the end."""
     rows = []
     with bench_models(model=None, random="0.6B", layers=layers, tokenizer=tokenizer, dtype=dtype,
-                      attention="auto", reference=True, out=out) as (ours, st, loaded):
+                      attention=attention, reference=True, out=out) as (ours, st, loaded):
         for tokens, long_tail in LENGTH_MIXES:
             mix = tokens + (" long tail" if long_tail else "")
             out(f"\n== {dtype}, {texts or 32} texts of {mix} tokens ==")
             corpus = synthetic_texts(ours.tokenizer, texts or 32, *parse_token_range(tokens), long_tail=long_tail)
-            result = compare(ours, st, corpus, batch_size=batch_size, repeats=repeats, dtype=dtype, attention="auto")
+            result = compare(ours, st, corpus, batch_size=batch_size, repeats=repeats, dtype=dtype, attention=attention)
             _print(result, out)
             rows.append({"mix": mix, **loaded, **result})
     out(f"\n{'tokens':>17} {'ours tok/s':>11} {'torch tok/s':>11} {'ratio':>6} {'computed':>8} {'programs':>8} "
@@ -383,3 +384,60 @@ def _search_benchmark(count: int, width: int, out) -> dict:
         seconds = time.perf_counter() - start
         out(f"search: 1,000 queries, top 10, over {count:,} float16 vectors of width {width}: {seconds:.1f} s")
         return {"search_vectors": count, "search_s": seconds, "search_peak_rss_gib": peak_rss_gib()}
+
+
+def check_packed_kernel(out=print) -> dict:
+    """The packed Pallas kernel compiled for this device (not interpreted) against dense attention,
+    float32 and bf16, values and gradients, on rows of many short texts and of one long text."""
+    from qwen3_jax.attention import dense_attention, packed_flash_attention
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    segments = np.zeros((2, 1024), np.int32)
+    segments[0, :1000] = np.repeat(np.arange(1, 41), 25)            # 40 texts of 25 tokens
+    segments[1, :] = 1                                               # one text of 1,024
+    segments = jnp.asarray(segments)
+    result = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q = jax.random.normal(keys[0], (2, 1024, 16, 128), dtype)
+        k, v = (jax.random.normal(key, (2, 1024, 8, 128), dtype) for key in keys[1:3])
+        d_out = jnp.where(segments[..., None, None] > 0, jax.random.normal(keys[3], q.shape, dtype), 0)
+        kernel = functools.partial(packed_flash_attention, interpret=jax.default_backend() == "cpu")
+        got = jax.vjp(lambda *x: kernel(*x, segments), q, k, v)[1](d_out)
+        want = jax.vjp(lambda *x: dense_attention(*x, segments), q, k, v)[1](d_out)
+        values = jnp.abs(kernel(q, k, v, segments).astype(jnp.float32)
+                         - dense_attention(q, k, v, segments).astype(jnp.float32)).max()
+        gradients = max(float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()) for a, b in zip(got, want))
+        name = jnp.dtype(dtype).name
+        result[name] = {"max_abs_value_diff": float(values), "max_abs_gradient_diff": gradients}
+        out(f"packed kernel on {jax.devices()[0].device_kind}, {name}: values {float(values):.2e}, "
+            f"gradients {gradients:.2e} from dense attention")
+    return result
+
+
+def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int, texts: int | None = None,
+                     out=print) -> dict:
+    """The checks a lent accelerator is for, in one run: the packed kernel against dense attention on the
+    device; the length mixes in bf16 with the packed kernel and with cuDNN's one text a row; float32's
+    first compile; the 512-token suite; training steps of the 0.6B (and 4B LoRA) shape against torch."""
+    from qwen3_jax.train.bench import run_train_benchmark
+
+    figures: dict = {"device": jax.devices()[0].device_kind, "kernel": check_packed_kernel(out)}
+    texts = texts or 512
+    for attention in ("auto", "cudnn") if jax.default_backend() == "gpu" else ("auto",):
+        out(f"\n== mixes, bf16, {texts} texts, batch 64, attention {attention} ==")
+        figures[f"mixes_bf16_{attention}"] = run_mixes(tokenizer=tokenizer, layers=layers, dtype="bfloat16",
+                                                       texts=texts, batch_size=64, repeats=repeats,
+                                                       attention=attention, out=out)
+    out("\n== mixes, float32, 32 texts (its first compile) ==")
+    figures["mixes_float32"] = run_mixes(tokenizer=tokenizer, layers=layers, dtype="float32", texts=min(texts, 32),
+                                         batch_size=32, repeats=1, out=out)
+    out("\n== 512-token suite, bf16 ==")
+    figures["suite"] = run_suite(tokenizer=tokenizer, layers=layers, repeats=repeats, out=out)
+    out("\n== training, 0.6B, bf16 ==")
+    figures["train_0.6B"] = run_train_benchmark(model=None, random="0.6B", layers=layers, tokenizer=tokenizer,
+                                                repeats=repeats, dtype="bfloat16",
+                                                configs=["full", "full, remat", "LoRA r=16"], out=out)
+    out("\n== training, 4B LoRA, bf16 ==")
+    figures["train_4B"] = run_train_benchmark(model=None, random="4B", layers=layers, tokenizer=tokenizer,
+                                              repeats=repeats, dtype="bfloat16", configs=["LoRA r=16, remat"], out=out)
+    return figures

@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = bench.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="checkpoint folder or hub id")
     which.add_argument("--random", choices=["0.6B", "4B", "8B"], help="random weights of a published shape")
-    which.add_argument("--suite", choices=["gpu", "mixes"],
+    which.add_argument("--suite", choices=["gpu", "mixes", "device"],
                        help="gpu: bf16 0.6B and 4B, batch 32 and 128, 512 tokens; mixes: 0.6B at --dtype on texts of "
-                            "5-30, 80-185 and 512 tokens and a 10-4,000 long tail")
+                            "5-30, 80-185 and 512 tokens and a 10-4,000 long tail; device: every check a lent GPU "
+                            "is for, in one run (the packed kernel, the mixes with it and with cuDNN, training)")
     bench.add_argument("--layers", type=int, default=None, help="with --random: fewer layers")
     bench.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
                        help="with --random: folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR)")
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--attention", default="auto", choices=ATTENTION)
     bench.add_argument("--train", action="store_true",
                        help="time training steps (8 queries x 1+3 documents of 256 tokens) against sentence-transformers")
+    bench.add_argument("--train-configs", default=None,
+                       help="with --train: some of the rows, separated by ';', e.g. 'full, remat;LoRA r=16'")
     bench.add_argument("--corpus", type=int, default=None, metavar="N",
                        help="time embed-corpus on N texts (long-tail lengths over --tokens) and exact search")
     bench.add_argument("--search-vectors", type=int, default=1_000_000,
@@ -371,7 +374,8 @@ def run_bench(args) -> None:
         from qwen3_jax.train.bench import run_train_benchmark
 
         result = run_train_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
-                                     repeats=args.repeats, reference=not args.no_reference)
+                                     repeats=args.repeats, reference=not args.no_reference, dtype=args.dtype,
+                                     configs=args.train_configs.split(";") if args.train_configs else None)
     elif args.corpus:
         from qwen3_jax.bench import run_corpus_benchmark
 
@@ -380,9 +384,14 @@ def run_bench(args) -> None:
                                       batch_size=args.batch_size, search_vectors=args.search_vectors)
     elif args.suite == "mixes":
         result = run_mixes(tokenizer=args.tokenizer, layers=args.layers, dtype=args.dtype, texts=args.texts,
-                           batch_size=args.batch_size, repeats=args.repeats)
+                           batch_size=args.batch_size, repeats=args.repeats, attention=args.attention)
+    elif args.suite == "device":
+        from qwen3_jax.bench import run_device_suite
+
+        result = run_device_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats, texts=args.texts)
     elif args.suite:
-        result = run_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats)
+        result = run_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats,
+                           attention=args.attention)
     else:
         result = run_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
                                dtype=args.dtype, texts=args.texts, tokens=args.tokens, long_tail=args.long_tail,

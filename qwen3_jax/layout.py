@@ -4,13 +4,13 @@ Texts lie end to end in a row (each attends only to itself, see `attention/`), s
 work (projections, MLP, norms) sees almost no padding. A batch is `num_rows` rows of `length` tokens:
 one row per data shard for kernels that skip the pairs of different texts, shorter rows for kernels
 whose cost grows with the row. A stream of texts fills full batches of one shape; only the last batch,
-and texts longer than a full row, take other lengths:
-- from `row_length`'s fine ladder (16 lengths per power of two: at most 6.25% padding) on the CPU,
-  where padding costs more than a compile;
-- with `fixed=True`, from the coarse ladder of `coarse_length` (powers of two and 1.5 times them) and
-  one slot density, so that every shape a token budget can produce is known in advance
-  (`fixed_shapes`): accelerators, where a compile takes seconds to minutes, and the server, which
-  compiles every shape before it accepts a request.
+and texts longer than a full row, take other lengths: from `row_length`'s fine ladder (16 lengths per
+power of two: at most 6.25% padding), so a stream compiles a handful of programs and computes within a
+few percent of its real tokens. With `fixed=True` they come from the coarse ladder of `coarse_length`
+(powers of two and 1.5 times them) with one slot density, so that every shape a token budget can
+produce is known in advance (`fixed_shapes`): the server compiles them all before it accepts a request.
+Kernels that take one text a row (cuDNN's) get rows of coarse lengths: each batch of a long-tailed
+stream would otherwise meet a new length.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 TOKENS_PER_TEXT = 512            # a batch holds batch_size x 512 tokens
 SLOT_DENSITIES = (16, 4, 1)      # a row of R tokens has R // 16 output slots, more for tiny texts
 FIXED_SLOT_TOKENS = 4            # fixed shapes: a row of R tokens has R // 4 slots; a text takes at least 4
-COARSE_MINIMUM = 32
+COARSE_MINIMUM = 16             # a lone query of a few tokens: its row costs about what its tokens cost
 ROW_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -37,7 +37,7 @@ def row_length(num_tokens: int, minimum: int = 16) -> int:
 
 
 def coarse_length(num_tokens: int, minimum: int = COARSE_MINIMUM) -> int:
-    """The smallest of 32, 48, 64, 96, 128, 192, ... (powers of two and 1.5 times them) that holds
+    """The smallest of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them) that holds
     `num_tokens`: at most a third of a row is padding, and a budget meets a dozen lengths."""
     length = minimum
     while length < num_tokens:
@@ -79,8 +79,8 @@ def plan_batches(lengths: Sequence[int], *, token_budget: int, rows_multiple: in
 
     `token_budget` bounds the tokens of a batch (a longer text gets a batch of its own);
     `rows_multiple` is the data-shard count (rows per batch are a multiple of it); `row_limit` caps a
-    packed row's length; `pack=False` puts one text in each row (for cuDNN's kernel); `fixed` takes
-    every shape from `fixed_shapes`.
+    packed row's length; `pack=False` puts one text in each row (for cuDNN's kernel, rows of coarse
+    lengths); `fixed` takes every shape from `fixed_shapes`.
     """
     lengths = [int(n) for n in lengths]
     if any(n < 1 for n in lengths):
@@ -140,7 +140,7 @@ def _one_text_per_row(order: list[int], lengths: list[int], token_budget: int, r
     """Rows of one text each, of a bucketed length; row counts from ROW_COUNTS."""
     batches, start = [], 0
     while start < len(order):
-        length = row_length(lengths[order[start]])
+        length = coarse_length(lengths[order[start]])
         fit = max(1, token_budget // length)
         count = next((c for c in reversed(ROW_COUNTS) if c <= fit), 1)
         taken = order[start:start + count]

@@ -54,9 +54,6 @@ class LastTokenRunner:
         self._inputs = batch_sharding(mesh)
         self.pack = packs_rows(model.attention_impl, model.dtype)
         self.row_limit = packed_row_limit(model.attention_impl, model.dtype)
-        # Accelerators take their shapes from a small fixed set (a compile there takes seconds to
-        # minutes); the CPU pads less with the fine ladder (see layout.py).
-        self.fixed_shapes = jax.default_backend() != "cpu"
         if not self.pack and padding_side != "right":
             raise ValueError("cuDNN attention needs right padding; use padding_side='right'")
         self._forward = jax.jit(functools.partial(_last_hidden, self._graphdef),
@@ -77,12 +74,11 @@ class LastTokenRunner:
         """How many batch shapes (rows, length, slots) have been compiled so far."""
         return self._forward._cache_size() + len(self._compiled)
 
-    def plan(self, lengths: Sequence[int], *, token_budget: int, fixed: bool | None = None) -> list[Batch]:
+    def plan(self, lengths: Sequence[int], *, token_budget: int, fixed: bool = False) -> list[Batch]:
         """The batches for texts of these token counts (see layout.plan_batches), for this runner's
-        mesh and attention kernel; `fixed` (default: on accelerators) takes shapes from fixed_shapes."""
+        mesh and attention kernel; `fixed` takes every shape from `shapes` (the server's)."""
         return plan_batches(lengths, token_budget=token_budget, rows_multiple=shard_count(self.mesh),
-                            row_limit=self.row_limit, pack=self.pack,
-                            fixed=self.fixed_shapes if fixed is None else fixed)
+                            row_limit=self.row_limit, pack=self.pack, fixed=fixed)
 
     def shapes(self, token_budget: int, max_text_tokens: int) -> list[tuple[int, int, int]]:
         """Every (rows, length, slots) that plan(..., fixed=True) gives for this budget."""

@@ -56,6 +56,47 @@ def test_blockwise_picks_its_block_from_the_texts_and_matches_dense(text_length)
         _close_on_real_tokens(got, want, seg, 1e-4)
 
 
+def _layouts(length: int) -> jnp.ndarray:
+    """Rows the packed GPU kernel must get right: several texts, texts of one token, one long text,
+    left and right padding, and a row of padding alone."""
+    rows = np.zeros((6, length), np.int32)
+    edges = [0, 7, 8, 9, 40, 41, length - 20]
+    for s, (a, b) in enumerate(zip(edges, edges[1:])):
+        rows[0, a:b] = s + 1                     # seven texts, three of one token
+    rows[1, :] = 1                               # one text filling the row
+    rows[2, 30:] = 1                             # left padding
+    rows[3, :length - 50] = 1                    # right padding
+    rows[4, ::1] = np.arange(length) + 1         # every token its own text
+    return jnp.asarray(rows)                     # row 5: padding alone
+
+
+@pytest.mark.parametrize("length, block", [(200, 16), (256, 64), (77, 32)])
+def test_packed_pallas_kernel_matches_dense_values_and_gradients(length, block):
+    """The GPU kernel (Triton on a GPU; here the same kernels in Pallas interpret mode) against dense
+    attention on packed rows: its block skipping and segment mask, forward and backward, GQA."""
+    from qwen3_jax.attention import packed_flash_attention
+
+    segments = _layouts(length)
+    q, k, v = _inputs(6, length, heads=4, kv_heads=2, head_dim=32, seed=3)[:3]
+    kernel = lambda q, k, v: packed_flash_attention(q, k, v, segments, block=block, interpret=True)
+    reference = lambda q, k, v: dense_attention(q, k, v, segments)
+    _close_on_real_tokens(kernel(q, k, v), reference(q, k, v), segments, 1e-5)
+    d_out = jnp.where(segments[..., None, None] > 0, jax.random.normal(jax.random.PRNGKey(4), q.shape), 0.0)
+    for name, got, want in zip("qkv", jax.vjp(kernel, q, k, v)[1](d_out), jax.vjp(reference, q, k, v)[1](d_out)):
+        assert np.abs(np.asarray(got - want)).max() <= 1e-4 * max(1.0, float(np.abs(want).max())), name
+
+
+def test_packed_pallas_kernel_visits_only_the_blocks_its_texts_reach():
+    """The first key block each query block starts from: its earliest text's (not the row's start)."""
+    from qwen3_jax.attention.pallas_gpu import key_block_range
+
+    segments = np.zeros((1, 128), np.int32)
+    segments[0, :40], segments[0, 40:100], segments[0, 100:] = 1, 2, 3
+    first, last = key_block_range(jnp.asarray(segments), 16)
+    assert first[0].tolist() == [0, 0, 0, 2, 2, 2, 2, 6]            # blocks 3-6 start at text 2's block
+    assert last[0].tolist() == [2, 2, 6, 6, 6, 6, 7, 7]             # the last query block each key block serves
+
+
 def test_attention_at_chosen_positions_matches_dense():
     """The pruned last layer's attention (queries at the pooled positions only) gives dense attention's
     rows there, and their gradients: each text's last token, the middle of a text, a padding slot."""
@@ -121,13 +162,6 @@ def test_long_input_at_real_width_blockwise_equals_dense():
     b = jax.jit(lambda m, i, s: m(i, s))(blockwise, ids, seg)
     assert float(jnp.abs(a).max()) > 1.0                      # an absolute bound on states of this size
     assert float(jnp.abs(a - b).max()) <= 1e-5
-
-
-def test_cli_offers_every_implementation():
-    from qwen3_jax.attention import IMPLEMENTATIONS
-    from qwen3_jax.cli import ATTENTION
-
-    assert ATTENTION == IMPLEMENTATIONS
 
 
 @pytest.mark.parametrize("rows_per_step", [1, 2])

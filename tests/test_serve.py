@@ -52,6 +52,12 @@ class Server:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=120)
 
+    def kill(self) -> None:
+        """Ends the process whatever happened (a failed test leaves no server behind)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
 
 @pytest.fixture(scope="module")
 def reranker_folder(tmp_path_factory, tokenizers_pair, vocab_size):
@@ -63,8 +69,11 @@ def reranker_folder(tmp_path_factory, tokenizers_pair, vocab_size):
 def server(checkpoint, reranker_folder, tmp_path_factory):
     running = Server("--model", str(checkpoint), "--reranker", str(reranker_folder), *ROOMY,
                      "--served-model-name", "emb", log=tmp_path_factory.mktemp("serve") / "server.log")
-    yield running
-    assert running.stop() == 0
+    try:
+        yield running
+        assert running.stop() == 0
+    finally:
+        running.kill()
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +253,9 @@ def test_overload_gets_429_and_every_accepted_request_completes(checkpoint, loca
         too_big = httpx.post(server.url + "/embed", json={"inputs": _texts_of(40, 40, 0)},
                              headers={"Authorization": "Bearer sesame"})
         assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
-    finally:
         assert server.stop() == 0
+    finally:
+        server.kill()
 
 
 def test_sigterm_during_load_answers_every_accepted_request_and_exits_0(checkpoint, local, tmp_path):
@@ -270,12 +280,15 @@ def test_sigterm_during_load_answers_every_accepted_request_and_exits_0(checkpoi
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*sent), dropped
 
-    responses, dropped = asyncio.run(load())
-    assert dropped == 1
-    for texts, response in zip(requests, responses):
-        assert response.status_code == 200, response.text
-        assert np.abs(np.array(response.json()) - local.encode(texts)).max() <= 1e-6
-    assert server.process.wait(timeout=120) == 0
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(server.url + "/health")
-    assert "every accepted request was answered" in server.log.read_text()
+    try:
+        responses, dropped = asyncio.run(load())
+        assert dropped == 1
+        for texts, response in zip(requests, responses):
+            assert response.status_code == 200, response.text
+            assert np.abs(np.array(response.json()) - local.encode(texts)).max() <= 1e-6
+        assert server.process.wait(timeout=120) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/health")
+        assert "every accepted request was answered" in server.log.read_text()
+    finally:
+        server.kill()

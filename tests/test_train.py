@@ -430,3 +430,76 @@ def test_the_embedding_gradient_is_not_held_through_the_backward_pass():
     table = 8192 * 64 * 4
     small, large = (_gradient_working_memory(layers=2, vocab=vocab, used_inside=True) for vocab in (256, 8192))
     assert large - small < table / 4, (small, large, table)
+
+
+def _stream(tmp_path, count: int, batch_size: int, seed: int):
+    import json
+
+    from qwen3_jax.train.data import ExampleStream, JsonlSource
+
+    path = tmp_path / f"lines-{count}.jsonl"
+    path.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}"}) + "\n" for i in range(count)))
+    return ExampleStream(JsonlSource(path, "infonce"), batch_size=batch_size, seed=seed)
+
+
+@pytest.mark.parametrize("count, batch_size", [(6, 4), (7, 3), (10, 4), (8, 8)])
+def test_every_batch_holds_distinct_examples_and_each_epoch_is_one_pass(tmp_path, count, batch_size):
+    """6 examples in batches of 4: a batch straddling two epochs still holds 4 different examples (a
+    query's own positive is never an in-batch negative), and k epochs use each example k times."""
+    stream = _stream(tmp_path, count, batch_size, seed=0)
+    steps = 12 * count                                     # positions of 12 * batch_size whole epochs
+    flat = [i for step in range(steps) for i in stream.indices(step)]
+    assert all(len(set(flat[s * batch_size:(s + 1) * batch_size])) == batch_size for s in range(steps))
+    for epochs in range(1, 12 * batch_size + 1):
+        assert np.bincount(flat[:epochs * count], minlength=count).tolist() == [epochs] * count
+
+
+def test_the_order_is_shuffled_per_epoch_and_seed_and_repeats_for_a_seed(tmp_path):
+    order = lambda seed, epoch: _stream(tmp_path, 40, 8, seed).epoch_order(epoch).tolist()
+    assert order(0, 0) == order(0, 0) and order(3, 2) == order(3, 2)           # a resumed run reads the same
+    assert order(0, 0) != sorted(order(0, 0))                                  # shuffled
+    assert len({tuple(order(0, epoch)) for epoch in range(4)}) == 4            # afresh every epoch
+    assert order(0, 1) != order(1, 0) and order(0, 0) != order(1, 0)           # seeds give other orders
+
+
+def test_lora_dropout_keeps_the_expected_output():
+    """Inverted dropout, as peft's nn.Dropout: at p = 0.5 each input of the adapter is kept with
+    probability 0.5 and doubled, so averaged over many keys the output is the output without dropout.
+    (Without the 1/(1-p) scale the average falls to W x + 0.5 * the adapter's share.)"""
+    from qwen3_jax.train.lora import LoRA
+
+    keys = jax.random.split(jax.random.PRNGKey(7), 5)
+    spec = "BTD,DNH->BTNH"
+    x, weight = jax.random.normal(keys[0], (2, 5, 6)), jax.random.normal(keys[1], (6, 3, 4))
+    a, b = jax.random.normal(keys[2], (6, 3)), jax.random.normal(keys[3], (3, 3, 4))
+    plain = LoRA(a, b, scale=2.0, dropout=0.0)(spec, x, weight, None)
+    dropped = LoRA(a, b, scale=2.0, dropout=0.5)
+    samples = jax.vmap(lambda key: dropped(spec, x, weight, key))(jax.random.split(keys[4], 8000))
+    standard_error = np.asarray(samples.std(axis=0)) / np.sqrt(len(samples))
+    adapter_share = np.abs(np.asarray(plain - jnp.einsum(spec, x, weight)))
+    assert np.all(np.abs(np.asarray(samples.mean(axis=0) - plain)) <= 5 * standard_error + 1e-5)
+    assert np.median(adapter_share / standard_error) > 20        # the test could tell a missing scale apart
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_bf16_step_runs_on_the_cpu_and_its_gradients_follow_float32(checkpoint, lora):
+    """bf16 compute (float32 weights) trains on the CPU, whose dot lacks some bf16 products (they take
+    float32 operands there): its loss and gradients follow the float32 step's (cosine of all gradients)."""
+    tokenizer = TextTokenizer.from_folder(checkpoint)
+    examples = _tokenized(tokenizer, _string_examples())
+    batch = contrastive_batch(examples, negatives=3, pad_id=tokenizer.end_of_text_id)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(checkpoint, dtype=dtype, param_dtype="float32")
+        if lora:
+            add_lora(model, LoRAConfig(rank=4, alpha=8.0), seed=1)
+        step = TrainStep(model, objective=Objective(temperature=0.05), optimizer=OptimizerConfig(learning_rate=1e-3))
+        state = step.init()
+        (loss, _), grads = jax.jit(step.loss_and_grads)(state.trainable, step.frozen, step.place(batch),
+                                                       jax.random.PRNGKey(0))
+        results[dtype] = float(loss), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+        state, metrics = step(state, batch)                      # the whole step, AdamW included
+        assert np.isfinite(float(metrics["loss"]))
+    (loss32, grads32), (loss16, grads16) = results["float32"], results["bfloat16"]
+    assert abs(loss16 - loss32) <= 0.05 * abs(loss32)
+    assert grads16 @ grads32 / (np.linalg.norm(grads16) * np.linalg.norm(grads32)) >= 0.99

@@ -9,6 +9,7 @@ Padding may sit on either side. Padding rows produce finite values that callers 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,19 +18,20 @@ from qwen3_jax.attention.blockwise import blockwise_attention
 from qwen3_jax.attention.cudnn import fused_attention
 from qwen3_jax.attention.dense import attention_at, dense_attention
 from qwen3_jax.attention.masking import positions_from_segments
+from qwen3_jax.attention.pallas_gpu import packed_flash_attention
 from qwen3_jax.attention.splash import splash_attention
 from qwen3_jax.checks import UsageError
 from qwen3_jax.sharding import BATCH_AXIS
 
 __all__ = ["IMPLEMENTATIONS", "attention", "attention_at", "blockwise_attention", "dense_attention",
-           "fused_attention", "packed_row_limit", "packs_rows", "positions_from_segments", "resolve_implementation", "row_by_row",
+           "fused_attention", "packed_flash_attention", "packed_row_limit", "packs_rows", "positions_from_segments", "resolve_implementation", "row_by_row",
            "splash_attention"]
 
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "pallas", "cudnn", "splash")
 # The longest packed row each kernel is given. dense and splash compute every causal pair of a row,
 # texts alike or not, so their rows stay short; blockwise skips the pairs of different texts, so one
 # row may hold a whole batch. cuDNN's kernel takes one text a row (see `packs_rows`).
-PACKED_ROW_LIMIT = {"dense": 2048, "splash": 2048, "blockwise": None}
+PACKED_ROW_LIMIT = {"dense": 2048, "splash": 2048, "blockwise": None, "pallas": None}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
@@ -39,22 +41,45 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
     if impl in ("dense", "blockwise"):
         kernel = dense_attention if impl == "dense" else functools.partial(blockwise_attention, block_size=block_size)
         return row_by_row(kernel, q, k, v, segments, rows_per_step=default_rows_per_step())
+    if impl == "pallas":
+        return packed_flash_attention(q, k, v, segments, interpret=interpret)
     if impl == "cudnn":
         return fused_attention(q, k, v, segments, implementation="cudnn")
     return splash_attention(q, k, v, segments, interpret=interpret)
 
 
 def resolve_implementation(impl: str, dtype) -> str:
-    """The kernel `impl` names; "auto" picks one for the default backend and dtype: cuDNN for
-    half precision on GPUs, splash on TPUs, blockwise elsewhere."""
+    """The kernel `impl` names; "auto" picks one for the default backend and dtype: the packed Pallas
+    kernel on GPUs (where it compiles there; else cuDNN for half precision, blockwise for float32),
+    splash on TPUs, blockwise elsewhere."""
     if impl not in IMPLEMENTATIONS:
         raise UsageError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLEMENTATIONS)}")
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
+    if backend == "gpu":
+        if _pallas_runs_here(jnp.dtype(dtype).name):
+            return "pallas"
+        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blockwise"
     return "splash" if backend == "tpu" else "blockwise"
+
+
+@functools.cache
+def _pallas_runs_here(dtype: str) -> bool:
+    """Whether the packed Pallas kernel compiles and agrees with dense attention on this device, tried
+    once per process on a small row (so a GPU or Triton the kernel was never run on falls back)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (1, 128, 4, 128), dtype)
+    k, v = (jax.random.normal(key, (1, 128, 2, 128), dtype) for key in keys[1:])
+    segments = jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), 32)[None]
+    try:
+        got = jax.jit(packed_flash_attention)(q, k, v, segments)
+        difference = jnp.abs(got.astype(jnp.float32) - dense_attention(q, k, v, segments).astype(jnp.float32)).max()
+        return bool(difference < (1e-3 if dtype == "float32" else 3e-2))
+    except Exception as error:  # noqa: BLE001 - any failure to build or run the kernel means: do not use it
+        warnings.warn(f"the packed Pallas attention kernel does not run on this device ({type(error).__name__}: "
+                      f"{error}); using cuDNN / blockwise attention", stacklevel=2)
+        return False
 
 
 def packs_rows(impl: str, dtype) -> bool:

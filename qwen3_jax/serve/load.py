@@ -6,7 +6,8 @@ texts and must agree within 1e-4. Then, at each concurrency level C, C clients (
 own keep-alive connection, stdlib HTTP only) send requests from one fixed mix, each the moment its last
 answer came: single queries of 5-30 tokens, and batches of 8-32 documents of 80-500 tokens. A level
 stops after its request budget or its time budget, whichever comes first. Reported per level and
-server: texts/s, tokens/s, p50/p99 latency, failures; and the startup time of each server.
+server: texts/s, tokens/s, p50/p99 latency (from a request's first try), failures, and the 429s that
+were retried after their Retry-After (as the openai client retries them); and each server's start-up.
 """
 
 from __future__ import annotations
@@ -91,16 +92,24 @@ class Target:
         self.stop()
         raise TimeoutError(f"{self.name} was not ready within {timeout:.0f} s; see {self.log}")
 
-    def embed(self, texts: list[str], connection: http.client.HTTPConnection | None = None) -> np.ndarray | None:
-        """The vectors of `texts` from the server's OpenAI endpoint (base64), None on an error status."""
+    def embed(self, texts: list[str], connection: http.client.HTTPConnection | None = None,
+              on_busy=None) -> np.ndarray | None:
+        """The vectors of `texts` from the server's OpenAI endpoint (base64), None on an error status. A 429
+        is retried after its Retry-After, as the openai client does (up to 5 times; `on_busy` counts them)."""
         own = connection is None
         connection = connection or http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         try:
-            connection.request("POST", "/embeddings", json.dumps({"model": self.model, "input": texts,
-                                                                  "encoding_format": "base64"}),
-                               {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            body = response.read()
+            for _ in range(6):
+                connection.request("POST", "/embeddings", json.dumps({"model": self.model, "input": texts,
+                                                                      "encoding_format": "base64"}),
+                                   {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                body = response.read()
+                if response.status != 429:
+                    break
+                if on_busy:
+                    on_busy()
+                time.sleep(float(response.getheader("Retry-After", "1")))
         finally:
             if own:
                 connection.close()
@@ -124,8 +133,12 @@ def drive(target: Target, requests: list[Request], *, concurrency: int, max_requ
     """C clients sending `requests` in turn (wrapping around) until `max_requests` were sent or
     `max_seconds` passed; returns the level's figures."""
     lock = threading.Lock()
-    sent, latencies, texts, tokens, failures = [0], [], [0], [0], [0]
+    sent, latencies, texts, tokens, failures, busy = [0], [], [0], [0], [0], [0]
     started = time.perf_counter()
+
+    def count_busy() -> None:
+        with lock:
+            busy[0] += 1
 
     def client() -> None:
         connection = http.client.HTTPConnection("127.0.0.1", target.port, timeout=600)
@@ -137,7 +150,7 @@ def drive(target: Target, requests: list[Request], *, concurrency: int, max_requ
                 sent[0] += 1
             begin = time.perf_counter()
             try:
-                ok = target.embed(request.texts, connection) is not None
+                ok = target.embed(request.texts, connection, on_busy=count_busy) is not None
             except OSError:
                 ok = False
                 connection.close()
@@ -159,6 +172,7 @@ def drive(target: Target, requests: list[Request], *, concurrency: int, max_requ
     seconds = time.perf_counter() - started
     ordered = sorted(latencies) or [float("nan")]
     return {"server": target.name, "concurrency": concurrency, "requests": len(latencies), "failures": failures[0],
+            "retried_429": busy[0],
             "seconds": seconds, "texts_per_s": texts[0] / seconds, "tokens_per_s": tokens[0] / seconds,
             "p50_s": statistics.median(ordered), "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
@@ -216,7 +230,7 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
             for other in started:
                 if other is not target and other.process.poll() is None:
                     os.killpg(other.process.pid, signal.SIGCONT)
-    out(f"\n{'server':>10} {'mix':>20} {'C':>3} {'requests':>8} {'fail':>4} {'texts/s':>8} {'tokens/s':>9} "
+    out(f"\n{'server':>10} {'mix':>20} {'C':>3} {'requests':>8} {'fail':>4} {'429s':>4} {'texts/s':>8} {'tokens/s':>9} "
         f"{'p50 s':>7} {'p99 s':>7}")
     for row in rows:
         _print_row(row, out)
@@ -225,4 +239,4 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
 
 def _print_row(row: dict, out) -> None:
     out(f"{row['server']:>10} {row['mix']:>20} {row['concurrency']:>3} {row['requests']:>8} {row['failures']:>4} "
-        f"{row['texts_per_s']:8.2f} {row['tokens_per_s']:9.0f} {row['p50_s']:7.3f} {row['p99_s']:7.3f}")
+        f"{row['retried_429']:>4} {row['texts_per_s']:8.2f} {row['tokens_per_s']:9.0f} {row['p50_s']:7.3f} {row['p99_s']:7.3f}")

@@ -84,6 +84,7 @@ class Scheduler:
         self._started: collections.deque = collections.deque()
         self._started_ready = threading.Condition()
         self._closing = False
+        self._in_flight = 0                        # batches started and not yet collected
         self._tokens_per_s = 0.0
         self._threads = [threading.Thread(target=self._schedule, name="qwen3-jax-scheduler", daemon=True),
                          threading.Thread(target=self._collect, name="qwen3-jax-collector", daemon=True)]
@@ -143,14 +144,15 @@ class Scheduler:
 
     def _next_batch(self) -> list[tuple[Ticket, int]] | None:
         """The texts of the next batch, first come first served, within the token budget; None once
-        closing with nothing left. Waits up to max_wait for company when the queue is short."""
+        closing with nothing left. While another batch is computing, a short queue waits up to max_wait
+        for company; an idle device starts at once (a lone query waits for nothing)."""
         with self._lock:
             while not self._waiting and not self._closing:
                 self._lock.wait()
             if not self._waiting:
                 return None
             deadline = time.perf_counter() + self.max_wait
-            while self._queued_tokens < self.max_batch_tokens and not self._closing:
+            while self._in_flight and self._queued_tokens < self.max_batch_tokens and not self._closing:
                 left = deadline - time.perf_counter()
                 if left <= 0 or not self._lock.wait(left):
                     break
@@ -164,6 +166,7 @@ class Scheduler:
                 taken.append((ticket, i))
                 tokens += size
             self._queued_tokens -= tokens
+            self._in_flight += 1
             return taken
 
     def _schedule(self) -> None:
@@ -182,6 +185,8 @@ class Scheduler:
                                                          fixed=True)]
             except Exception as error:  # noqa: BLE001 - the requests get the error, the server goes on
                 self._fail(items, error)
+                with self._lock:
+                    self._in_flight -= 1
                 self._slots.release()
                 continue
             with self._started_ready:
@@ -202,6 +207,8 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001
                 self._fail(items, error)
             finally:
+                with self._lock:
+                    self._in_flight -= 1
                 self._slots.release()
 
     def _deliver(self, items: list[tuple[Ticket, int]], started: list[Dispatched], began: float) -> None:

@@ -1,9 +1,11 @@
 """`qwen3-jax bench --train`: our training step beside sentence-transformers' (torch, peft) on the same batch.
 
-Each configuration runs one step to compile, then `repeats` timed steps; both sides use the same texts
-(queries, positives and hard negatives of exactly `tokens` tokens), fp32, AdamW with clipping. Ours
-reports the activation memory XLA allocates for the step (with and without remat); both report the
-growth of the process's resident memory while stepping.
+Each configuration compiles our step once (the working memory and FLOPs are that program's), times its
+first step (compiling included) and `repeats` more; torch runs on the same device (CUDA on a GPU). Both
+sides use the same texts (queries, positives and hard negatives of exactly `tokens` tokens), float32
+weights and AdamW with clipping, computing in float32 or bf16 (ours bf16 compute, torch's autocast).
+Reported: step times and their ratio, first steps, XLA's working memory, the step's TFLOP/s (XLA's
+count, recomputation included) and, on known GPUs, its fraction of the datasheet bf16 peak.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import contextlib
 import statistics
 import threading
 import time
+from typing import Sequence
 
 import jax
 import numpy as np
 
-from qwen3_jax.bench import _dtype_keyword, bench_checkpoint, synthetic_texts
+from qwen3_jax.bench import _dtype_keyword, bench_checkpoint, datasheet_tflops, synthetic_texts
+from qwen3_jax.checks import UsageError
 from qwen3_jax.extras import require
 from qwen3_jax.loader import load_model
 from qwen3_jax.tokenize import TextTokenizer
@@ -56,9 +60,10 @@ def resident_growth():
         result[0] = peak[0] / 2**30
 
 
-def _ours(folder, examples, pad_id: int, rank: int | None, remat: str, mini_batch: int | None,
-          repeats: int) -> dict:
-    model = load_model(folder)
+def _ours(folder, examples, pad_id: int, rank: int | None, remat: str, mini_batch: int | None, repeats: int,
+          dtype: str) -> dict:
+    """Our step, compiled once (XLA's working memory and FLOPs from that same program), then timed."""
+    model = load_model(folder, dtype=dtype, param_dtype="float32")
     if rank:
         add_lora(model, LoRAConfig(rank=rank, alpha=2 * rank))
     texts = len(examples) * (2 + len(examples[0].negatives))      # a query, its positive, its negatives
@@ -67,33 +72,40 @@ def _ours(folder, examples, pad_id: int, rank: int | None, remat: str, mini_batc
                      remat=remat, mini_batches=mini_batches)
     batch = contrastive_batch(examples, negatives=len(examples[0].negatives), pad_id=pad_id, mini_batches=mini_batches)
     state = step.init()
-    compiled = step._step.lower(state, step.frozen, step.place(batch)).compile()
-    activations = compiled.memory_analysis().temp_size_in_bytes / 2**30
     start = time.perf_counter()
-    state, metrics = step(state, batch)
+    compiled = step.compile(state, batch)
+    state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
+    first_step_s = time.perf_counter() - start
     times = []
     with resident_growth() as growth:
         for _ in range(repeats):
             start = time.perf_counter()
-            state, metrics = step(state, batch)
+            state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "first_step_s": compile_s, "activations_gib": activations,
-            "resident_growth_gib": growth[0], "loss": float(metrics["loss"])}
+    step_s = statistics.median(times)
+    result = {"step_s": step_s, "first_step_s": first_step_s, "activations_gib": compiled.working_memory_bytes / 2**30,
+              "resident_growth_gib": growth[0], "loss": float(metrics["loss"]),
+              "xla_tflops": compiled.flops / step_s / 1e12}
+    peak = datasheet_tflops(jax.devices()[0].device_kind, dtype)
+    if peak:
+        result["mfu_vs_datasheet"] = result["xla_tflops"] / peak
+    return result
 
 
 def _torch(folder, columns: list[list[str]], rank: int | None, remat: str, mini_batch: int | None,
-           repeats: int) -> dict:
-    """The same step with sentence-transformers: MultipleNegativesRankingLoss (CachedMNRL for GradCache),
-    a peft LoRA adapter on its transformers model, transformers' gradient checkpointing; float32."""
+           repeats: int, dtype: str) -> dict:
+    """The same step with sentence-transformers on the device JAX uses (CUDA on a GPU):
+    MultipleNegativesRankingLoss (CachedMNRL for GradCache), a peft LoRA adapter on its transformers model,
+    transformers' gradient checkpointing; float32 weights, bf16 compute through autocast when asked."""
     require("reference", "the training benchmark's sentence-transformers side (or pass --no-reference)")
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import losses
 
-    model = SentenceTransformer(str(folder), device="cpu",
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    model = SentenceTransformer(str(folder), device=device,
                                 model_kwargs={"attn_implementation": "sdpa", _dtype_keyword(): torch.float32})
     if rank:
         from peft import LoraConfig, get_peft_model
@@ -109,30 +121,42 @@ def _torch(folder, columns: list[list[str]], rank: int | None, remat: str, mini_
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     features = [model.preprocess(column) if hasattr(model, "preprocess") else model.tokenize(column)
                 for column in columns]
+    features = [{k: v.to(device) if hasattr(v, "to") else v for k, v in f.items()} for f in features]
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def one_step() -> float:
         optimizer.zero_grad()
-        loss = loss_fn(features, None)
+        with autocast:
+            loss = loss_fn(features, None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return loss.item()
 
+    start = time.perf_counter()
     one_step()
+    first_step_s = time.perf_counter() - start
     times = []
     with resident_growth() as growth:
         for _ in range(repeats):
             start = time.perf_counter()
             loss = one_step()
             times.append(time.perf_counter() - start)
-    return {"reference_step_s": statistics.median(times), "reference_resident_growth_gib": growth[0],
-            "reference_loss": loss}
+    return {"reference_step_s": statistics.median(times), "reference_first_step_s": first_step_s,
+            "reference_resident_growth_gib": growth[0], "reference_loss": loss}
 
 
 def run_train_benchmark(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None,
                         queries: int = 8, negatives: int = 3, tokens: int = 256, repeats: int = 3,
-                        reference: bool = True, out=print) -> list[dict]:
-    """Every CONFIGS row, ours and torch's, printed as a table; returns the rows."""
+                        reference: bool = True, dtype: str = "float32", configs: Sequence[str] | None = None,
+                        out=print) -> list[dict]:
+    """The CONFIGS rows (all, or those named in `configs`), ours and torch's, in `dtype` compute,
+    printed as a table; returns the rows."""
+    chosen = [c for c in CONFIGS if configs is None or c[0] in configs]
+    if configs is not None and len(chosen) != len(configs):
+        raise UsageError(f"unknown training configs; choose among: {'; '.join(c[0] for c in CONFIGS)}")
     rows = []
     with bench_checkpoint(model=model, random=random, layers=layers, tokenizer=tokenizer, out=out) as folder:
         tokenizer_ = TextTokenizer.from_folder(folder)
@@ -142,19 +166,19 @@ def run_train_benchmark(*, model: str | None, random: str | None, layers: int | 
         examples = [ContrastiveExample(encoded[0][i], encoded[1][i], [encoded[2 + k][i] for k in range(negatives)])
                     for i in range(queries)]
         step_tokens = sum(len(t) for column in encoded for t in column)
-        for name, rank, remat, mini_batch in CONFIGS:
-            row = {"config": name, "texts": len(texts), "tokens": step_tokens,
-                   **_ours(folder, examples, tokenizer_.end_of_text_id, rank, remat, mini_batch, repeats)}
+        for name, rank, remat, mini_batch in chosen:
+            row = {"config": name, "dtype": dtype, "texts": len(texts), "tokens": step_tokens,
+                   **_ours(folder, examples, tokenizer_.end_of_text_id, rank, remat, mini_batch, repeats, dtype)}
             row["tokens_per_s"] = step_tokens / row["step_s"]
             if reference:
-                row.update(_torch(folder, columns, rank, remat, mini_batch, repeats))
+                row.update(_torch(folder, columns, rank, remat, mini_batch, repeats, dtype))
                 row["ratio"] = row["reference_step_s"] / row["step_s"]
             rows.append(row)
             out(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    out(f"\n{'config':<24} {'step s':>7} {'tok/s':>7} {'torch s':>8} {'ratio':>6} {'activ GiB':>9} "
-        f"{'RSS+ GiB':>8} {'torch RSS+':>10}")
+    out(f"\n{'config':<24} {'step s':>7} {'tok/s':>7} {'torch s':>8} {'ratio':>6} {'first s':>7} {'torch 1st':>9} "
+        f"{'activ GiB':>9} {'TFLOP/s':>8} {'MFU':>5}")
     for r in rows:
-        out(f"{r['config']:<24} {r['step_s']:7.2f} {r['tokens_per_s']:7.0f} {r.get('reference_step_s', np.nan):8.2f} "
-            f"{r.get('ratio', np.nan):6.2f} {r['activations_gib']:9.2f} {r['resident_growth_gib']:8.2f} "
-            f"{r.get('reference_resident_growth_gib', np.nan):10.2f}")
+        out(f"{r['config']:<24} {r['step_s']:7.3f} {r['tokens_per_s']:7.0f} {r.get('reference_step_s', np.nan):8.3f} "
+            f"{r.get('ratio', np.nan):6.2f} {r['first_step_s']:7.1f} {r.get('reference_first_step_s', np.nan):9.1f} "
+            f"{r['activations_gib']:9.2f} {r['xla_tflops']:8.2f} {r.get('mfu_vs_datasheet', np.nan):5.2f}")
     return rows

@@ -13,6 +13,7 @@ iterator's position is a small dict that checkpoints store and restore exactly.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import grain
@@ -90,22 +91,54 @@ class JsonlSource:
 
 
 class ExampleStream:
-    """The examples of a run in order: grain shuffles the file afresh every epoch from the seed, and
-    step s of a run reads examples s*B .. s*B+B-1 of that endless order (B the global batch size), so
-    the data position is the step itself and a resumed run reads exactly what the killed one would
-    have. Every process reads the same (global) batch of texts; each device gets its rows of it."""
+    """The examples of a run in order: epoch after epoch, each a fresh shuffle of the file (grain, from
+    the seed), and step s reads stream positions s*B .. s*B+B-1 (B the global batch size), so the data
+    position is the step itself and a resumed run reads exactly what the killed one would have.
+
+    A batch never holds one example twice. Only a batch that straddles two epochs could (the end of one
+    shuffle, the start of the next): its share of the next epoch is taken from that epoch's order
+    skipping the examples already in it, which come right after instead. Every epoch is still one true
+    pass, each example once. Every process reads the same (global) batch of texts; each device gets its
+    rows of it."""
 
     def __init__(self, source: JsonlSource, *, batch_size: int, seed: int):
         if len(source) < batch_size:
             raise UsageError(f"{source.path} holds {len(source)} examples, fewer than one batch of {batch_size}; "
                              "lower --batch-size or add data")
         self.source, self.batch_size = source, batch_size
-        self.order = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+        # grain reshuffles each epoch from seed + epoch; the seed is mixed first, so that runs with seeds
+        # 0 and 1 do not see the same orders one epoch apart.
+        mixed = int.from_bytes(hashlib.blake2b(f"qwen3-jax data order {seed}".encode(), digest_size=4).digest(), "big")
+        self._shuffled = grain.MapDataset.range(len(source)).shuffle(seed=mixed).repeat()
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The example indices of `epoch` as the stream takes them (see the class docstring). Each
+        epoch's order depends on the one before, so they are made in turn (the last two kept)."""
+        count, size = len(self.source), self.batch_size
+        known = [e for e in self._epochs if e <= epoch]
+        for e in range(max(known) + 1 if known else 0, epoch + 1):
+            order = [self._shuffled[e * count + i] for i in range(count)]
+            straddled = (e * count) % size           # stream positions of the previous epoch in that batch
+            if e and straddled:
+                taken = set(self._epochs[e - 1][count - straddled:].tolist())
+                fresh = [i for i in order if i not in taken][:size - straddled]
+                chosen = set(fresh)
+                order = fresh + [i for i in order if i not in chosen]
+            self._epochs = {k: v for k, v in self._epochs.items() if k >= e - 1}
+            self._epochs[e] = np.asarray(order, np.int64)
+        return self._epochs[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        """The example indices of step `step`."""
+        count = len(self.source)
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return [int(self.epoch_order(p // count)[p % count]) for p in positions]
 
     def batch(self, step: int) -> list[Example]:
         """The examples of step `step`."""
-        start = step * self.batch_size
-        return [self.order[i] for i in range(start, start + self.batch_size)]
+        return [self.source[i] for i in self.indices(step)]
 
-    def steps_per_epoch(self) -> int:
-        return -(-len(self.source) // self.batch_size)
+    def steps_per_epoch(self) -> float:
+        """Steps of one pass over the data (a fraction: an epoch may end inside a batch)."""
+        return len(self.source) / self.batch_size

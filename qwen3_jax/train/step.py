@@ -183,6 +183,12 @@ class TrainStep:
         with jax.set_mesh(self.mesh):   # under a mesh, attention loops over each device's own rows
             return self._step(state, self.frozen, self.place(batch))
 
+    def compile(self, state: TrainState, batch: dict) -> "CompiledStep":
+        """The step compiled once for this batch's shape, called like the step; with XLA's figures of
+        that one program (working memory, FLOPs)."""
+        with jax.set_mesh(self.mesh):
+            return CompiledStep(self, self._step.lower(state, self.frozen, self.place(batch)).compile())
+
     def _embed(self, trainable, frozen, batch: dict, m, rng, remat: str) -> jax.Array:
         """Mini-batch m's pooled final states, flat [rows * slots, D] (the last layer at the pooled
         tokens alone, see Qwen3Model.__call__)."""
@@ -230,6 +236,29 @@ class TrainStep:
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
                    "learning_rate": self.schedule(state.step // self.optimizer.accumulate)}
         return TrainState(state.step + 1, trainable, opt_state), metrics
+
+
+class CompiledStep:
+    """A TrainStep's program for one batch shape (see TrainStep.compile)."""
+
+    def __init__(self, step: TrainStep, executable: jax.stages.Compiled):
+        self.step, self.executable = step, executable
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with jax.set_mesh(self.step.mesh):
+            return self.executable(state, self.step.frozen, self.step.place(batch))
+
+    @property
+    def working_memory_bytes(self) -> int:
+        """XLA's temporary buffers: the activations and everything else the step holds at its peak."""
+        return self.executable.memory_analysis().temp_size_in_bytes
+
+    @property
+    def flops(self) -> float:
+        """The FLOPs XLA counts in the program (recomputation included)."""
+        analysis = self.executable.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        return float(analysis.get("flops", float("nan")))
 
 
 def _is_placed(x: jax.Array, mesh: Mesh) -> bool:

@@ -28,6 +28,7 @@ from qwen3_jax.train.lora import LoRAConfig, add_lora, merge_lora, save_peft_ada
 from qwen3_jax.train.step import Objective, OptimizerConfig, TrainState, TrainStep
 
 EVAL_METRICS = ("recall@1", "recall@10", "ndcg@10")
+DEEPEST = max(int(metric.partition("@")[2]) for metric in EVAL_METRICS)      # the ranking depth they read
 
 
 class Trainer:
@@ -102,7 +103,7 @@ class Trainer:
         runner = self.eval_runner
         runner.use(model)
         if self.prompts is not None:
-            hidden = runner(self._prompts(examples), batch_size=8)
+            hidden = runner(self._prompts(examples), batch_size=self.config.batch_size)
             rows = fetch_global(model.output_rows([self.prompts.no_id, self.prompts.yes_id])).astype(np.float32)
             logits = hidden @ rows.T
             scores = logits[:, 1] - logits[:, 0]
@@ -114,9 +115,10 @@ class Trainer:
             return evaluate(rankings, qrels, EVAL_METRICS)
         corpus = sorted({d for e in examples for d in e.documents})
         position = {d: i for i, d in enumerate(corpus)}
-        encode = lambda texts: normalize_rows(runner(self.tokenizer.encode(texts, self.config.max_length), batch_size=8))
+        encode = lambda texts: normalize_rows(runner(self.tokenizer.encode(texts, self.config.max_length),
+                                                    batch_size=self.config.batch_size))
         similarity = encode([self._query_text(e) for e in examples]) @ encode(corpus).T
-        top = np.argsort(-similarity, axis=1, kind="stable")[:, :10]
+        top = np.argsort(-similarity, axis=1, kind="stable")[:, :DEEPEST]
         rankings = {i: [int(d) for d in top[i]] for i in range(len(examples))}
         qrels = {i: {position[e.documents[0]]: 1} for i, e in enumerate(examples)}
         return evaluate(rankings, qrels, EVAL_METRICS)
