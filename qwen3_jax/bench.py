@@ -404,8 +404,9 @@ def check_packed_kernel(out=print) -> dict:
         kernel = functools.partial(packed_flash_attention, interpret=jax.default_backend() == "cpu")
         got = jax.vjp(lambda *x: kernel(*x, segments), q, k, v)[1](d_out)
         want = jax.vjp(lambda *x: dense_attention(*x, segments), q, k, v)[1](d_out)
-        values = jnp.abs(kernel(q, k, v, segments).astype(jnp.float32)
-                         - dense_attention(q, k, v, segments).astype(jnp.float32)).max()
+        real = (segments > 0)[..., None, None]                   # padding outputs are unspecified
+        values = jnp.abs(jnp.where(real, kernel(q, k, v, segments).astype(jnp.float32)
+                                   - dense_attention(q, k, v, segments).astype(jnp.float32), 0)).max()
         gradients = max(float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()) for a, b in zip(got, want))
         name = jnp.dtype(dtype).name
         result[name] = {"max_abs_value_diff": float(values), "max_abs_gradient_diff": gradients}
@@ -440,4 +441,12 @@ def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int,
     out("\n== training, 4B LoRA, bf16 ==")
     figures["train_4B"] = run_train_benchmark(model=None, random="4B", layers=layers, tokenizer=tokenizer,
                                               repeats=repeats, dtype="bfloat16", configs=["LoRA r=16, remat"], out=out)
+    out("\n== qwen3-jax serve, 0.6B, bf16, against encode ==")
+    from qwen3_jax.serve.load import run_serve_benchmark
+
+    with bench_checkpoint(model=None, random="0.6B", layers=layers, tokenizer=tokenizer, out=out) as folder, \
+            tempfile.TemporaryDirectory(prefix="qwen3-jax-serve-") as scratch:
+        figures["serve"] = run_serve_benchmark(Path(folder), infinity=None, dtype="bfloat16", levels=[16, 64],
+                                               max_requests=200, max_seconds=60, max_batch_tokens=None,
+                                               scratch=Path(scratch), out=out)
     return figures

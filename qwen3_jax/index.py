@@ -16,6 +16,7 @@ from qwen3_jax.checks import whole_number
 from qwen3_jax.corpus import read_manifests, shard_name
 
 BLOCK_ROWS = 65_536
+SPARE_CANDIDATES = 16            # candidates beyond k that the float32 blocks pass on (see Index.search)
 
 
 def _top_k_in_order(scores: np.ndarray, k: int) -> np.ndarray:
@@ -65,12 +66,18 @@ class Index:
     def search(self, queries: np.ndarray, k: int = 10, *, block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, list]:
         """(scores [n, k'], ids: n lists of k' ids), best first, k' = min(k, len(self)); scores are dot
         products (cosines, as both sides are normalised). Equal scores come in index order (the lower
-        position first), whatever k and the block size: duplicate documents are common."""
+        position first), whatever k and the block size: duplicate documents are common.
+
+        The blocks are scored with float32 matrix products, whose rounding depends on where a row sits in
+        its block (identical vectors can differ in the last bit). So the blocks only choose candidates
+        (the best k + SPARE_CANDIDATES); each candidate is then scored alone, the same way wherever it
+        sits, and those scores rank them."""
         queries = np.atleast_2d(np.asarray(queries, np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {queries.shape[1]}; this index holds {self.dim}-dim embeddings")
         whole_number(k, "k")
-        n, k = len(queries), min(int(k), len(self))
+        n, wanted = len(queries), min(int(k), len(self))
+        k = min(wanted + SPARE_CANDIDATES, len(self))
         best = np.full((n, k), -np.inf, np.float32)
         where = np.zeros((n, k), np.int64)
         offset = 0
@@ -83,7 +90,24 @@ class Index:
                 keep = _top_k_in_order(scores, k)
                 best, where = scores[keep].reshape(n, k), positions[keep].reshape(n, k)
             offset += len(vectors)
-        order = np.lexsort((where, -best), axis=1)          # best first; equal scores in index order
+        best = self._rescored(queries, where)
+        order = np.lexsort((where, -best), axis=1)[:, :wanted]     # best first; equal scores in index order
         best, where = np.take_along_axis(best, order, axis=1), np.take_along_axis(where, order, axis=1)
         ids = self.ids
         return best, [[ids[p] for p in row] for row in where]
+
+    def _rescored(self, queries: np.ndarray, positions: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """Each query's score against the vectors at `positions` [n, c], each summed in float64 in one
+        fixed order (equal vectors, equal scores), as float32; `chunk` queries at a time."""
+        starts = np.cumsum([0] + [len(v) for v in self._vectors])
+        scores = np.empty(positions.shape, np.float32)
+        for first in range(0, len(queries), chunk):
+            part = positions[first:first + chunk]
+            shard = np.searchsorted(starts, part, side="right") - 1
+            rows = np.empty(part.shape + (self.dim,), np.float64)
+            for s, vectors in enumerate(self._vectors):
+                chosen = shard == s
+                if chosen.any():
+                    rows[chosen] = np.asarray(vectors[part[chosen] - starts[s]], np.float64)
+            scores[first:first + chunk] = np.einsum("ND,NCD->NC", queries[first:first + chunk].astype(np.float64), rows)
+        return scores

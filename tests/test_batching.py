@@ -88,6 +88,38 @@ def test_a_mesh_gets_one_row_per_data_shard_and_short_rows_where_the_kernel_need
     assert all(len(row) == 1 for b in unpacked for row in b.rows)
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_long_tail_compiles_few_programs_packed_or_one_text_a_row(pack):
+    """The accelerator bench's long tail (512 texts, batch 64) and 10,000 texts of 1..4,000 tokens: packed
+    rows (the CPU's and the GPU's Pallas kernel) take 2 programs each; cuDNN's one text a row, on coarse
+    lengths, at most 12 (16 for 512 texts when each batch took its fine length)."""
+    budget = 64 * TOKENS_PER_TEXT
+    for lengths, packed_ratio in ((_lengths("long tail 10-4000", 512), 1.02),
+                                  (list(np.random.default_rng(0).integers(1, 4001, 10_000)), 1.02)):
+        batches = plan_batches(lengths, token_budget=budget, pack=pack)
+        _check_plan(lengths, batches)
+        programs = len({(b.num_rows, b.length, b.slots) for b in batches})
+        assert programs <= (2 if pack else 12), programs
+        if pack:
+            assert _ratio(lengths, batches) <= packed_ratio
+
+
+def test_fixed_shapes_hold_every_batch_the_server_forms():
+    """The server compiles `fixed_shapes` before it listens: every batch of any mix must be one of them."""
+    from qwen3_jax.layout import fixed_shapes
+
+    rng = np.random.default_rng(0)
+    for budget in (512, 2048, 16384):
+        for longest in (100, 4000, 40000):
+            shapes = set(fixed_shapes(budget, max_text_tokens=longest))
+            assert len(shapes) <= 24
+            for _ in range(20):
+                lengths = list(rng.integers(1, longest + 1, int(rng.integers(1, 200))))
+                batches = plan_batches(lengths, token_budget=budget, fixed=True)
+                _check_plan(lengths, batches)
+                assert {(b.num_rows, b.length, b.slots) for b in batches} <= shapes
+
+
 def test_rows_are_laid_out_with_segments_and_ends():
     texts = [[5, 6, 7], [8, 9], [1]]
     batch = plan_batches([3, 2, 1], token_budget=512)[0]

@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 
+from qwen3_jax.serve.settings import ServeSettings
 from qwen3_jax.tokenize import TextTokenizer
 
 QUERY_TOKENS = (5, 30)
@@ -110,6 +112,7 @@ class Target:
                 if on_busy:
                     on_busy()
                 time.sleep(float(response.getheader("Retry-After", "1")))
+                connection.close()                   # the server may have closed it meanwhile; reconnect
         finally:
             if own:
                 connection.close()
@@ -234,7 +237,28 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
         f"{'p50 s':>7} {'p99 s':>7}")
     for row in rows:
         _print_row(row, out)
+    budget = max_batch_tokens or ServeSettings().batch_tokens(jax.default_backend())
+    encoded = encode_rate(folder, requests[:max_requests], dtype=dtype, token_budget=budget)
+    ours = max(row["tokens_per_s"] for row in rows if row["server"] == "qwen3-jax")
+    out(f"\nencode on the same texts in one process: {encoded:.0f} tokens/s; the server at its best level keeps "
+        f"{ours / encoded:.2f} of it")
+    rows.append({"server": "encode", "tokens_per_s": encoded, "server_fraction": ours / encoded})
     return rows
+
+
+def encode_rate(folder: Path, requests: list[Request], *, dtype: str, token_budget: int) -> float:
+    """Tokens/s of Qwen3Embedder.encode on the requests' texts in this process (after a warm-up call
+    that compiles), with the server's batch budget: the rate the server is measured against."""
+    from qwen3_jax.embedder import Qwen3Embedder
+    from qwen3_jax.layout import TOKENS_PER_TEXT
+
+    embedder = Qwen3Embedder.from_pretrained(folder, dtype=dtype)
+    texts = [text for request in requests for text in request.texts]
+    batch_size = max(1, token_budget // TOKENS_PER_TEXT)
+    embedder.encode(texts, batch_size=batch_size)
+    start = time.perf_counter()
+    embedder.encode(texts, batch_size=batch_size)
+    return sum(request.tokens for request in requests) / (time.perf_counter() - start)
 
 
 def _print_row(row: dict, out) -> None:

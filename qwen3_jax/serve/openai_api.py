@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from qwen3_jax.serve.errors import APIError
-from qwen3_jax.serve.service import Service, served
+from qwen3_jax.serve.service import Service, service_of
 
 router = APIRouter()
 ENCODINGS = ("float", "base64")
@@ -47,7 +47,7 @@ def _encoded(vector: np.ndarray, encoding_format: str):
 
 @router.post("/v1/embeddings")
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request, service: Service = Depends(served)) -> JSONResponse:
+async def embeddings(body: EmbeddingRequest, request: Request, service: Service = Depends(service_of)) -> JSONResponse:
     service.require("embedding", body.model)
     if body.encoding_format not in ENCODINGS:
         raise APIError(400, f"encoding_format={body.encoding_format!r}: choose float or base64",
@@ -84,7 +84,7 @@ async def embeddings(body: EmbeddingRequest, request: Request, service: Service 
 
 @router.get("/v1/models")
 @router.get("/models")
-async def models(service: Service = Depends(served)) -> dict:
+async def models(service: Service = Depends(service_of)) -> dict:
     created = int(time.time())
     return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "qwen3-jax",
                                         "type": kind} for name, kind in service.served()]}

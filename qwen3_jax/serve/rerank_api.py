@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from qwen3_jax.reranker import yes_probability
 from qwen3_jax.serve.errors import APIError
-from qwen3_jax.serve.service import Service, served
-from qwen3_jax.serve.tei_api import ranked, rerank_scores
+from qwen3_jax.serve.service import Service, ranked, service_of
 
 router = APIRouter()
 
@@ -40,13 +39,13 @@ class CohereRerankRequest(BaseModel):
 
 @router.post("/v1/rerank")
 @router.post("/v2/rerank")
-async def rerank(body: CohereRerankRequest, request: Request, service: Service = Depends(served)) -> dict:
+async def rerank(body: CohereRerankRequest, request: Request, service: Service = Depends(service_of)) -> dict:
     service.require("rerank", body.model)
     if body.top_n is not None and body.top_n < 1:
         raise APIError(400, f"top_n={body.top_n} must be at least 1", code="invalid_top_n", param="top_n")
     documents = [d if isinstance(d, str) else d.text for d in body.documents]
-    margins, tokens = await rerank_scores(service, request, body.query, documents, instruction=body.instruction,
-                                          truncate=True, status=400)
+    margins, tokens = await service.rerank_margins(request, body.query, documents, instruction=body.instruction,
+                                                   truncate=True, status=400)
     scores = yes_probability(margins)
     results = [{"index": i, "relevance_score": float(scores[i]),
                 **({"document": {"text": documents[i]}} if body.return_documents else {})}

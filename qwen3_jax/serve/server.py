@@ -12,6 +12,8 @@ import time
 from qwen3_jax.extras import require
 from qwen3_jax.serve.settings import ServeSettings
 
+KEEP_ALIVE_S = 65
+
 
 def serve(settings: ServeSettings, *, mesh=None, out=print) -> int:
     """Runs the server in this process until it is told to stop; returns the exit status."""
@@ -45,8 +47,10 @@ def serve(settings: ServeSettings, *, mesh=None, out=print) -> int:
                 out(f"ready in {ready_after:.1f} s ({programs} programs compiled): serving {names} on "
                     f"http://{settings.host}:{settings.port}")
 
+    # Keep-alive as load balancers expect (uvicorn's 5 s default closes the connections of clients that
+    # wait out a Retry-After).
     server = Server(uvicorn.Config(create_app(service), host=settings.host, port=settings.port, log_level="warning",
-                                   timeout_graceful_shutdown=None))
+                                   timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=None))
     # uvicorn catches SIGTERM, shuts down gracefully, then raises the signal again under the handler it
     # found: with this one the process ends normally, exit 0, after the last accepted request.
     signal.signal(signal.SIGTERM, lambda *_: None)

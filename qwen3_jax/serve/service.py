@@ -9,6 +9,7 @@ import warnings
 import jax
 import numpy as np
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 
 from qwen3_jax.checks import check_dim
 from qwen3_jax.embedder import Qwen3Embedder, normalize_rows
@@ -144,6 +145,15 @@ class Service:
             raise APIError(status, f"{error.what}: shorten them, or send truncate=true to cut them to the limit",
                            code="context_length_exceeded", param="input") from None
 
+    async def rerank_margins(self, request: Request, query: str, documents: list[str], *, instruction: str | None,
+                             truncate: bool, status: int) -> tuple[np.ndarray, int]:
+        """(the yes-no logit margin of each document, the prompts' tokens) through the reranker's queue."""
+        self.check_count(len(documents), "documents")
+        rows = await run_in_threadpool(self.rerank_rows, query, documents, instruction=instruction, truncate=truncate,
+                                       status=status)
+        hidden = await self.run("rerank", request, rows)
+        return self.reranker.answer_logits(hidden), sum(len(row) for row in rows)
+
     def vectors(self, hidden: np.ndarray, dim: int, normalize: bool = True) -> np.ndarray:
         """Embeddings from last hidden states: the first `dim` values (MRL), then L2-normalised."""
         out = hidden[:, :dim]
@@ -175,7 +185,12 @@ class Service:
         raise ClientGone()
 
 
-def served(request: Request) -> Service:
+def ranked(scores: np.ndarray) -> list[int]:
+    """Indices best first; equal scores keep their order (the lower index first)."""
+    return [int(i) for i in np.argsort(-scores, kind="stable")]
+
+
+def service_of(request: Request) -> Service:
     """The Service of the app handling `request` (a FastAPI dependency of every endpoint)."""
     return request.app.state.service
 

@@ -8,7 +8,6 @@ is refused with 413), `prompt_name`, `dimensions`, and our `instruction`; it ans
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -16,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from qwen3_jax.reranker import yes_probability
 from qwen3_jax.serve.errors import APIError
-from qwen3_jax.serve.service import Service, served
+from qwen3_jax.serve.service import Service, ranked, service_of
 
 router = APIRouter()
 
@@ -52,7 +51,7 @@ def _right_only(direction: str) -> None:
 
 
 @router.post("/embed")
-async def embed(body: EmbedRequest, request: Request, service: Service = Depends(served)) -> JSONResponse:
+async def embed(body: EmbedRequest, request: Request, service: Service = Depends(service_of)) -> JSONResponse:
     service.require("embedding")
     _right_only(body.truncation_direction)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
@@ -64,34 +63,19 @@ async def embed(body: EmbedRequest, request: Request, service: Service = Depends
     return await run_in_threadpool(lambda: JSONResponse(service.vectors(hidden, dim, body.normalize).tolist()))
 
 
-def ranked(scores: np.ndarray) -> list[int]:
-    """Indices best first; equal scores keep their order (the lower index first)."""
-    return [int(i) for i in np.argsort(-scores, kind="stable")]
-
-
-async def rerank_scores(service: Service, request: Request, query: str, documents: list[str], *,
-                        instruction: str | None, truncate: bool, status: int) -> tuple[np.ndarray, int]:
-    """(the yes-no logit margin of each document, the prompts' tokens) from the reranker's queue."""
-    service.check_count(len(documents), "documents")
-    rows = await run_in_threadpool(service.rerank_rows, query, documents, instruction=instruction,
-                                   truncate=truncate, status=status)
-    hidden = await service.run("rerank", request, rows)
-    return service.reranker.answer_logits(hidden), sum(len(row) for row in rows)
-
-
 @router.post("/rerank")
-async def rerank(body: RerankRequest, request: Request, service: Service = Depends(served)) -> list[dict]:
+async def rerank(body: RerankRequest, request: Request, service: Service = Depends(service_of)) -> list[dict]:
     service.require("rerank")
     _right_only(body.truncation_direction)
-    margins, _ = await rerank_scores(service, request, body.query, body.texts, instruction=body.instruction,
-                                     truncate=body.truncate, status=413)
+    margins, _ = await service.rerank_margins(request, body.query, body.texts, instruction=body.instruction,
+                                              truncate=body.truncate, status=413)
     scores = margins if body.raw_scores else yes_probability(margins)
     return [{"index": i, "score": float(scores[i]), **({"text": body.texts[i]} if body.return_text else {})}
             for i in ranked(scores)]
 
 
 @router.get("/info")
-async def info(service: Service = Depends(served)) -> dict:
+async def info(service: Service = Depends(service_of)) -> dict:
     model = service.embedder or service.reranker
     return {"model_id": service.embedding_name or service.reranker_name, "model_dtype": str(model.model.dtype),
             "model_type": {"embedding": bool(service.embedder), "reranker": bool(service.reranker)},

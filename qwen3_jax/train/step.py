@@ -184,8 +184,8 @@ class TrainStep:
             return self._step(state, self.frozen, self.place(batch))
 
     def compile(self, state: TrainState, batch: dict) -> "CompiledStep":
-        """The step compiled once for this batch's shape, called like the step; with XLA's figures of
-        that one program (working memory, FLOPs)."""
+        """The step compiled once for this batch's shape, called like the step; with XLA's working memory
+        of that one program."""
         with jax.set_mesh(self.mesh):
             return CompiledStep(self, self._step.lower(state, self.frozen, self.place(batch)).compile())
 
@@ -252,13 +252,6 @@ class CompiledStep:
     def working_memory_bytes(self) -> int:
         """XLA's temporary buffers: the activations and everything else the step holds at its peak."""
         return self.executable.memory_analysis().temp_size_in_bytes
-
-    @property
-    def flops(self) -> float:
-        """The FLOPs XLA counts in the program (recomputation included)."""
-        analysis = self.executable.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-        return float(analysis.get("flops", float("nan")))
 
 
 def _is_placed(x: jax.Array, mesh: Mesh) -> bool:
