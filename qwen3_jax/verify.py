@@ -29,7 +29,6 @@ MIN_COSINE = 0.99
 
 def reference_states(folder: Path, ids: np.ndarray, valid: np.ndarray, dtype: str):
     """transformers' per-layer outputs (all but the last) and final normed states."""
-    require("reference", "qwen3-jax verify (transformers on the same checkpoint)")
     import torch
     from transformers import AutoModel
 
@@ -43,6 +42,7 @@ def reference_states(folder: Path, ids: np.ndarray, valid: np.ndarray, dtype: st
 
 def verify(model: str, *, dtype: str = "float32", strict: bool = False, out=print) -> int:
     """Prints the comparison; returns 0 when within tolerance, 1 otherwise."""
+    require("reference", "qwen3-jax verify (transformers on the same checkpoint)")
     folder = resolve_model(model)
     tokenizer = TextTokenizer.from_folder(folder)
     texts = [format_instruction(TASK) + q for q in QUERIES] + DOCUMENTS + EXTRA

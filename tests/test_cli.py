@@ -176,3 +176,16 @@ def test_length_mix_suite_prints_a_row_per_mix(monkeypatch, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[-2:]]
     assert [row[0] for row in rows] == ["5-30", "10-200"] and rows[1][1:3] == ["long", "tail"]
     assert all(float(row[-2]) <= 1e-4 and int(row[-3]) >= 1 for row in rows)     # max abs diff, programs
+
+
+def test_a_missing_optional_stack_names_the_extra_that_installs_it(checkpoint, monkeypatch, capsys):
+    """In the base install `verify` (and bench's torch side, mteb_encoder, serve) stop at once with the
+    command that installs what they need, not with a bare "No module named 'torch'"."""
+    monkeypatch.setitem(sys.modules, "torch", None)             # as if torch were not installed
+    assert main(["verify", "--model", str(checkpoint)]) == 1
+    assert capsys.readouterr().err.strip() == ("qwen3-jax: error: qwen3-jax verify (transformers on the same "
+                                                 "checkpoint) needs torch, which is not installed: pip install "
+                                                 "\"qwen3-jax[reference]\"")
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    assert main(["serve", "--model", str(checkpoint)]) == 1
+    assert 'pip install "qwen3-jax[serve]"' in capsys.readouterr().err
