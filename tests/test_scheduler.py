@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from qwen3_jax.serve.scheduler import Overloaded, Scheduler, ShuttingDown
+from qwen3_jax.serve.scheduler import DrainRate, Overloaded, Scheduler, ShuttingDown
 from tests.conftest import CORPUS, long_text
 
 
@@ -65,6 +65,24 @@ def test_a_full_queue_refuses_and_a_cancelled_request_is_never_computed(embedder
     assert sum(r.real_tokens for r in reports) == 300                    # the cancelled rows never ran
     with pytest.raises(ShuttingDown):
         scheduler.submit([[5] * 10])
+
+
+def test_retry_after_is_the_wait_until_the_request_fits(embedder):
+    """Retry-After: the time until the queue has room for the refused request (not until it is empty), at
+    the device's rate; before any batch has run, a batch's budget a second."""
+    scheduler = Scheduler(embedder.runner, max_batch_tokens=64, max_queue_tokens=600)
+    scheduler.submit([[5] * 500])
+    with pytest.raises(Overloaded) as refused:
+        scheduler.submit([[6] * 230])
+    assert refused.value.retry_after == 3                                # 130 tokens over, at 64 a second
+
+
+def test_batches_in_flight_together_share_the_device_in_its_rate():
+    rate = DrainRate()
+    rate.observe(100, began=0.0, done=1.0)
+    rate.observe(100, began=0.1, done=2.0)         # started while the first computed: one second of its own
+    rate.observe(300, began=2.5, done=4.0)         # the device idle from 2.0 to 2.5
+    assert rate.tokens_per_s == pytest.approx(100 + 0.2 * (200 - 100))
 
 
 def test_close_finishes_every_accepted_request(embedder):

@@ -39,6 +39,21 @@ class ShuttingDown(Exception):
     """The server is stopping: it finishes what it accepted and takes nothing new."""
 
 
+class DrainRate:
+    """Tokens a second the device gets through, averaged over recent batches. Batches in flight together
+    share the device, so a batch's time counts from its start or the previous batch's results, whichever
+    came later (counting from its start alone would halve the rate with two batches in flight)."""
+
+    def __init__(self):
+        self.tokens_per_s = 0.0
+        self._last_done = float("-inf")
+
+    def observe(self, tokens: int, began: float, done: float) -> None:
+        rate = tokens / max(done - max(began, self._last_done), 1e-6)
+        self._last_done = done
+        self.tokens_per_s = 0.8 * self.tokens_per_s + 0.2 * rate if self.tokens_per_s else rate
+
+
 @dataclasses.dataclass(eq=False)
 class Ticket:
     """One request in the scheduler: its rows, their results as they come, and a future of all of them."""
@@ -85,7 +100,7 @@ class Scheduler:
         self._started_ready = threading.Condition()
         self._closing = False
         self._in_flight = 0                        # batches started and not yet collected
-        self._tokens_per_s = 0.0
+        self._drain = DrainRate()
         self._threads = [threading.Thread(target=self._schedule, name="qwen3-jax-scheduler", daemon=True),
                          threading.Thread(target=self._collect, name="qwen3-jax-collector", daemon=True)]
 
@@ -108,7 +123,7 @@ class Scheduler:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
             if self._queued_tokens and self._queued_tokens + ticket.tokens > self.max_queue_tokens:
-                raise Overloaded(self._queued_tokens, self.max_queue_tokens, self._retry_after())
+                raise Overloaded(self._queued_tokens, self.max_queue_tokens, self._retry_after(ticket.tokens))
             self._waiting.extend((ticket, i) for i in range(len(rows)))
             self._queued_tokens += ticket.tokens
             self._lock.notify_all()
@@ -135,10 +150,10 @@ class Scheduler:
         for thread in self._threads:
             thread.join(timeout)
 
-    def _retry_after(self) -> int:
-        """Seconds until the queue has drained at the recent rate (at least 1)."""
-        rate = self._tokens_per_s or self.max_batch_tokens
-        return max(1, int(np.ceil(self._queued_tokens / rate)))
+    def _retry_after(self, tokens: int) -> int:
+        """Seconds until the queue, draining at the recent rate, has room for `tokens` more (at least 1)."""
+        rate = self._drain.tokens_per_s or self.max_batch_tokens
+        return max(1, int(np.ceil((self._queued_tokens + tokens - self.max_queue_tokens) / rate)))
 
     # --- the device side ----------------------------------------------------------------------------
 
@@ -213,11 +228,10 @@ class Scheduler:
 
     def _deliver(self, items: list[tuple[Ticket, int]], started: list[Dispatched], began: float) -> None:
         done = [result for dispatched in started for result in LastTokenRunner.collect(dispatched)]
-        seconds = time.perf_counter() - began
+        finished = time.perf_counter()
         real = sum(len(items[k][0].rows[items[k][1]]) for k, _ in done)
         computed = sum(d.batch.computed_tokens for d in started)
-        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * real / max(seconds, 1e-6) if self._tokens_per_s \
-            else real / max(seconds, 1e-6)
+        self._drain.observe(real, began, finished)
         with self._lock:                              # a request cancelled meanwhile gets nothing
             for k, state in done:
                 ticket, i = items[k]
@@ -225,7 +239,8 @@ class Scheduler:
                 ticket.remaining -= 1
                 if ticket.remaining == 0 and not ticket.cancelled:
                     ticket.future.set_result(np.stack(ticket.results))
-        self.report(BatchReport(len(items), len({id(ticket) for ticket, _ in items}), real, computed, seconds))
+        self.report(BatchReport(len(items), len({id(ticket) for ticket, _ in items}), real, computed,
+                                finished - began))
 
     def _fail(self, items: list[tuple[Ticket, int]], error: Exception) -> None:
         with self._lock:
