@@ -396,12 +396,12 @@ def check_packed_kernel(out=print) -> dict:
     segments[0, :1000] = np.repeat(np.arange(1, 41), 25)            # 40 texts of 25 tokens
     segments[1, :] = 1                                               # one text of 1,024
     segments = jnp.asarray(segments)
+    kernel = functools.partial(packed_flash_attention, interpret=jax.default_backend() == "cpu")
     result = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         q = jax.random.normal(keys[0], (2, 1024, 16, 128), dtype)
         k, v = (jax.random.normal(key, (2, 1024, 8, 128), dtype) for key in keys[1:3])
         d_out = jnp.where(segments[..., None, None] > 0, jax.random.normal(keys[3], q.shape, dtype), 0)
-        kernel = functools.partial(packed_flash_attention, interpret=jax.default_backend() == "cpu")
         got = jax.vjp(lambda *x: kernel(*x, segments), q, k, v)[1](d_out)
         want = jax.vjp(lambda *x: dense_attention(*x, segments), q, k, v)[1](d_out)
         real = (segments > 0)[..., None, None]                   # padding outputs are unspecified

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+
 class UsageError(ValueError):
     """A bad argument or setting, caught before any work: the command line exits 2 for it, as for its
     own parsing errors (1 is for failures while working)."""

@@ -25,13 +25,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--attention", default="auto", choices=ATTENTION)
-    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
-    parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
+    _mesh_options(parser)
     _distributed(parser)
     _compile_cache(parser)
     parser.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error, not a warning")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _mesh_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
+    parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
 
 
 def _compile_cache(parser: argparse.ArgumentParser) -> None:
@@ -93,8 +97,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recompute each layer in the backward pass (dots: keep the matrix products)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype; weights and optimizer stay float32")
-    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
-    parser.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
+    _mesh_options(parser)
     parser.add_argument("--eval", default=None, help="held-out .jsonl in the same format: recall@1/@10, nDCG@10")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: --save-every)")
     parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
@@ -253,8 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve.add_argument("--dim", type=int, default=None, help="MRL dimension of embeddings a request does not size")
     serve.add_argument("--attention", default="auto", choices=ATTENTION)
-    serve.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
-    serve.add_argument("--fsdp", action="store_true", help="also split parameters over the data axis")
+    _mesh_options(serve)
     serve.add_argument("--max-batch-tokens", type=int, default=None,
                        help="token budget of one batch (default 2048 on the CPU, 16384 on accelerators)")
     serve.add_argument("--max-wait-ms", type=float, default=2.0,
@@ -303,6 +305,13 @@ def _mesh(args):
     if not args.mesh:
         return make_mesh() if args.coordinator or args.distributed else None
     return make_mesh(**parse_mesh(args.mesh))
+
+
+def _mesh_of(spec: str | None, devices=None):
+    """The mesh of a --mesh spec over all devices (or `devices`); None without a spec."""
+    from qwen3_jax.sharding import make_mesh, parse_mesh
+
+    return make_mesh(**parse_mesh(spec), devices=devices) if spec else None
 
 
 def _shows_progress(args) -> bool:
@@ -407,9 +416,8 @@ def run_bench(args) -> None:
 def run_convert(args) -> None:
     from qwen3_jax.convert import convert
     from qwen3_jax.hub import resolve_model
-    from qwen3_jax.sharding import make_mesh, parse_mesh
 
-    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    mesh = _mesh_of(args.mesh)
     done = convert(resolve_model(args.source), args.destination, to=args.to, dtype=args.dtype,
                    max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, strict=args.strict, mesh=mesh)
     print(f"wrote {done}", file=sys.stderr)
@@ -420,10 +428,9 @@ def run_embed_corpus(args) -> None:
 
     from qwen3_jax import Qwen3Embedder
     from qwen3_jax.corpus import corpus_files, embed_corpus
-    from qwen3_jax.sharding import make_mesh, parse_mesh
 
     corpus_files(args.input)              # a missing or unreadable input fails before the model loads
-    mesh = make_mesh(**parse_mesh(args.mesh), devices=jax.local_devices()) if args.mesh else None
+    mesh = _mesh_of(args.mesh, devices=jax.local_devices())
     model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, max_length=args.max_length)
     manifest = embed_corpus(model, args.input, args.output, instruction=args.instruction, prompt_name=args.prompt_name,
                             dim=args.dim, output_dtype=args.output_dtype, text_field=args.text_field,
@@ -513,13 +520,7 @@ def run_serve(args) -> int:
         max_wait_ms=args.max_wait_ms, max_queue_tokens=args.max_queue_tokens,
         max_texts_per_request=args.max_texts_per_request, max_length=args.max_length, api_key=args.api_key,
         served_model_name=args.served_model_name, served_reranker_name=args.served_reranker_name)
-    settings.check()
-    mesh = None
-    if args.mesh:
-        from qwen3_jax.sharding import make_mesh, parse_mesh
-
-        mesh = make_mesh(**parse_mesh(args.mesh))
-    return serve(settings, mesh=mesh, out=lambda message: print(message, file=sys.stderr, flush=True))
+    return serve(settings, mesh=_mesh_of(args.mesh), out=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def run_init_random(args) -> None:

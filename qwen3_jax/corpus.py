@@ -21,8 +21,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from qwen3_jax.checks import whole_number
-from qwen3_jax.checks import UsageError
+from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.extras import require
 from qwen3_jax.hub import model_identity
 from qwen3_jax.progress import progress_bar

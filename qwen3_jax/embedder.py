@@ -8,14 +8,14 @@ from typing import Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen3_jax.checks import check_dim, check_max_length, check_texts
-from qwen3_jax.checks import UsageError
+from qwen3_jax.checks import UsageError, check_dim, check_max_length, check_texts
 from qwen3_jax.compile_cache import use_default_compilation_cache
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.tokenize import TextTokenizer, format_instruction, read_sentence_transformers_files
+
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)

@@ -20,8 +20,7 @@ import ml_dtypes
 import numpy as np
 from tokenizers import Tokenizer
 
-from qwen3_jax.checks import whole_number
-from qwen3_jax.checks import UsageError
+from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.config import PRESETS, Qwen3Config, preset
 from qwen3_jax.convert import staged_folder, write_weight_files
 from qwen3_jax.progress import progress_bar

@@ -9,8 +9,7 @@ from typing import Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen3_jax.checks import check_max_length, check_texts
-from qwen3_jax.checks import UsageError
+from qwen3_jax.checks import UsageError, check_max_length, check_texts
 from qwen3_jax.compile_cache import use_default_compilation_cache
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
@@ -62,6 +61,13 @@ class RerankerPrompts:
         return [self.prefix_ids + body[:budget] + self.suffix_ids for body in bodies]
 
 
+def answer_margins(hidden: np.ndarray, answer_rows: np.ndarray) -> np.ndarray:
+    """logit("yes") - logit("no") of last hidden states [n, D], given the output rows of ("no", "yes")
+    [2, D] (TEI's raw score)."""
+    logits = np.einsum("BD,AD->BA", hidden, answer_rows)          # A: ("no", "yes")
+    return logits[:, 1] - logits[:, 0]
+
+
 def yes_probability(margin: np.ndarray) -> np.ndarray:
     """softmax([no, yes])[1] = sigmoid(yes - no), float32, without overflow for confident margins:
     1 / (1 + exp(-m)) computed as exp(-log(1 + exp(-m)))."""
@@ -111,8 +117,7 @@ class Qwen3Reranker:
 
     def answer_logits(self, hidden: np.ndarray) -> np.ndarray:
         """logit("yes") - logit("no") of last hidden states [n, D] (TEI's raw score)."""
-        logits = np.einsum("BD,AD->BA", hidden, self.answer_rows)          # A: ("no", "yes")
-        return logits[:, 1] - logits[:, 0]
+        return answer_margins(hidden, self.answer_rows)
 
     def score(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
               batch_size: int = 16, show_progress_bar: bool = False) -> np.ndarray:

@@ -14,6 +14,7 @@ from qwen3_jax.serve import openai_api, rerank_api, tei_api
 from qwen3_jax.serve.errors import APIError, api_error, error_response, internal_error, invalid_request
 from qwen3_jax.serve.service import ClientGone, Service
 
+
 def create_app(service: Service) -> FastAPI:
     """An app serving `service`'s models; its schedulers start with the app and, when it stops (SIGTERM
     included), finish every request they accepted."""

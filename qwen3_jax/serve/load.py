@@ -220,9 +220,7 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
             if difference > AGREEMENT:
                 raise RuntimeError(f"the servers disagree by {difference:.2e} (> {AGREEMENT}); not timing them")
         for target in started:
-            for other in started:            # only the server under test has work
-                if other is not target and other.process.poll() is None:
-                    os.killpg(other.process.pid, signal.SIGSTOP)
+            _signal_others(target, started, signal.SIGSTOP)          # only the server under test has work
             drive(target, lone, concurrency=1, max_requests=5, max_seconds=60)          # warm
             rows.append({**drive(target, lone, concurrency=1, max_requests=max(10, max_requests // 4),
                                  max_seconds=max_seconds / 2), "mix": "lone query"})
@@ -230,9 +228,7 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
                 rows.append({**drive(target, requests, concurrency=level, max_requests=max_requests,
                                      max_seconds=max_seconds), "mix": "queries + documents"})
                 _print_row(rows[-1], out)
-            for other in started:
-                if other is not target and other.process.poll() is None:
-                    os.killpg(other.process.pid, signal.SIGCONT)
+            _signal_others(target, started, signal.SIGCONT)
     out(f"\n{'server':>10} {'mix':>20} {'C':>3} {'requests':>8} {'fail':>4} {'429s':>4} {'texts/s':>8} {'tokens/s':>9} "
         f"{'p50 s':>7} {'p99 s':>7}")
     for row in rows:
@@ -244,6 +240,13 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
         f"{ours / encoded:.2f} of it")
     rows.append({"server": "encode", "tokens_per_s": encoded, "server_fraction": ours / encoded})
     return rows
+
+
+def _signal_others(target: Target, targets: list[Target], number: int) -> None:
+    """Sends signal `number` to every running server but `target` (SIGSTOP pauses one, SIGCONT resumes it)."""
+    for other in targets:
+        if other is not target and other.process.poll() is None:
+            os.killpg(other.process.pid, number)
 
 
 def encode_rate(folder: Path, requests: list[Request], *, dtype: str, token_budget: int) -> float:

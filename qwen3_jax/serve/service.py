@@ -55,11 +55,16 @@ class Service:
         returns how many programs that made."""
         for kind, scheduler in self.schedulers.items():
             runner = scheduler.runner
-            longest = (self.embedder if kind == "embedding" else self.reranker).max_length
-            runner.compile(runner.shapes(self.batch_tokens, longest))
-            name = self.embedding_name if kind == "embedding" else self.reranker_name
+            model, name, _ = self._model(kind)
+            runner.compile(runner.shapes(self.batch_tokens, model.max_length))
             self.metrics.compiled.labels(name).set(runner.compiled_programs)
         return sum(scheduler.runner.compiled_programs for scheduler in self.schedulers.values())
+
+    def _model(self, kind: str) -> tuple:
+        """(the model of `kind`, the name it is served by, the name it was loaded by); None when absent."""
+        if kind == "embedding":
+            return self.embedder, self.embedding_name, self.settings.model
+        return self.reranker, self.reranker_name, self.settings.reranker
 
     def start(self) -> None:
         for scheduler in self.schedulers.values():
@@ -81,12 +86,11 @@ class Service:
 
     def require(self, kind: str, named: str | None = None) -> None:
         """Raises 404 unless this server has a model of `kind` (and it is the one `named`, if named)."""
-        name = self.embedding_name if kind == "embedding" else self.reranker_name
-        wanted = {self.settings.model, name} if kind == "embedding" else {self.settings.reranker, name}
+        _, name, given = self._model(kind)
         if name is None:
             other = "--reranker" if kind == "rerank" else "--model"
             raise APIError(404, f"this server has no {kind} model; start it with {other}", code="model_not_found")
-        if named is not None and named not in wanted:
+        if named is not None and named not in {given, name}:
             raise APIError(404, f"model {named!r} is not served here; this server's {kind} model is {name!r}",
                            code="model_not_found", param="model")
 

@@ -6,8 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from qwen3_jax.checks import whole_number
-from qwen3_jax.checks import UsageError
+from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.hub import model_identity
 from qwen3_jax.textio import file_identity
 

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen3_jax.checks import whole_number
-from qwen3_jax.checks import UsageError
+from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.kernels.projection import ADAPTER_SUFFIX, input_gradient, materialised, project, weight_gradient
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.safetensors_file import CheckpointError, SafetensorsFile, write_safetensors

@@ -19,8 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qwen3_jax.checks import check_dim
-from qwen3_jax.checks import UsageError
+from qwen3_jax.checks import UsageError, check_dim
 from qwen3_jax.model import REMAT_POLICIES, Qwen3Model
 from qwen3_jax.numerics import einsum
 from qwen3_jax.sharding import BATCH_AXIS, put_global

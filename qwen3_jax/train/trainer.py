@@ -17,7 +17,7 @@ from qwen3_jax.embedder import normalize_rows
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.metrics import evaluate
-from qwen3_jax.reranker import RerankerPrompts
+from qwen3_jax.reranker import RerankerPrompts, answer_margins
 from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.sharding import fetch_global, shard_count
 from qwen3_jax.tokenize import TextTokenizer, format_instruction
@@ -105,8 +105,7 @@ class Trainer:
         if self.prompts is not None:
             hidden = runner(self._prompts(examples), batch_size=self.config.batch_size)
             rows = fetch_global(model.output_rows([self.prompts.no_id, self.prompts.yes_id])).astype(np.float32)
-            logits = hidden @ rows.T
-            scores = logits[:, 1] - logits[:, 0]
+            scores = answer_margins(hidden, rows)
             by_query: dict[str, list[int]] = {}
             for i, e in enumerate(examples):
                 by_query.setdefault(e.query, []).append(i)
