@@ -402,12 +402,12 @@ def check_packed_kernel(out=print) -> dict:
         q = jax.random.normal(keys[0], (2, 1024, 16, 128), dtype)
         k, v = (jax.random.normal(key, (2, 1024, 8, 128), dtype) for key in keys[1:3])
         d_out = jnp.where(segments[..., None, None] > 0, jax.random.normal(keys[3], q.shape, dtype), 0)
-        got = jax.vjp(lambda *x: kernel(*x, segments), q, k, v)[1](d_out)
-        want = jax.vjp(lambda *x: dense_attention(*x, segments), q, k, v)[1](d_out)
+        got, got_backward = jax.vjp(lambda *x: kernel(*x, segments), q, k, v)
+        want, want_backward = jax.vjp(lambda *x: dense_attention(*x, segments), q, k, v)
         real = (segments > 0)[..., None, None]                   # padding outputs are unspecified
-        values = jnp.abs(jnp.where(real, kernel(q, k, v, segments).astype(jnp.float32)
-                                   - dense_attention(q, k, v, segments).astype(jnp.float32), 0)).max()
-        gradients = max(float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()) for a, b in zip(got, want))
+        values = jnp.abs(jnp.where(real, got.astype(jnp.float32) - want.astype(jnp.float32), 0)).max()
+        gradients = max(float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+                        for a, b in zip(got_backward(d_out), want_backward(d_out)))
         name = jnp.dtype(dtype).name
         result[name] = {"max_abs_value_diff": float(values), "max_abs_gradient_diff": gradients}
         out(f"packed kernel on {jax.devices()[0].device_kind}, {name}: values {float(values):.2e}, "
