@@ -263,8 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a short queue waits for company before its batch starts")
     serve.add_argument("--max-queue-tokens", type=int, default=None,
                        help="tokens waiting at most; beyond, requests get 429 (default: 16 batches)")
-    serve.add_argument("--max-texts-per-request", type=int, default=512)
+    serve.add_argument("--max-client-batch-size", "--max-texts-per-request", dest="max_client_batch_size", type=int,
+                       default=512, help="texts one request may hold")
     serve.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
+    serve.add_argument("--max-input-chars", type=int, default=None,
+                       help="characters per text before tokenizing; longer ones are cut there (truncate) or refused "
+                            "(default: 16 x the max length)")
+    serve.add_argument("--payload-limit", type=int, default=2_000_000,
+                       help="bytes of one request body; larger ones get 413 unread (default 2,000,000, as TEI)")
+    serve.add_argument("--read-timeout-s", type=float, default=30.0,
+                       help="seconds a client may take between parts of its request body (then 408)")
+    serve.add_argument("--graceful-timeout-s", type=float, default=30.0,
+                       help="on SIGTERM, seconds to finish the requests in flight before exiting")
+    serve.add_argument("--calibration", default=None,
+                       help=".txt / .jsonl of texts whose embeddings calibrate int8 and uint8 (default: built-in texts)")
     serve.add_argument("--api-key", default=os.environ.get("QWEN3_JAX_API_KEY"),
                        help="require Authorization: Bearer KEY (env QWEN3_JAX_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the embedding model's name in requests")
@@ -518,7 +530,9 @@ def run_serve(args) -> int:
         model=args.model, reranker=args.reranker, host=args.host, port=args.port, dtype=args.dtype, dim=args.dim,
         attention=args.attention, mesh=args.mesh, fsdp=args.fsdp, max_batch_tokens=args.max_batch_tokens,
         max_wait_ms=args.max_wait_ms, max_queue_tokens=args.max_queue_tokens,
-        max_texts_per_request=args.max_texts_per_request, max_length=args.max_length, api_key=args.api_key,
+        max_client_batch_size=args.max_client_batch_size, max_length=args.max_length,
+        max_input_chars=args.max_input_chars, payload_limit=args.payload_limit, read_timeout_s=args.read_timeout_s,
+        graceful_timeout_s=args.graceful_timeout_s, calibration=args.calibration, api_key=args.api_key,
         served_model_name=args.served_model_name, served_reranker_name=args.served_reranker_name)
     return serve(settings, mesh=_mesh_of(args.mesh), out=lambda message: print(message, file=sys.stderr, flush=True))
 

@@ -45,9 +45,10 @@ class RerankerPrompts:
             raise UsageError(f"max_length={max_length} leaves no room between the prompt's prefix and suffix")
 
     def ids(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None, *,
-            truncate: bool = True) -> list[list[int]]:
+            truncate: bool = True, side: str = "right") -> list[list[int]]:
         """Token ids of each prompt (instruction None: the default); an over-long document is cut inside
-        the document part, so the prefix and suffix survive (`truncate=False`: TooLong instead)."""
+        the document part, so the prefix and suffix survive (`truncate=False`: TooLong instead): its end,
+        or with `side="left"` its start (the document then tokenized apart from the query before it)."""
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
         bodies = self.tokenizer.token_ids([format_pair(instruction, q, d) for q, d in pairs])
@@ -58,6 +59,11 @@ class RerankerPrompts:
         if cut:
             warnings.warn(f"{cut} prompt(s) exceed max_length={self.max_length} tokens; their documents were "
                           "truncated (the prompt's prefix and suffix are kept)", stacklevel=3)
+        if cut and side == "left":
+            heads = self.tokenizer.token_ids([format_pair(instruction, pairs[i][0], "") for i in too_long])
+            documents = self.tokenizer.token_ids([pairs[i][1] for i in too_long])
+            for i, head, document in zip(too_long, heads, documents):
+                bodies[i] = head + document[len(document) - max(budget - len(head), 0):]
         return [self.prefix_ids + body[:budget] + self.suffix_ids for body in bodies]
 
 

@@ -51,26 +51,33 @@ class TextTokenizer:
         """The texts' own tokens, without any special token the post-processor would add."""
         return [encoding.ids for encoding in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def encode(self, texts: Sequence[str], max_length: int, *, truncate: bool = True) -> list[list[int]]:
+    def encode(self, texts: Sequence[str], max_length: int, *, truncate: bool = True,
+               side: str = "right") -> list[list[int]]:
         """Token ids per text: the text's own tokens, cut to max_length - 1, then <|endoftext|>.
 
         The checkpoint's post-processor is bypassed, so the result is the same whether or not its
         tokenizer.json appends the end-of-text token itself. Truncation warns once per call;
-        `truncate=False` raises TooLong instead.
+        `truncate=False` raises TooLong instead. `side="left"` cuts a text's start instead of its end
+        (as a tokenizer with truncation_side="left" does).
         """
-        return self.finish(self.token_ids(texts), max_length, truncate=truncate)
+        return self.finish(self.token_ids(texts), max_length, truncate=truncate, side=side)
 
-    def finish(self, ids: Sequence[Sequence[int]], max_length: int, *, truncate: bool = True) -> list[list[int]]:
+    def finish(self, ids: Sequence[Sequence[int]], max_length: int, *, truncate: bool = True,
+               side: str = "right") -> list[list[int]]:
         """Texts' own token ids (e.g. a client's) made into model inputs as `encode` makes them."""
         if max_length < 2:
             raise ValueError(f"max_length={max_length} leaves no room for text and <|endoftext|>")
+        if side not in ("left", "right"):
+            raise ValueError(f"side={side!r}: choose 'left' or 'right'")
         too_long = [i for i, row in enumerate(ids) if len(row) >= max_length]
         if too_long and not truncate:
             raise TooLong(too_long, len(ids[too_long[0]]) + 1, max_length)
         if too_long:
             warnings.warn(f"{len(too_long)} text(s) (first: index {too_long[0]}) exceed max_length="
                           f"{max_length} tokens and were truncated; <|endoftext|> was kept", stacklevel=3)
-        return [list(row[: max_length - 1]) + [self.end_of_text_id] for row in ids]
+        keep = max_length - 1
+        return [list(row[:keep] if side == "right" else row[max(len(row) - keep, 0):]) + [self.end_of_text_id]
+                for row in ids]
 
 
 def pad_batch(rows: Sequence[Sequence[int]], length: int, batch: int, pad_id: int,

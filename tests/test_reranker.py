@@ -58,6 +58,22 @@ def test_long_documents_are_cut_inside_the_document(reranker_checkpoint, reranke
     assert np.abs(ours - ref).max() <= 1e-4
 
 
+def test_left_truncation_keeps_a_long_documents_end(reranker_checkpoint, reranker):
+    """side="left" (TEI's truncation_direction) cuts a document's start: the prompt's prefix, the
+    instruction and query, and the document's last tokens survive; a prompt that fits is not touched."""
+    head = reranker.tokenizer.token_ids([format_pair(CARD_INSTRUCTION, QUERY, "")])[0]
+    limit = len(reranker.prefix_ids) + len(head) + 20 + len(reranker.suffix_ids)
+    small = Qwen3Reranker.from_pretrained(reranker_checkpoint, max_length=limit)
+    document = long_text() + " the very end"
+    with pytest.warns(UserWarning, match="truncated"):
+        row, fits = small.prompts.ids([(QUERY, document), (QUERY, CORPUS[0])], CARD_INSTRUCTION, side="left")
+    end = reranker.tokenizer.token_ids([document])[0][-20:]
+    assert len(row) == limit and row[:len(small.prefix_ids)] == small.prefix_ids
+    assert row[len(small.prefix_ids):][:len(head)] == head
+    assert row[-len(small.suffix_ids) - 20:-len(small.suffix_ids)] == end
+    assert fits == small.prompt_ids([(QUERY, CORPUS[0])], CARD_INSTRUCTION)[0]
+
+
 def test_rank_orders_by_score(reranker):
     scores = reranker.score(QUERY, DOCS)
     ranked = reranker.rank(QUERY, DOCS, top_k=3)

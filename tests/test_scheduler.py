@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from qwen3_jax.serve.scheduler import DrainRate, Overloaded, Scheduler, ShuttingDown
+from qwen3_jax.serve.scheduler import BatchFailed, DrainRate, Overloaded, Scheduler, ShuttingDown
 from tests.conftest import CORPUS, long_text
 
 
@@ -90,3 +90,100 @@ def test_close_finishes_every_accepted_request(embedder):
     tickets = [scheduler.submit(rows) for rows in _requests(embedder, 12, seed=1)]
     scheduler.close(timeout=120)
     assert all(ticket.future.done() and ticket.future.exception() is None for ticket in tickets)
+
+
+class FlakyRunner:
+    """The embedder's runner, but dispatching batch number N (from 1) raises for N in `fail`; dispatch()
+    waits for `hold` and collect() for `release` when given (a batch held on its way to the device, or on
+    it), then collect() raises `lost` if set."""
+
+    def __init__(self, runner, fail=(), release: threading.Event | None = None, hold: threading.Event | None = None):
+        self.runner, self.fail, self.release, self.hold = runner, set(fail), release, hold
+        self.dispatched = 0
+        self.started = threading.Event()
+        self.lost: Exception | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def dispatch(self, batch, texts):
+        self.dispatched += 1
+        self.started.set()
+        if self.hold is not None:
+            assert self.hold.wait(60)
+        if self.dispatched in self.fail:
+            raise RuntimeError(f"injected failure of batch {self.dispatched}")
+        return self.runner.dispatch(batch, texts)
+
+    def collect(self, dispatched):
+        if self.release is not None:
+            assert self.release.wait(60)
+        if self.lost is not None:
+            raise self.lost
+        return self.runner.collect(dispatched)
+
+
+def test_a_failing_batch_fails_its_requests_alone_and_repeated_failures_are_unhealthy(embedder, caplog):
+    runner = FlakyRunner(embedder.runner, fail={1, 3, 4, 5})
+    scheduler = Scheduler(runner, max_batch_tokens=4096, max_queue_tokens=100_000)
+    rows = _requests(embedder, 3)
+    doomed = [scheduler.submit(rows[0], "doomed-a"), scheduler.submit(rows[1], "doomed-b")]     # one batch
+    scheduler.start()
+    for ticket in doomed:
+        with pytest.raises(BatchFailed, match=f"request {ticket.request_id} failed"):
+            ticket.future.result(timeout=120)
+    assert "doomed-a, doomed-b" in caplog.text and "injected failure of batch 1" in caplog.text
+    after = scheduler.submit(rows[2], "after")
+    assert np.abs(after.future.result(timeout=120) - embedder.runner(rows[2], batch_size=1)).max() <= 1e-5
+    assert scheduler.healthy
+    for number in range(3):                                  # batches 3, 4, 5 fail in a row
+        with pytest.raises(BatchFailed):
+            scheduler.submit(rows[0], f"again-{number}").future.result(timeout=120)
+    assert not scheduler.healthy and scheduler.died is None
+    assert scheduler.submit(rows[0]).future.result(timeout=120).shape[0] == len(rows[0])
+    assert scheduler.healthy                                  # a batch that ran: the device is back
+    scheduler.close(timeout=60)
+
+
+def test_a_batch_failing_while_its_client_leaves_and_a_failing_report_leave_the_threads_running(embedder):
+    release = threading.Event()
+    runner = FlakyRunner(embedder.runner, release=release)
+
+    def report(batch):
+        raise ValueError("the metrics are broken")
+
+    scheduler = Scheduler(runner, max_batch_tokens=4096, max_queue_tokens=100_000, report=report)
+    rows = _requests(embedder, 2, seed=3)
+    leaving, staying = scheduler.submit(rows[0]), scheduler.submit(rows[1])
+    scheduler.start()
+    assert runner.started.wait(60)
+    scheduler.cancel(leaving)                      # its client leaves while the batch computes,
+    runner.lost = RuntimeError("device lost")      # and the batch's results never arrive
+    release.set()
+    with pytest.raises(BatchFailed):
+        staying.future.result(timeout=120)
+    assert leaving.future.cancelled()
+    scheduler.cancel(staying)                      # cancelling a failed request changes nothing
+    runner.lost = None
+    later = scheduler.submit(rows[1])              # the next batch runs (and its report fails)
+    assert np.abs(later.future.result(timeout=120) - embedder.runner(rows[1], batch_size=1)).max() <= 1e-5
+    assert scheduler.died is None and all(thread.is_alive() for thread in scheduler._threads)
+    assert scheduler.failures_in_a_row == 0                  # a failing report is not a failing batch
+    scheduler.close(timeout=60)
+
+
+def test_a_scheduler_thread_that_dies_fails_what_it_held_and_refuses_the_rest(embedder):
+    scheduler = Scheduler(embedder.runner, max_batch_tokens=4096, max_queue_tokens=100_000)
+    waiting = scheduler.submit(_requests(embedder, 1)[0])
+
+    def broken():
+        raise RuntimeError("a bug in batch formation")
+
+    scheduler._next_batch = broken
+    scheduler.start()
+    with pytest.raises(BatchFailed):
+        waiting.future.result(timeout=60)
+    assert not scheduler.healthy and isinstance(scheduler.died, RuntimeError)
+    with pytest.raises(ShuttingDown, match="scheduler stopped"):
+        scheduler.submit([[5, 6]])
+    scheduler.close(timeout=5)

@@ -4,11 +4,6 @@ openai client, httpx) and checked against Qwen3Embedder / Qwen3Reranker on the s
 import asyncio
 import base64
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,47 +11,11 @@ import pytest
 
 from qwen3_jax import Qwen3Embedder, Qwen3Reranker
 from tests.conftest import CORPUS, build_checkpoint, long_text
+from tests.servers import Server
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
 LIMITS = ["--max-length", "256", "--max-batch-tokens", "512"]
 ROOMY = [*LIMITS, "--max-queue-tokens", "1048576"]         # for the tests that must not meet a full queue
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`qwen3-jax serve ...` in a subprocess, ready once /health answers 200."""
-
-    def __init__(self, *args: str, log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.process = subprocess.Popen([sys.executable, "-m", "qwen3_jax.cli", "serve", "--port", str(self.port), *args],
-                                        stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            assert self.process.poll() is None, log.read_text()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(log.read_text())
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=120)
-
-    def kill(self) -> None:
-        """Ends the process whatever happened (a failed test leaves no server behind)."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +98,95 @@ def test_rerank_endpoints_score_as_the_reranker(server, reranker_folder):
     assert cohere["usage"]["total_tokens"] > 0
 
 
+def test_huggingface_hubs_inference_client_gets_what_encode_and_sentence_transformers_give(server, local, checkpoint):
+    """InferenceClient(model=URL).feature_extraction posts TEI's fields to the bare URL; left truncation
+    keeps a text's end as sentence-transformers does with truncation_side="left"."""
+    from huggingface_hub import InferenceClient
+    from sentence_transformers import SentenceTransformer
+
+    client = InferenceClient(model=server.url)
+    texts = CORPUS[:4]
+    got = client.feature_extraction(texts)
+    assert got.shape == (4, local.dimension) and np.abs(got - local.encode(texts)).max() <= 1e-6
+    query = client.feature_extraction("Explain gravity", prompt_name="query", dimensions=32)
+    assert np.abs(query - local.encode(["Explain gravity"], prompt_name="query", dim=32)).max() <= 1e-6
+    raw = client.feature_extraction(texts[:2], normalize=False)
+    assert np.abs(raw - local.encode(texts[:2], normalize=False)).max() <= 1e-5
+    long = [long_text(400), long_text(300) + " the end"]
+    right = client.feature_extraction(long, truncate=True, truncation_direction="right")
+    assert np.abs(right - local.encode(long)).max() <= 1e-6
+    left = client.feature_extraction(long, truncate=True, truncation_direction="left")
+    reference = SentenceTransformer(str(checkpoint), device="cpu")
+    reference.max_seq_length = 256
+    reference.tokenizer.truncation_side = "left"
+    assert np.abs(left - reference.encode(long, normalize_embeddings=True)).max() <= 1e-4
+    assert np.abs(left - right).max() > 1e-2                          # the two ends really differ
+
+
+def test_the_cohere_client_embeds_and_reranks_as_the_models_and_sentence_transformers_quantize(
+        server, local, reranker_folder):
+    import cohere
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    from qwen3_jax.quantize import DEFAULT_CALIBRATION_TEXTS
+
+    client = cohere.ClientV2(api_key="unused", base_url=server.url)
+    name = server_reranker_name(server)
+    query, documents = "What is the capital of China?", CORPUS[:6]
+    ranked = client.rerank(model=name, query=query, documents=documents, top_n=3)
+    expected = Qwen3Reranker.from_pretrained(reranker_folder).score(query, documents)
+    assert [r.index for r in ranked.results] == list(np.argsort(-expected, kind="stable")[:3])
+    assert max(abs(r.relevance_score - expected[r.index]) for r in ranked.results) <= 1e-6
+
+    texts = DEFAULT_CALIBRATION_TEXTS[:6]
+    kinds = ["float", "int8", "uint8", "binary", "ubinary"]
+    response = client.embed(model="emb", texts=texts, input_type="search_document", embedding_types=kinds)
+    floats = np.array(response.embeddings.float_, np.float32)
+    assert np.abs(floats - local.encode(texts)).max() <= 1e-6
+    queries = client.embed(model="emb", texts=texts[:2], input_type="search_query", embedding_types=["float"],
+                           output_dimension=32)
+    assert np.abs(np.array(queries.embeddings.float_) - local.encode(texts[:2], prompt_name="query", dim=32)).max() <= 1e-6
+    calibration = local.encode(DEFAULT_CALIBRATION_TEXTS)
+    for kind in ("binary", "ubinary"):                                # the same floats: the same bits
+        assert np.array_equal(np.array(getattr(response.embeddings, kind)), quantize_embeddings(floats, kind)), kind
+    for kind in ("int8", "uint8"):          # calibrated on the same texts: equal but where 1e-7 crosses a step
+        got = np.array(getattr(response.embeddings, kind), np.int64)
+        reference = quantize_embeddings(floats, kind, calibration_embeddings=calibration).astype(np.int64)
+        assert np.abs(got - reference).max() <= 1 and (got == reference).mean() >= 0.99, kind
+
+
+def test_vllm_score_tei_tokenize_decode_and_invocations(server, local, reranker_folder):
+    reranker = Qwen3Reranker.from_pretrained(reranker_folder)
+    pairs = [("What is the capital of China?", CORPUS[0]), ("Explain gravity", CORPUS[1]), ("Explain gravity", CORPUS[4])]
+    paired = httpx.post(server.url + "/v1/score", json={"text_1": [q for q, _ in pairs],
+                                                        "text_2": [d for _, d in pairs]}).json()
+    assert [item["index"] for item in paired["data"]] == [0, 1, 2] and paired["object"] == "list"
+    assert max(abs(item["score"] - s) for item, s in zip(paired["data"], reranker.score_pairs(pairs))) <= 1e-6
+    one = httpx.post(server.url + "/score", json={"text_1": "Explain gravity", "text_2": CORPUS[:3]}).json()
+    expected = reranker.score("Explain gravity", CORPUS[:3])
+    assert max(abs(item["score"] - s) for item, s in zip(one["data"], expected)) <= 1e-6
+    assert one["usage"]["prompt_tokens"] == sum(map(len, reranker.prompt_ids([("Explain gravity", d) for d in CORPUS[:3]])))
+    mismatched = httpx.post(server.url + "/score", json={"text_1": ["a", "b"], "text_2": ["c", "d", "e"]})
+    assert mismatched.status_code == 400
+
+    tokens = httpx.post(server.url + "/tokenize", json={"inputs": CORPUS[:3]}).json()
+    assert [[t["id"] for t in row] for row in tokens] == local.tokenizer.encode(CORPUS[:3], 256)
+    assert all("".join(t["text"] for t in row if not t["special"]) == text for row, text in zip(tokens, CORPUS))
+    assert all(row[-1]["special"] and row[-1]["start"] is None for row in tokens)
+    bare = httpx.post(server.url + "/tokenize", json={"inputs": "Explain gravity", "add_special_tokens": False,
+                                                      "prompt_name": "query"}).json()
+    assert [t["id"] for t in bare[0]] == local.tokenizer.token_ids([local.prompts["query"] + "Explain gravity"])[0]
+    ids = local.tokenizer.token_ids(CORPUS[:2])
+    decoded = httpx.post(server.url + "/decode", json={"ids": ids}).json()
+    assert decoded == CORPUS[:2]
+
+    embedded = httpx.post(server.url + "/invocations", json={"inputs": CORPUS[:2]}).json()
+    assert np.abs(np.array(embedded) - local.encode(CORPUS[:2])).max() <= 1e-6
+    reranked = httpx.post(server.url + "/invocations", json={"query": "Explain gravity", "texts": CORPUS[:3]}).json()
+    assert reranked == httpx.post(server.url + "/rerank", json={"query": "Explain gravity", "texts": CORPUS[:3]}).json()
+    assert httpx.get(server.url + "/ping").status_code == 200
+
+
 def _metric(text: str, name: str, **labels) -> float:
     """The value of one sample of the Prometheus exposition."""
     for line in text.splitlines():
@@ -194,7 +242,7 @@ BAD_REQUESTS = [
     ("/v1/embeddings", {"input": "a", "prompt_name": "nope"}, 400, "invalid_prompt"),
     ("/v1/embeddings", {"input": long_text(400)}, 400, "context_length_exceeded"),
     ("/embed", {"inputs": [long_text(400)]}, 413, "context_length_exceeded"),
-    ("/embed", {"inputs": "a", "truncation_direction": "Left"}, 400, "invalid_request"),
+    ("/embed", {"inputs": "a", "truncation_direction": "middle"}, 422, "invalid_request"),
     ("/rerank", {"query": "q", "texts": []}, 400, "empty_input"),
     ("/rerank", {"query": "q", "texts": [long_text(400)]}, 413, "context_length_exceeded"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 400, "invalid_top_n"),

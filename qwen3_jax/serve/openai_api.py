@@ -16,9 +16,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
 from qwen3_jax.serve.errors import APIError
+from qwen3_jax.serve.fields import Text
 from qwen3_jax.serve.service import Service, service_of
 
 router = APIRouter()
@@ -28,17 +29,17 @@ ENCODINGS = ("float", "base64")
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    model: StrictStr | None = None
+    input: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
+    model: Text | None = None
     dimensions: StrictInt | None = None
-    encoding_format: StrictStr = "float"
-    user: StrictStr | None = None
-    instruction: StrictStr | None = None
-    prompt_name: StrictStr | None = None
+    encoding_format: Text = "float"
+    user: Text | None = None
+    instruction: Text | None = None
+    prompt_name: Text | None = None
     truncate: StrictBool = False
 
 
-def _encoded(vector: np.ndarray, encoding_format: str):
+def encoded(vector: np.ndarray, encoding_format: str):
     """A vector as OpenAI returns it: a list of floats, or base64 of its little-endian float32 bytes."""
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
@@ -57,26 +58,23 @@ async def embeddings(body: EmbeddingRequest, request: Request, service: Service 
     tokenized = bool(given) and not isinstance(given[0], str)
     if tokenized and isinstance(given[0], int):
         given = [given]                                     # one text given as its token ids
-    service.check_count(len(given), "input")
     if tokenized:
         if body.instruction is not None or body.prompt_name is not None:
             raise APIError(400, "instruction and prompt_name apply to text inputs; put the prompt's tokens in the "
                            "token ids instead", code="invalid_request", param="instruction")
-        rows = await run_in_threadpool(service.token_rows, given, truncate=body.truncate, status=400)
+        service.admit("embedding", len(given), "input")
+        rows = await service.host(service.token_rows, given, truncate=body.truncate, side="right", status=400)
+        hidden, tokens = await service.run("embedding", request, rows), sum(len(row) for row in rows)
     else:
-        if any(text == "" for text in given):
-            raise APIError(400, f"input[{given.index('')}] is an empty string: send some text", code="empty_input",
-                           param="input")
-        rows = await run_in_threadpool(service.embedding_rows, given, prompt_name=body.prompt_name,
-                                       instruction=body.instruction, truncate=body.truncate, status=400)
-    hidden = await service.run("embedding", request, rows)
+        hidden, tokens = await service.embed(request, given, prompt_name=body.prompt_name,
+                                             instruction=body.instruction, truncate=body.truncate, status=400,
+                                             param="input")
 
     def respond() -> JSONResponse:
         vectors = service.vectors(hidden, dim)
-        tokens = sum(len(row) for row in rows)
         return JSONResponse({
             "object": "list", "model": service.embedding_name,
-            "data": [{"object": "embedding", "index": i, "embedding": _encoded(v, body.encoding_format)}
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(v, body.encoding_format)}
                      for i, v in enumerate(vectors)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
     return await run_in_threadpool(respond)

@@ -9,13 +9,16 @@ all of them are done. While the device computes one batch, the next one is forme
 
 A request that would push the queue past `max_queue_tokens` is refused at once (Overloaded), a
 cancelled request's waiting texts are dropped, and `close()` stops taking requests but finishes every
-accepted one.
+accepted one. A batch whose forward pass raises fails its own requests (BatchFailed, logged once with
+their ids) and nothing else; after FAILURES_UNHEALTHY such batches in a row, or if either thread ever
+dies, `healthy` is False (the server's /health says 503) and a dead scheduler refuses new requests.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -24,6 +27,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qwen3_jax.runner import Dispatched, LastTokenRunner
+
+log = logging.getLogger("qwen3_jax.serve")
+FAILURES_UNHEALTHY = 3                        # batches failing in a row: the device is taken to be gone
 
 
 class Overloaded(Exception):
@@ -36,7 +42,11 @@ class Overloaded(Exception):
 
 
 class ShuttingDown(Exception):
-    """The server is stopping: it finishes what it accepted and takes nothing new."""
+    """The server is stopping (or its scheduler died): it takes nothing new."""
+
+
+class BatchFailed(Exception):
+    """The forward pass of the batch holding this request raised; the log has the error."""
 
 
 class DrainRate:
@@ -61,6 +71,7 @@ class Ticket:
     rows: Sequence[Sequence[int]]
     future: Future
     submitted: float
+    request_id: str = "-"
     results: list = dataclasses.field(default_factory=list)
     remaining: int = 0
     cancelled: bool = False
@@ -101,8 +112,10 @@ class Scheduler:
         self._closing = False
         self._in_flight = 0                        # batches started and not yet collected
         self._drain = DrainRate()
-        self._threads = [threading.Thread(target=self._schedule, name="qwen3-jax-scheduler", daemon=True),
-                         threading.Thread(target=self._collect, name="qwen3-jax-collector", daemon=True)]
+        self.failures_in_a_row = 0
+        self.died: BaseException | None = None
+        self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=f"qwen3-jax-{name}", daemon=True)
+                         for loop, name in ((self._schedule, "scheduler"), (self._collect, "collector"))]
 
     # --- the request side ---------------------------------------------------------------------------
 
@@ -110,20 +123,34 @@ class Scheduler:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    @property
+    def healthy(self) -> bool:
+        """Both threads running (or not yet started) and the last batches not all failing."""
+        return self.died is None and self.failures_in_a_row < FAILURES_UNHEALTHY
+
     def start(self) -> "Scheduler":
         for thread in self._threads:
             thread.start()
         return self
 
-    def submit(self, rows: Sequence[Sequence[int]]) -> Ticket:
+    def check_room(self, tokens: int) -> None:
+        """Raises Overloaded (or ShuttingDown) now if a request of `tokens` could not be queued: asked
+        before a request is tokenized, with the fewest tokens its texts can make."""
+        with self._lock:
+            self._refuse_unless_room(tokens)
+
+    def _refuse_unless_room(self, tokens: int) -> None:
+        if self._closing or self.died is not None:
+            raise ShuttingDown("the server is shutting down" if self._closing else "the server's scheduler stopped")
+        if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
+            raise Overloaded(self._queued_tokens, self.max_queue_tokens, self._retry_after(tokens))
+
+    def submit(self, rows: Sequence[Sequence[int]], request_id: str = "-") -> Ticket:
         """Queues a request's rows; its ticket's future gets their last hidden states [n, D] in order.
         Raises Overloaded when the queue cannot take them now, ShuttingDown once closing."""
-        ticket = Ticket(rows, Future(), time.perf_counter(), [None] * len(rows), len(rows))
+        ticket = Ticket(rows, Future(), time.perf_counter(), request_id, [None] * len(rows), len(rows))
         with self._lock:
-            if self._closing:
-                raise ShuttingDown("the server is shutting down")
-            if self._queued_tokens and self._queued_tokens + ticket.tokens > self.max_queue_tokens:
-                raise Overloaded(self._queued_tokens, self.max_queue_tokens, self._retry_after(ticket.tokens))
+            self._refuse_unless_room(ticket.tokens)
             self._waiting.extend((ticket, i) for i in range(len(rows)))
             self._queued_tokens += ticket.tokens
             self._lock.notify_all()
@@ -140,15 +167,16 @@ class Scheduler:
             kept = collections.deque(item for item in self._waiting if item[0] is not ticket)
             self._queued_tokens -= sum(len(ticket.rows[i]) for t, i in self._waiting if t is ticket)
             self._waiting = kept
-        ticket.future.cancel()
+            ticket.future.cancel()               # under the lock: no result can be set meanwhile
 
     def close(self, timeout: float | None = None) -> None:
         """Takes no new request, finishes every accepted one, then stops the threads."""
         with self._lock:
             self._closing = True
             self._lock.notify_all()
-        for thread in self._threads:
-            thread.join(timeout)
+        if self.died is None:                        # a dead scheduler failed what it held already
+            for thread in self._threads:
+                thread.join(timeout)
 
     def _retry_after(self, tokens: int) -> int:
         """Seconds until the queue, draining at the recent rate, has room for `tokens` more (at least 1)."""
@@ -227,23 +255,47 @@ class Scheduler:
                 self._slots.release()
 
     def _deliver(self, items: list[tuple[Ticket, int]], started: list[Dispatched], began: float) -> None:
-        done = [result for dispatched in started for result in LastTokenRunner.collect(dispatched)]
+        done = [result for dispatched in started for result in self.runner.collect(dispatched)]
         finished = time.perf_counter()
         real = sum(len(items[k][0].rows[items[k][1]]) for k, _ in done)
         computed = sum(d.batch.computed_tokens for d in started)
         self._drain.observe(real, began, finished)
         with self._lock:                              # a request cancelled meanwhile gets nothing
+            self.failures_in_a_row = 0
             for k, state in done:
                 ticket, i = items[k]
                 ticket.results[i] = state
                 ticket.remaining -= 1
-                if ticket.remaining == 0 and not ticket.cancelled:
+                if ticket.remaining == 0 and not ticket.future.done():
                     ticket.future.set_result(np.stack(ticket.results))
-        self.report(BatchReport(len(items), len({id(ticket) for ticket, _ in items}), real, computed,
-                                finished - began))
+        try:
+            self.report(BatchReport(len(items), len({id(ticket) for ticket, _ in items}), real, computed,
+                                    finished - began))
+        except Exception:  # noqa: BLE001 - a metrics failure is no reason to stop serving
+            log.exception("reporting a batch to the metrics failed")
 
-    def _fail(self, items: list[tuple[Ticket, int]], error: Exception) -> None:
+    def _fail(self, items: list[tuple[Ticket, int]], error: BaseException) -> None:
+        """Every request of a failed batch gets BatchFailed; the error is logged once, with their ids."""
+        tickets = list({id(ticket): ticket for ticket, _ in items}.values())
+        log.error("a batch of %d texts failed (requests %s): %r", len(items),
+                  ", ".join(ticket.request_id for ticket in tickets), error, exc_info=error)
         with self._lock:
-            for ticket, _ in items:
+            self.failures_in_a_row += 1
+            for ticket in tickets:
                 if not ticket.future.done():
-                    ticket.future.set_exception(error)
+                    ticket.future.set_exception(BatchFailed(f"the batch holding request {ticket.request_id} failed"))
+
+    def _guarded(self, loop) -> None:
+        """Runs a thread's loop; if it ever raises, the scheduler is dead: every request it holds fails
+        and new ones are refused (a hung request would be worse)."""
+        try:
+            loop()
+        except BaseException as error:  # noqa: BLE001
+            log.critical("the scheduler's %s thread died", threading.current_thread().name, exc_info=error)
+            self.died = error
+            with self._lock:
+                waiting, self._waiting = list(self._waiting), collections.deque()
+                self._queued_tokens = 0
+            with self._started_ready:
+                started = [item for entry in self._started if entry for item in entry[0]]
+            self._fail(waiting + started, error)

@@ -1,20 +1,28 @@
-"""Text Embeddings Inference's API: POST /embed, POST /rerank, GET /info.
+"""Text Embeddings Inference's API: POST /embed, /rerank, /tokenize, /decode, GET /info, and TEI's
+catch-all routes POST / and POST /invocations (huggingface_hub's InferenceClient posts to the bare URL).
 
 /embed takes `inputs` (a string or strings), `normalize` (true), `truncate` (false: an over-long text
-is refused with 413), `prompt_name`, `dimensions`, and our `instruction`; it answers a list of vectors.
-/rerank takes `query`, `texts`, `raw_scores` (false: P("yes"); true: the yes-no logit margin),
-`return_text`, `truncate`, and our `instruction`; it answers [{"index", "score", "text"?}], best first.
+is refused with 413), `truncation_direction` (right or left), `prompt_name`, `dimensions`, and our
+`instruction`; it answers a list of vectors. /rerank takes `query`, `texts`, `raw_scores` (false:
+P("yes"); true: the yes-no logit margin), `return_text`, `truncate`, `truncation_direction`, and our
+`instruction`; it answers [{"index", "score", "text"?}], best first. POST / and /invocations embed
+on a server with an embedding model and rerank on one with only a reranker (or when the body has a
+`query`). /tokenize answers each text's tokens as the model reads them, /decode the text of token ids.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from qwen3_jax.reranker import yes_probability
 from qwen3_jax.serve.errors import APIError
+from qwen3_jax.serve.fields import Direction, Text
 from qwen3_jax.serve.service import Service, ranked, service_of
 
 router = APIRouter()
@@ -23,62 +31,134 @@ router = APIRouter()
 class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    inputs: StrictStr | list[StrictStr]
+    inputs: Text | list[Text]
     normalize: StrictBool = True
-    truncate: StrictBool = False
-    truncation_direction: StrictStr = "Right"
-    prompt_name: StrictStr | None = None
+    truncate: StrictBool | None = False
+    truncation_direction: Direction = "right"
+    prompt_name: Text | None = None
     dimensions: StrictInt | None = None
-    instruction: StrictStr | None = None
+    encoding_format: Text = "float"
+    instruction: Text | None = None
 
 
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    query: StrictStr
-    texts: list[StrictStr]
+    query: Text
+    texts: list[Text]
     raw_scores: StrictBool = False
     return_text: StrictBool = False
-    truncate: StrictBool = False
-    truncation_direction: StrictStr = "Right"
-    instruction: StrictStr | None = None
+    truncate: StrictBool | None = False
+    truncation_direction: Direction = "right"
+    instruction: Text | None = None
 
 
-def _right_only(direction: str) -> None:
-    if direction != "Right":
-        raise APIError(400, f"truncation_direction={direction!r}: only Right is supported (the end of a text is "
-                       "cut, its <|endoftext|> kept)", code="invalid_request", param="truncation_direction")
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: Text | list[Text]
+    add_special_tokens: StrictBool = True
+    prompt_name: Text | None = None
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[StrictInt] | list[list[StrictInt]]
+    skip_special_tokens: StrictBool = True
 
 
 @router.post("/embed")
 async def embed(body: EmbedRequest, request: Request, service: Service = Depends(service_of)) -> JSONResponse:
     service.require("embedding")
-    _right_only(body.truncation_direction)
-    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    service.check_count(len(texts), "inputs")
+    if body.encoding_format != "float":
+        raise APIError(400, f"encoding_format={body.encoding_format!r}: TEI's routes answer floats; POST "
+                       "/v1/embeddings for base64", code="invalid_encoding_format", param="encoding_format")
     dim = service.check_dim(body.dimensions)
-    rows = await run_in_threadpool(service.embedding_rows, texts, prompt_name=body.prompt_name,
-                                   instruction=body.instruction, truncate=body.truncate, status=413)
-    hidden = await service.run("embedding", request, rows)
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    hidden, _ = await service.embed(request, texts, prompt_name=body.prompt_name, instruction=body.instruction,
+                                    truncate=bool(body.truncate), side=body.truncation_direction, status=413,
+                                    param="inputs")
     return await run_in_threadpool(lambda: JSONResponse(service.vectors(hidden, dim, body.normalize).tolist()))
 
 
 @router.post("/rerank")
 async def rerank(body: RerankRequest, request: Request, service: Service = Depends(service_of)) -> list[dict]:
     service.require("rerank")
-    _right_only(body.truncation_direction)
-    margins, _ = await service.rerank_margins(request, body.query, body.texts, instruction=body.instruction,
-                                              truncate=body.truncate, status=413)
+    margins, _ = await service.rerank_margins(request, [body.query] * len(body.texts), body.texts, instruction=body.instruction,
+                                              truncate=bool(body.truncate), side=body.truncation_direction, status=413)
     scores = margins if body.raw_scores else yes_probability(margins)
     return [{"index": i, "score": float(scores[i]), **({"text": body.texts[i]} if body.return_text else {})}
             for i in ranked(scores)]
 
 
+@router.post("/")
+@router.post("/invocations")
+async def predict(request: Request, payload: Any = Body(...), service: Service = Depends(service_of)):
+    """TEI's route for whatever the server's model does: embed, or rerank."""
+    if not isinstance(payload, dict):
+        raise APIError(422, "the body must be a JSON object with inputs (to embed) or query and texts (to rerank)",
+                       code="invalid_request")
+    reranks = service.reranker is not None and (service.embedder is None or "query" in payload)
+    schema, endpoint = (RerankRequest, rerank) if reranks else (EmbedRequest, embed)
+    try:
+        body = schema.model_validate(payload)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    return await endpoint(body, request, service)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, service: Service = Depends(service_of)) -> list[list[dict]]:
+    """Each text's tokens as the model reads it: id, text, special, and the characters [start, stop) it
+    covers (the prompt's included); with add_special_tokens, the appended <|endoftext|>."""
+    model = service.embedder or service.reranker
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    service.check_count(len(texts), "inputs")
+    if body.prompt_name is not None and service.embedder is None:
+        raise APIError(400, "prompt_name applies to an embedding model's texts", code="invalid_prompt",
+                       param="prompt_name")
+    prefix = service.prefix(body.prompt_name, None) if service.embedder is not None else ""
+    kind = "embedding" if service.embedder is not None else "rerank"
+    texts = service.bounded(kind, texts, truncate=False, side="right", status=413, param="inputs")
+
+    def pieces() -> list[list[dict]]:
+        tokenizer = model.tokenizer
+        out = []
+        for text, encoding in zip(texts, tokenizer.tokenizer.encode_batch([prefix + t for t in texts],
+                                                                          add_special_tokens=False)):
+            whole = prefix + text
+            tokens = [{"id": token, "text": whole[start:stop], "special": False, "start": start, "stop": stop}
+                      for token, (start, stop) in zip(encoding.ids, encoding.offsets)]
+            if body.add_special_tokens:
+                tokens.append({"id": tokenizer.end_of_text_id, "text": "<|endoftext|>", "special": True,
+                               "start": None, "stop": None})
+            out.append(tokens)
+        return out
+    return await service.host(pieces)
+
+
+@router.post("/decode")
+async def decode(body: DecodeRequest, service: Service = Depends(service_of)) -> list[str]:
+    model = service.embedder or service.reranker
+    rows = body.ids if body.ids and isinstance(body.ids[0], list) else [body.ids]
+    vocabulary = model.model.config.vocab_size
+    service.check_count(len(rows), "ids")
+    for i, row in enumerate(rows):
+        if any(not 0 <= token < vocabulary for token in row):
+            raise APIError(400, f"ids[{i}] holds token ids outside 0..{vocabulary - 1}", code="invalid_tokens",
+                           param="ids")
+    return await service.host(model.tokenizer.tokenizer.decode_batch, rows,
+                              skip_special_tokens=body.skip_special_tokens)
+
+
 @router.get("/info")
 async def info(service: Service = Depends(service_of)) -> dict:
     model = service.embedder or service.reranker
+    settings = service.settings
     return {"model_id": service.embedding_name or service.reranker_name, "model_dtype": str(model.model.dtype),
             "model_type": {"embedding": bool(service.embedder), "reranker": bool(service.reranker)},
             "max_input_length": model.max_length, "max_batch_tokens": service.batch_tokens,
-            "max_client_batch_size": service.settings.max_texts_per_request,
-            "max_queue_tokens": service.queue_tokens, "version": "qwen3-jax"}
+            "max_client_batch_size": settings.max_client_batch_size, "max_queue_tokens": service.queue_tokens,
+            "payload_limit": settings.payload_limit, "max_input_chars": settings.input_chars(model.max_length),
+            "version": "qwen3-jax"}
