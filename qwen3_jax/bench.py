@@ -415,38 +415,63 @@ def check_packed_kernel(out=print) -> dict:
     return result
 
 
+# Each part of the device suite and its share of the 9 minutes one H200 run is sized for (compiles included).
+DEVICE_BUDGET_S = {"kernel": 20, "mixes_bf16_auto": 90, "mixes_bf16_cudnn": 90, "mixes_float32": 60, "suite": 90,
+                   "train_0.6B": 90, "train_4B": 60, "serve": 40}
+
+
 def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int, texts: int | None = None,
-                     out=print) -> dict:
+                     json_path: str | None = None, out=print) -> dict:
     """The checks a lent accelerator is for, in one run: the packed kernel against dense attention on the
     device; the length mixes in bf16 with the packed kernel and with cuDNN's one text a row; float32's
-    first compile; the 512-token suite; training steps of the 0.6B (and 4B LoRA) shape against torch."""
+    first compile; the 512-token suite; training steps of the 0.6B (and 4B LoRA) shape against torch; the
+    server against encode. Each part's figures (or its error) and seconds are written to `json_path`
+    as soon as the part ends, so a run cut short keeps what it measured; a failing part does not stop
+    the others."""
+    from qwen3_jax.serve.load import run_serve_benchmark
     from qwen3_jax.train.bench import run_train_benchmark
 
-    figures: dict = {"device": jax.devices()[0].device_kind, "kernel": check_packed_kernel(out)}
     texts = texts or 512
-    for attention in ("auto", "cudnn") if jax.default_backend() == "gpu" else ("auto",):
-        out(f"\n== mixes, bf16, {texts} texts, batch 64, attention {attention} ==")
-        figures[f"mixes_bf16_{attention}"] = run_mixes(tokenizer=tokenizer, layers=layers, dtype="bfloat16",
-                                                       texts=texts, batch_size=64, repeats=repeats,
-                                                       attention=attention, out=out)
-    out("\n== mixes, float32, 32 texts (its first compile) ==")
-    figures["mixes_float32"] = run_mixes(tokenizer=tokenizer, layers=layers, dtype="float32", texts=min(texts, 32),
-                                         batch_size=32, repeats=1, out=out)
-    out("\n== 512-token suite, bf16 ==")
-    figures["suite"] = run_suite(tokenizer=tokenizer, layers=layers, repeats=repeats, out=out)
-    out("\n== training, 0.6B, bf16 ==")
-    figures["train_0.6B"] = run_train_benchmark(model=None, random="0.6B", layers=layers, tokenizer=tokenizer,
-                                                repeats=repeats, dtype="bfloat16",
-                                                configs=["full", "full, remat", "LoRA r=16"], out=out)
-    out("\n== training, 4B LoRA, bf16 ==")
-    figures["train_4B"] = run_train_benchmark(model=None, random="4B", layers=layers, tokenizer=tokenizer,
-                                              repeats=repeats, dtype="bfloat16", configs=["LoRA r=16, remat"], out=out)
-    out("\n== qwen3-jax serve, 0.6B, bf16, against encode ==")
-    from qwen3_jax.serve.load import run_serve_benchmark
+    figures: dict = {"device": jax.devices()[0].device_kind, "budget_s": DEVICE_BUDGET_S, "seconds": {}}
 
-    with bench_checkpoint(model=None, random="0.6B", layers=layers, tokenizer=tokenizer, out=out) as folder, \
-            tempfile.TemporaryDirectory(prefix="qwen3-jax-serve-") as scratch:
-        figures["serve"] = run_serve_benchmark(Path(folder), infinity=None, dtype="bfloat16", levels=[16, 64],
-                                               max_requests=200, max_seconds=60, max_batch_tokens=None,
-                                               scratch=Path(scratch), out=out)
+    def serve() -> list[dict]:
+        with bench_checkpoint(model=None, random="0.6B", layers=layers, tokenizer=tokenizer, out=out) as folder, \
+                tempfile.TemporaryDirectory(prefix="qwen3-jax-serve-") as scratch:
+            return run_serve_benchmark(Path(folder), infinity=None, dtype="bfloat16", levels=[16, 64], max_requests=200,
+                                       max_seconds=60, max_batch_tokens=None, scratch=Path(scratch), out=out)
+
+    mixes = lambda dtype, count, batch, runs, attention="auto": lambda: run_mixes(
+        tokenizer=tokenizer, layers=layers, dtype=dtype, texts=count, batch_size=batch, repeats=runs,
+        attention=attention, out=out)
+    train = lambda shape, configs: lambda: run_train_benchmark(model=None, random=shape, layers=layers,
+                                                               tokenizer=tokenizer, repeats=repeats, dtype="bfloat16",
+                                                               configs=configs, out=out)
+    parts = [("kernel", "the packed kernel against dense attention", lambda: check_packed_kernel(out)),
+             ("mixes_bf16_auto", f"mixes, bf16, {texts} texts, batch 64, attention auto",
+              mixes("bfloat16", texts, 64, repeats)),
+             ("mixes_bf16_cudnn", f"mixes, bf16, {texts} texts, batch 64, attention cudnn",
+              mixes("bfloat16", texts, 64, repeats, "cudnn")),
+             ("mixes_float32", "mixes, float32, 32 texts (its first compile)", mixes("float32", min(texts, 32), 32, 1)),
+             ("suite", "512-token suite, bf16", lambda: run_suite(tokenizer=tokenizer, layers=layers, repeats=repeats,
+                                                                  out=out)),
+             ("train_0.6B", "training, 0.6B, bf16", train("0.6B", ["full", "full, remat", "LoRA r=16"])),
+             ("train_4B", "training, 4B LoRA, bf16", train("4B", ["LoRA r=16, remat"])),
+             ("serve", "qwen3-jax serve, 0.6B, bf16, against encode", serve)]
+    for name, title, part in parts:
+        if name == "mixes_bf16_cudnn" and jax.default_backend() != "gpu":
+            continue
+        out(f"\n== {title} (budget {DEVICE_BUDGET_S[name]} s) ==")
+        started = time.perf_counter()
+        try:
+            figures[name] = part()
+        except Exception as error:  # noqa: BLE001 - the run goes on; the figures say what failed
+            figures[name] = {"error": f"{type(error).__name__}: {error}"}
+            out(f"{name} failed: {type(error).__name__}: {error}")
+        figures["seconds"][name] = round(time.perf_counter() - started, 1)
+        out(f"== {name}: {figures['seconds'][name]:.0f} s of its {DEVICE_BUDGET_S[name]} s budget ==")
+        if json_path:
+            from qwen3_jax.textio import atomic_output
+
+            with atomic_output(json_path) as handle:
+                json.dump(figures, handle, indent=2, default=str)
     return figures

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen3_jax.attention import attention, attention_at, positions_from_segments
+from qwen3_jax.attention import attention, attention_at, positions_from_segments, resolve_implementation
 from qwen3_jax.checks import UsageError
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.kernels.embedding import embed_tokens
@@ -125,7 +125,7 @@ class Qwen3Model(nnx.Module):
                  rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
-        self.attention_impl = attention_impl
+        self.attention_impl = resolve_implementation(attention_impl, dtype)     # once, never inside a trace
         # Vocabulary rows padded to a multiple of the tensor-parallel axis; the extra rows stay zero.
         vocab_rows = -(-cfg.vocab_size // vocab_multiple) * vocab_multiple
         self.embed = nnx.Param(_init(rngs.params(), (vocab_rows, cfg.hidden_size), param_dtype))

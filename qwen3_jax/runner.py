@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from qwen3_jax.attention import packed_row_limit, packs_rows
+from qwen3_jax.attention import kernel_named_on_failure, packed_row_limit, packs_rows
 from qwen3_jax.checks import whole_number
 from qwen3_jax.layout import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, plan_batches
 from qwen3_jax.model import Qwen3Model
@@ -95,7 +95,7 @@ class LastTokenRunner:
             rows, length, slots = shape
             args = [jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=self._inputs)
                     for width in (length, length, slots)]
-            with jax.set_mesh(self.mesh):
+            with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.attention_impl):
                 return shape, self._forward.lower(self._state, *args).compile()
 
         missing = [shape for shape in shapes if shape not in self._compiled]
@@ -107,7 +107,8 @@ class LastTokenRunner:
         this returns)."""
         arrays = [put_global(a, self._inputs) for a in layout_batch(batch, texts, self.pad_id, self.padding_side)]
         program = self._compiled.get((batch.num_rows, batch.length, batch.slots))
-        with jax.set_mesh(self.mesh):   # None: no mesh, one device; under a mesh, attention loops over
+        # No mesh: one device; under a mesh, attention loops over each device's own rows.
+        with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.attention_impl):
             result = program(self._state, *arrays) if program else self._forward(self._state, *arrays)
         self.tokens_computed += batch.computed_tokens
         self.tokens_embedded += int(sum(len(texts[i]) for row in batch.rows for i in row))

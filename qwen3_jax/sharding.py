@@ -9,7 +9,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwen3_jax.checks import UsageError
 
 BATCH_AXIS = "data"   # rows of a batch split over it; the other axis splits the model
-MESH_AXES = (BATCH_AXIS, "model")
+MODEL_AXIS = "model"
+MESH_AXES = (BATCH_AXIS, MODEL_AXIS)
 # Tensor parallelism: heads, MLP width and vocabulary split over "model".
 TENSOR_PARALLEL = {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model"}
 # FSDP additionally splits the model width of every matrix over "data".

@@ -8,11 +8,12 @@ Padding may sit on either side. Padding rows produce finite values that callers 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from qwen3_jax.attention.blockwise import blockwise_attention
 from qwen3_jax.attention.cudnn import fused_attention
@@ -21,11 +22,11 @@ from qwen3_jax.attention.masking import positions_from_segments
 from qwen3_jax.attention.pallas_gpu import packed_flash_attention
 from qwen3_jax.attention.splash import splash_attention
 from qwen3_jax.checks import UsageError
-from qwen3_jax.sharding import BATCH_AXIS
+from qwen3_jax.sharding import BATCH_AXIS, MODEL_AXIS
 
-__all__ = ["IMPLEMENTATIONS", "attention", "attention_at", "blockwise_attention", "dense_attention",
-           "fused_attention", "packed_flash_attention", "packed_row_limit", "packs_rows", "positions_from_segments", "resolve_implementation", "row_by_row",
-           "splash_attention"]
+__all__ = ["AUTO", "IMPLEMENTATIONS", "attention", "attention_at", "blockwise_attention", "dense_attention",
+           "fused_attention", "kernel_named_on_failure", "packed_flash_attention", "packed_row_limit", "packs_rows", "per_device",
+           "positions_from_segments", "resolve_implementation", "row_by_row", "splash_attention"]
 
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "pallas", "cudnn", "splash")
 # The longest packed row each kernel is given. dense and splash compute every causal pair of a row,
@@ -42,44 +43,57 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
         kernel = dense_attention if impl == "dense" else functools.partial(blockwise_attention, block_size=block_size)
         return row_by_row(kernel, q, k, v, segments, rows_per_step=default_rows_per_step())
     if impl == "pallas":
-        return packed_flash_attention(q, k, v, segments, interpret=interpret)
+        return per_device(functools.partial(packed_flash_attention, interpret=interpret), q, k, v, segments)
     if impl == "cudnn":
         return fused_attention(q, k, v, segments, implementation="cudnn")
-    return splash_attention(q, k, v, segments, interpret=interpret)
+    return per_device(functools.partial(splash_attention, interpret=interpret), q, k, v, segments)
 
 
-def resolve_implementation(impl: str, dtype) -> str:
-    """The kernel `impl` names; "auto" picks one for the default backend and dtype: the packed Pallas
-    kernel on GPUs (where it compiles there; else cuDNN for half precision, blockwise for float32),
-    splash on TPUs, blockwise elsewhere."""
+def per_device(kernel, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
+    """`kernel` on each device's own rows and heads under the mesh set with `jax.set_mesh`: a Pallas
+    kernel is one opaque call that XLA cannot split (Mosaic refuses to; Triton's would have q, k and v
+    gathered whole to every device). Heads split over "model" when both head counts divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, segments)
+    data, model = mesh.shape.get(BATCH_AXIS, 1), mesh.shape.get(MODEL_AXIS, 1)
+    rows = BATCH_AXIS if data > 1 and q.shape[0] % data == 0 else None
+    heads = MODEL_AXIS if model > 1 and q.shape[2] % model == 0 and k.shape[2] % model == 0 else None
+    spec = PartitionSpec(rows, None, heads, None)
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec, PartitionSpec(rows, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, segments)
+
+
+AUTO = {"gpu": "pallas", "tpu": "splash"}          # "auto" on each platform; anywhere else blockwise
+
+
+def resolve_implementation(impl: str, dtype=None, platform: str | None = None) -> str:
+    """The kernel `impl` names; "auto" is a pure function of the platform (default: JAX's backend):
+    the packed Pallas kernel on GPUs, splash on TPUs, blockwise elsewhere, in every dtype. Nothing is
+    tried out: `qwen3-jax doctor` checks each kernel on a device, and a kernel that fails there is an
+    error that names --attention."""
     if impl not in IMPLEMENTATIONS:
         raise UsageError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLEMENTATIONS)}")
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
-    if backend == "gpu":
-        if _pallas_runs_here(jnp.dtype(dtype).name):
-            return "pallas"
-        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blockwise"
-    return "splash" if backend == "tpu" else "blockwise"
+    return AUTO.get(platform or jax.default_backend(), "blockwise")
 
 
-@functools.cache
-def _pallas_runs_here(dtype: str) -> bool:
-    """Whether the packed Pallas kernel compiles and agrees with dense attention on this device, tried
-    once per process on a small row (so a GPU or Triton the kernel was never run on falls back)."""
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    q = jax.random.normal(keys[0], (1, 128, 4, 128), dtype)
-    k, v = (jax.random.normal(key, (1, 128, 2, 128), dtype) for key in keys[1:])
-    segments = jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), 32)[None]
+DEVICE_KERNELS = ("pallas", "splash", "cudnn")      # kernels of their own, built for one platform each
+
+
+@contextlib.contextmanager
+def kernel_named_on_failure(impl: str):
+    """A failure to lower, compile or run a device kernel becomes an error that names --attention."""
     try:
-        got = jax.jit(packed_flash_attention)(q, k, v, segments)
-        difference = jnp.abs(got.astype(jnp.float32) - dense_attention(q, k, v, segments).astype(jnp.float32)).max()
-        return bool(difference < (1e-3 if dtype == "float32" else 3e-2))
-    except Exception as error:  # noqa: BLE001 - any failure to build or run the kernel means: do not use it
-        warnings.warn(f"the packed Pallas attention kernel does not run on this device ({type(error).__name__}: "
-                      f"{error}); using cuDNN / blockwise attention", stacklevel=2)
-        return False
+        yield
+    except Exception as error:
+        if impl not in DEVICE_KERNELS:
+            raise
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise RuntimeError(f"the {impl} attention kernel failed on this {jax.default_backend()} device "
+                           f"({type(error).__name__}: {first}); run `qwen3-jax doctor`, and choose another kernel "
+                           "with --attention (blockwise runs everywhere)") from error
 
 
 def packs_rows(impl: str, dtype) -> bool:

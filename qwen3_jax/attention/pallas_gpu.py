@@ -5,8 +5,11 @@ blocks from the start of the earliest text it holds up to itself (causal), so a 
 costs about what its texts cost alone, not the row's length squared. GQA: query head h reads kv head
 h // G. Softmax statistics and every accumulation are float32; the output is in q's dtype.
 
-`interpret=True` runs the same kernels anywhere (the CPU tests compare them with dense attention,
-values and gradients).
+The kernels are written for Pallas' Triton backend (program ids, fori_loops over dynamic slices) and
+ask for it by their compiler parameters: without them, jax 0.10 and later lower a GPU pallas_call with
+Mosaic GPU, whose layout rules these kernels do not meet. `interpret=True` runs the same kernels
+anywhere (the CPU tests compare them with dense attention, values and gradients); the lowering tests
+lower them for CUDA from the CPU.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from qwen3_jax.attention.masking import MASKED, positions_from_segments
 from qwen3_jax.numerics import precision
 
 BLOCK = 64
+TRITON = pltriton.CompilerParams(num_warps=4, num_stages=2)     # 64x64 tiles: 4 warps, a 2-stage pipeline
 
 
 def packed_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
@@ -118,7 +123,7 @@ def _forward(q, k, v, segments, first_key_block, block: int, interpret: bool):
         out_specs=[pl.BlockSpec((None, block, None, h), lambda i, r, x: (r, i, x, 0)),
                    pl.BlockSpec((None, None, block), lambda i, r, x: (r, x, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-        interpret=interpret, name="packed_flash_forward",
+        interpret=interpret, compiler_params=TRITON, name="packed_flash_forward",
     )(q, k, v, segments, first_key_block)
     return out, logsumexp
 
@@ -185,7 +190,7 @@ def _flash_bwd(block: int, interpret: bool, saved, d_out):
         in_specs=[query_block, whole_kv, whole_kv, row, pl.BlockSpec((None, block), lambda i, r, x: (r, i)),
                   query_block, per_query, per_query],
         out_specs=query_block, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=interpret, name="packed_flash_dq",
+        interpret=interpret, compiler_params=TRITON, name="packed_flash_dq",
     )(q, k, v, segments, first_key_block, d_out, logsumexp, delta)
     grouped = lambda x: x.reshape(b, t, kv_heads, groups, h)
     by_group = lambda x: x.reshape(b, kv_heads, groups, t)
@@ -198,7 +203,7 @@ def _flash_bwd(block: int, interpret: bool, saved, d_out):
                   whole_queries, per_group, per_group],
         out_specs=[key_block, key_block],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, name="packed_flash_dkv",
+        interpret=interpret, compiler_params=TRITON, name="packed_flash_dkv",
     )(grouped(q), k, v, segments, last_query_block, grouped(d_out), by_group(logsumexp), by_group(delta))
     return dq, dk, dv, None, None, None
 

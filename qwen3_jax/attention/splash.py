@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -13,14 +11,16 @@ from qwen3_jax.attention.masking import group_queries
 SPLASH_BLOCK = 128
 
 
-@functools.cache
 def _splash_kernel(num_groups: int, length: int, interpret: bool):
+    """The MQA kernel for one kv head's G query heads, forward and backward blocks alike. Made anew in
+    each trace: a kernel kept from another trace carries that trace's mask arrays into this one."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * num_groups)
     block = min(SPLASH_BLOCK, length)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 

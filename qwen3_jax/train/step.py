@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen3_jax.attention import kernel_named_on_failure, packs_rows
 from qwen3_jax.checks import UsageError, check_dim
 from qwen3_jax.model import REMAT_POLICIES, Qwen3Model
 from qwen3_jax.numerics import einsum
@@ -137,12 +138,16 @@ class TrainStep:
     def __init__(self, model: Qwen3Model, *, objective: Objective, optimizer: OptimizerConfig,
                  remat: str = "off", mini_batches: int = 1, mesh: Mesh | None = None, seed: int = 0):
         objective.check(model.config.hidden_size)
+        if not packs_rows(model.attention_impl, model.dtype):
+            raise UsageError(f"attention={model.attention_impl!r} takes one text a row, and training packs several "
+                             "texts into each: choose --attention pallas (GPU), splash (TPU) or blockwise")
         if remat not in REMAT_POLICIES:
             raise UsageError(f"remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
         if mini_batches > 1 and objective.kind != "infonce":
             raise UsageError("GradCache (mini-batches) serves the contrastive loss; the reranker loss is per "
                              "example: use gradient accumulation instead")
         self.objective, self.optimizer, self.remat, self.mini_batches = objective, optimizer, remat, mini_batches
+        self.attention_impl = model.attention_impl
         self.mesh = mesh
         self.graphdef, self.initial_trainable, self.frozen = nnx.split(model, trainable_filter(model), ...)
         self.tx = optimizer.build()
@@ -179,13 +184,14 @@ class TrainStep:
                 for name, value in batch.items()}
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        with jax.set_mesh(self.mesh):   # under a mesh, attention loops over each device's own rows
+        # under a mesh, attention loops over each device's own rows
+        with jax.set_mesh(self.mesh), kernel_named_on_failure(self.attention_impl):
             return self._step(state, self.frozen, self.place(batch))
 
     def compile(self, state: TrainState, batch: dict) -> "CompiledStep":
         """The step compiled once for this batch's shape, called like the step; with XLA's working memory
         of that one program."""
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), kernel_named_on_failure(self.attention_impl):
             return CompiledStep(self, self._step.lower(state, self.frozen, self.place(batch)).compile())
 
     def _embed(self, trainable, frozen, batch: dict, m, rng, remat: str) -> jax.Array:
