@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time our encode against sentence-transformers")
     which = bench.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="checkpoint folder or hub id")
-    which.add_argument("--random", choices=["0.6B", "4B", "8B"], help="random weights of a published shape")
+    which.add_argument("--random", choices=["tiny", "0.6B", "4B", "8B"],
+                       help="random weights of a published shape (or the tests' tiny one)")
     which.add_argument("--suite", choices=["gpu", "mixes", "device"],
                        help="gpu: bf16 0.6B and 4B, batch 32 and 128, 512 tokens; mixes: 0.6B at --dtype on texts of "
                             "5-30, 80-185 and 512 tokens and a 10-4,000 long tail; device: every check a lent GPU "
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=60, help="with --serve: at most this many requests a level")
     bench.add_argument("--seconds", type=float, default=180, help="with --serve: at most this long a level")
     bench.add_argument("--max-batch-tokens", type=int, default=None, help="with --serve: the server's batch budget")
+    bench.add_argument("--soak", type=int, default=None, metavar="N",
+                       help="with --serve: send N mixed requests (within --seconds) and report the server's RSS "
+                            "after warm-up, at its peak and at the end, and latency drift")
     bench.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--debug", action="store_true")
@@ -300,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--quiet", action="store_true", help="no progress bar")
     init.add_argument("--debug", action="store_true")
 
+    doctor = commands.add_parser("doctor", help="this machine's backend and devices, the attention kernel chosen "
+                                 "per dtype, each kernel checked against dense attention here, the compile cache")
+    _compile_cache(doctor)
+    doctor.add_argument("--debug", action="store_true")
+
     verify = commands.add_parser("verify", help="compare one checkpoint in transformers and in qwen3-jax")
     verify.add_argument("--model", required=True, help="checkpoint folder or hub id")
     verify.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -383,14 +392,18 @@ def run_bench(args) -> None:
         from pathlib import Path
 
         from qwen3_jax.bench import bench_checkpoint
-        from qwen3_jax.serve.load import run_serve_benchmark
+        from qwen3_jax.serve.load import run_serve_benchmark, soak
 
         levels = [int(level) for level in args.levels.split(",")]
         with bench_checkpoint(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
                               out=print) as folder, tempfile.TemporaryDirectory(prefix="qwen3-jax-serve-") as scratch:
-            result = run_serve_benchmark(Path(folder), infinity=args.infinity, dtype=args.dtype, levels=levels,
-                                         max_requests=args.requests, max_seconds=args.seconds,
-                                         max_batch_tokens=args.max_batch_tokens, scratch=Path(scratch))
+            if args.soak:
+                result = soak(Path(folder), requests=args.soak, max_seconds=args.seconds, dtype=args.dtype,
+                              scratch=Path(scratch))
+            else:
+                result = run_serve_benchmark(Path(folder), infinity=args.infinity, dtype=args.dtype, levels=levels,
+                                             max_requests=args.requests, max_seconds=args.seconds,
+                                             max_batch_tokens=args.max_batch_tokens, scratch=Path(scratch))
     elif args.train:
         from qwen3_jax.train.bench import run_train_benchmark
 
@@ -409,7 +422,8 @@ def run_bench(args) -> None:
     elif args.suite == "device":
         from qwen3_jax.bench import run_device_suite
 
-        result = run_device_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats, texts=args.texts)
+        result = run_device_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats, texts=args.texts,
+                                  json_path=args.json)
     elif args.suite:
         result = run_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats,
                            attention=args.attention)
@@ -548,6 +562,12 @@ def run_init_random(args) -> None:
     print(f"wrote a random-weight {kind} checkpoint of the {args.shape} shape to {folder}", file=sys.stderr)
 
 
+def run_doctor(args) -> int:
+    from qwen3_jax.doctor import doctor
+
+    return doctor()
+
+
 def run_verify(args) -> int:
     from qwen3_jax.verify import verify
 
@@ -556,7 +576,7 @@ def run_verify(args) -> int:
 
 COMMANDS = {"embed": run_embed, "embed-corpus": run_embed_corpus, "search": run_search, "rerank": run_rerank,
             "eval": run_eval, "train": run_train, "export": run_export, "bench": run_bench, "convert": run_convert,
-            "verify": run_verify, "init-random": run_init_random, "serve": run_serve}
+            "verify": run_verify, "init-random": run_init_random, "serve": run_serve, "doctor": run_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,6 +135,13 @@ def reranker_checkpoint(request, tmp_path_factory, tokenizers_pair, vocab_size):
 
 
 @pytest.fixture(scope="session")
+def reranker_folder(tmp_path_factory, tokenizers_pair, vocab_size):
+    """One reranker checkpoint (untied head, base tokenizer) for the servers' tests."""
+    return build_checkpoint(tmp_path_factory.mktemp("serve-reranker"), tokenizer=tokenizers_pair[0],
+                            vocab_size=vocab_size, causal_lm=True, seed=3)
+
+
+@pytest.fixture(scope="session")
 def sentence_transformer(checkpoint):
     from sentence_transformers import SentenceTransformer
 

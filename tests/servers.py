@@ -1,5 +1,6 @@
 """A real `qwen3-jax serve` for the tests: a subprocess on a free loopback port."""
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -50,3 +51,14 @@ class Server:
         """The server process's resident memory now."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+@contextlib.contextmanager
+def serving(*args: str, log: Path):
+    """A Server for the length of a with block (a module fixture's), which must stop with exit 0."""
+    running = Server(*args, log=log)
+    try:
+        yield running
+        assert running.stop() == 0
+    finally:
+        running.kill()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from qwen3_jax import Qwen3Embedder, Qwen3Reranker
-from tests.conftest import CORPUS, build_checkpoint, long_text
-from tests.servers import Server
+from tests.conftest import CORPUS, long_text
+from tests.servers import Server, serving
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
 LIMITS = ["--max-length", "256", "--max-batch-tokens", "512"]
@@ -19,20 +19,10 @@ ROOMY = [*LIMITS, "--max-queue-tokens", "1048576"]         # for the tests that 
 
 
 @pytest.fixture(scope="module")
-def reranker_folder(tmp_path_factory, tokenizers_pair, vocab_size):
-    return build_checkpoint(tmp_path_factory.mktemp("serve-reranker"), tokenizer=tokenizers_pair[0],
-                            vocab_size=vocab_size, causal_lm=True, seed=3)
-
-
-@pytest.fixture(scope="module")
 def server(checkpoint, reranker_folder, tmp_path_factory):
-    running = Server("--model", str(checkpoint), "--reranker", str(reranker_folder), *ROOMY,
-                     "--served-model-name", "emb", log=tmp_path_factory.mktemp("serve") / "server.log")
-    try:
+    with serving("--model", str(checkpoint), "--reranker", str(reranker_folder), *ROOMY, "--served-model-name", "emb",
+                 log=tmp_path_factory.mktemp("serve") / "server.log") as running:
         yield running
-        assert running.stop() == 0
-    finally:
-        running.kill()
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from qwen3_jax import Qwen3Embedder
-from tests.conftest import CORPUS, build_checkpoint
-from tests.servers import Server
+from tests.conftest import CORPUS
+from tests.servers import Server, serving
 
 KEY = {"Authorization": "Bearer sesame"}
 OPTIONS = ["--served-model-name", "emb", "--max-length", "256", "--max-batch-tokens", "512", "--max-queue-tokens", "1048576", "--api-key", "sesame",
@@ -21,20 +21,10 @@ OPTIONS = ["--served-model-name", "emb", "--max-length", "256", "--max-batch-tok
 
 
 @pytest.fixture(scope="module")
-def reranker_folder(tmp_path_factory, tokenizers_pair, vocab_size):
-    return build_checkpoint(tmp_path_factory.mktemp("hostile-reranker"), tokenizer=tokenizers_pair[0],
-                            vocab_size=vocab_size, causal_lm=True, seed=3)
-
-
-@pytest.fixture(scope="module")
 def server(checkpoint, reranker_folder, tmp_path_factory):
-    running = Server("--model", str(checkpoint), "--reranker", str(reranker_folder), *OPTIONS,
-                     log=tmp_path_factory.mktemp("hostile") / "server.log")
-    try:
+    with serving("--model", str(checkpoint), "--reranker", str(reranker_folder), *OPTIONS,
+                 log=tmp_path_factory.mktemp("hostile") / "server.log") as running:
         yield running
-        assert running.stop() == 0
-    finally:
-        running.kill()
 
 
 @pytest.fixture(scope="module")

@@ -131,40 +131,35 @@ class Target:
                 self.process.wait()
 
 
-def drive(target: Target, requests: list[Request], *, concurrency: int, max_requests: int,
-          max_seconds: float) -> dict:
-    """C clients sending `requests` in turn (wrapping around) until `max_requests` were sent or
-    `max_seconds` passed; returns the level's figures."""
+def clients(port: int, *, concurrency: int, count: int, max_seconds: float, send,
+            progress=None) -> list[tuple[int, float, float, bool]]:
+    """`concurrency` threads, each with its own keep-alive connection to `port`, calling
+    `send(connection, n) -> ok` for n = 0, 1, ... until `count` were sent or `max_seconds` passed (a
+    connection that fails is a failure, and is made again); (n, sent at, seconds, ok) of each request.
+    `progress(sent, seconds)` is called at every tenth of `count`."""
     lock = threading.Lock()
-    sent, latencies, texts, tokens, failures, busy = [0], [], [0], [0], [0], [0]
+    sent, done = [0], []
     started = time.perf_counter()
 
-    def count_busy() -> None:
-        with lock:
-            busy[0] += 1
-
     def client() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", target.port, timeout=600)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         while True:
             with lock:
-                if sent[0] >= max_requests or time.perf_counter() - started > max_seconds:
+                if sent[0] >= count or time.perf_counter() - started > max_seconds:
                     break
-                request = requests[sent[0] % len(requests)]
+                number = sent[0]
                 sent[0] += 1
+                if progress and (number + 1) % max(1, count // 10) == 0:
+                    progress(number + 1, time.perf_counter() - started)
             begin = time.perf_counter()
             try:
-                ok = target.embed(request.texts, connection, on_busy=count_busy) is not None
+                ok = send(connection, number)
             except OSError:
                 ok = False
                 connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", target.port, timeout=600)
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
             with lock:
-                if ok:
-                    latencies.append(time.perf_counter() - begin)
-                    texts[0] += len(request.texts)
-                    tokens[0] += request.tokens
-                else:
-                    failures[0] += 1
+                done.append((number, begin, time.perf_counter() - begin, ok))
         connection.close()
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -172,11 +167,28 @@ def drive(target: Target, requests: list[Request], *, concurrency: int, max_requ
         thread.start()
     for thread in threads:
         thread.join()
+    return done
+
+
+def drive(target: Target, requests: list[Request], *, concurrency: int, max_requests: int,
+          max_seconds: float) -> dict:
+    """C clients sending `requests` in turn (wrapping around) until `max_requests` were sent or
+    `max_seconds` passed; returns the level's figures."""
+    busy = [0]
+    started = time.perf_counter()
+
+    def send(connection, number: int) -> bool:
+        return target.embed(requests[number % len(requests)].texts, connection,
+                            on_busy=lambda: busy.__setitem__(0, busy[0] + 1)) is not None
+
+    done = clients(target.port, concurrency=concurrency, count=max_requests, max_seconds=max_seconds, send=send)
     seconds = time.perf_counter() - started
-    ordered = sorted(latencies) or [float("nan")]
-    return {"server": target.name, "concurrency": concurrency, "requests": len(latencies), "failures": failures[0],
-            "retried_429": busy[0],
-            "seconds": seconds, "texts_per_s": texts[0] / seconds, "tokens_per_s": tokens[0] / seconds,
+    answered = [requests[number % len(requests)] for number, _, _, ok in done if ok]
+    ordered = sorted(latency for _, _, latency, ok in done if ok) or [float("nan")]
+    return {"server": target.name, "concurrency": concurrency, "requests": len(answered),
+            "failures": len(done) - len(answered), "retried_429": busy[0], "seconds": seconds,
+            "texts_per_s": sum(len(r.texts) for r in answered) / seconds,
+            "tokens_per_s": sum(r.tokens for r in answered) / seconds,
             "p50_s": statistics.median(ordered), "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
 
@@ -267,3 +279,84 @@ def encode_rate(folder: Path, requests: list[Request], *, dtype: str, token_budg
 def _print_row(row: dict, out) -> None:
     out(f"{row['server']:>10} {row['mix']:>20} {row['concurrency']:>3} {row['requests']:>8} {row['failures']:>4} "
         f"{row['retried_429']:>4} {row['texts_per_s']:8.2f} {row['tokens_per_s']:9.0f} {row['p50_s']:7.3f} {row['p99_s']:7.3f}")
+
+
+# --- the soak -------------------------------------------------------------------------------------------
+
+SOAK_CLIENTS = 8
+SOAK_WARM_UP = 500
+BAD_SHARE = 0.05                     # requests the server must refuse (400), so error paths are soaked too
+
+
+def soak_requests(tokenizer: TextTokenizer, model: str, count: int, *, seed: int = 1) -> list[tuple[str, bytes, int]]:
+    """(path, JSON body, the status it must get) of `count` requests: the mix of `workload` through the
+    OpenAI (base64) and TEI routes, and BAD_SHARE of requests with an empty input."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for request in workload(tokenizer, min(count, 400), seed=seed):
+        pick = rng.random()
+        if pick < BAD_SHARE:
+            out.append(("/v1/embeddings", json.dumps({"model": model, "input": []}).encode(), 400))
+        elif pick < 0.3:
+            out.append(("/embed", json.dumps({"inputs": request.texts}).encode(), 200))
+        else:
+            out.append(("/v1/embeddings", json.dumps({"model": model, "input": request.texts,
+                                                      "encoding_format": "base64"}).encode(), 200))
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def soak(folder: Path, *, requests: int, max_seconds: float, dtype: str, scratch: Path, out=print) -> dict:
+    """`requests` requests from SOAK_CLIENTS clients (after SOAK_WARM_UP to warm up), bounded by
+    `max_seconds`; the server's RSS after warm-up, at its peak and at the end, and latency drift (the
+    median of the first tenth against the last tenth)."""
+    tokenizer = TextTokenizer.from_folder(folder)
+    model = Path(folder).name
+    mix = soak_requests(tokenizer, model, requests)
+    command = [sys.executable, "-m", "qwen3_jax.cli", "serve", "--model", str(folder), "--port", "{port}",
+               "--dtype", dtype, "--max-length", str(DOCUMENT_TOKENS[1] + 16)]
+    target = Target("qwen3-jax", command, model, scratch / "soak.log")
+
+    def send(connection, number: int) -> bool:
+        path, body, status = mix[number % len(mix)]
+        connection.request("POST", path, body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status == status
+
+    with running([target], timeout=1800):
+        pid = target.process.pid
+        out(f"qwen3-jax: ready in {target.startup_s:.1f} s; warming up with {SOAK_WARM_UP} requests")
+        clients(target.port, concurrency=SOAK_CLIENTS, count=SOAK_WARM_UP, max_seconds=max_seconds, send=send)
+        warm = rss_mib(pid)
+        out(f"RSS after warm-up: {warm:.0f} MiB; sending {requests} requests ({SOAK_CLIENTS} clients, at most "
+            f"{max_seconds:.0f} s)")
+        samples, finished = [warm], threading.Event()
+
+        def sample() -> None:
+            while not finished.wait(0.25):
+                samples.append(rss_mib(pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        done = clients(target.port, concurrency=SOAK_CLIENTS, count=requests, max_seconds=max_seconds, send=send,
+                       progress=lambda sent, seconds: out(f"  {sent} sent, {seconds:.0f} s, RSS {samples[-1]:.0f} MiB"))
+        finished.set()
+        sampler.join()
+        end = rss_mib(pid)
+    latencies = [latency for _, _, latency, _ in sorted(done, key=lambda item: item[1])]
+    tenth = max(1, len(latencies) // 10)
+    failures = sum(not ok for *_, ok in done)
+    result = {"requests": len(done), "failures": failures, "rss_warm_mib": warm, "rss_peak_mib": max(samples),
+              "rss_end_mib": end, "rss_growth": end / warm - 1,
+              "p50_first_tenth_s": statistics.median(latencies[:tenth]),
+              "p50_last_tenth_s": statistics.median(latencies[-tenth:])}
+    out(f"\nsoak: {result['requests']} requests, {failures} failures; RSS {warm:.0f} MiB after warm-up, peak "
+        f"{result['rss_peak_mib']:.0f}, end {end:.0f} ({100 * result['rss_growth']:+.1f}%); median latency "
+        f"{1000 * result['p50_first_tenth_s']:.1f} ms in the first tenth, {1000 * result['p50_last_tenth_s']:.1f} ms "
+        "in the last")
+    return result
