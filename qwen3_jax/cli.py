@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--payload-limit", type=int, default=2_000_000,
                        help="bytes of one request body; larger ones get 413 unread (default 2,000,000, as TEI)")
     serve.add_argument("--read-timeout-s", type=float, default=30.0,
-                       help="seconds a client may take between parts of its request body (then 408)")
+                       help="seconds a client may take to send its whole request body (then 408)")
     serve.add_argument("--graceful-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, seconds to finish the requests in flight before exiting")
     serve.add_argument("--calibration", default=None,

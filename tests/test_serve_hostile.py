@@ -4,6 +4,7 @@ requests (a 4xx or an answer, never a 5xx), Starlette's own errors in the API's 
 
 import json
 import random
+import select
 import socket
 import time
 
@@ -79,12 +80,26 @@ def test_the_api_key_is_checked_before_the_body_is_read(server):
     assert time.perf_counter() - started < 2
 
 
-def test_a_client_that_stops_sending_gets_408(server):
+def test_a_client_that_stops_sending_or_trickles_gets_408(server):
     started = time.perf_counter()
     answer = _raw(server, b"POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
                           b"content-type: application/json\r\ncontent-length: 100\r\n\r\n", b'{"inputs": "a', wait=5)
     assert answer.startswith(b"HTTP/1.1 408") and b"--read-timeout-s" in answer
     assert 0.9 < time.perf_counter() - started < 4
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as trickle:      # a byte every 0.25 s
+        trickle.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+                        b"content-type: application/json\r\ncontent-length: 100\r\n\r\n")
+        started, answer = time.perf_counter(), b""
+        for _ in range(40):
+            try:
+                trickle.sendall(b" ")
+            except OSError:
+                break
+            readable, _, _ = select.select([trickle], [], [], 0.25)
+            if readable:
+                answer = trickle.recv(65536)
+                break
+    assert answer.startswith(b"HTTP/1.1 408") and 0.9 < time.perf_counter() - started < 3
 
 
 @pytest.mark.parametrize("path, body", [

@@ -3,7 +3,7 @@
 One ASGI middleware, outside FastAPI's routing: it names the request (`x-request-id`, the client's or a
 new one, on every response), checks the API key before a byte of the body is read, reads the body
 itself under `--payload-limit` (a larger Content-Length is refused unread; a chunked body is cut off at
-the limit) and `--read-timeout-s` (a client that stops sending is answered 408), holds at most
+the limit) and `--read-timeout-s` (a body not whole by then is answered 408), holds at most
 BODIES_IN_FLIGHT bodies' worth of bytes at once (429 beyond), counts every status in the metrics, and
 answers any exception that escapes an endpoint with a 500 that names the request id and nothing of the
 server's internals (the traceback goes to the log under that id).
@@ -102,9 +102,10 @@ class Gate:
                           "payload_too_large")
         self._hold(int(declared or 0), held)
         chunks, size = [], 0
+        deadline = time.perf_counter() + self.read_timeout_s          # for the whole body, not each part
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+                message = await asyncio.wait_for(receive(), max(deadline - time.perf_counter(), 0))
             except asyncio.TimeoutError:
                 raise Refused(408, f"the request body did not arrive within {self.read_timeout_s:g} s "
                               "(--read-timeout-s): send it whole", "request_timeout") from None
