@@ -47,37 +47,36 @@ def _raw(server, head: bytes, body: bytes = b"", *, wait: float = 5.0) -> bytes:
 
 
 def test_a_body_over_the_payload_limit_is_refused_unread(server):
-    """64 MiB, declared or chunked: 413 with the error body within a second, the server's memory unchanged."""
+    """64 MiB declared: 413 with the error body before the client has sent it (the answer comes to a
+    client that sends only the headers); sent whole, or chunked, the same, and the server's memory
+    unchanged."""
+    declared = _raw(server, b"POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+                            b"content-type: application/json\r\ncontent-length: 67108878\r\n\r\n", b'{"inputs": "')
+    assert declared.startswith(b"HTTP/1.1 413") and b"payload_too_large" in declared
     before = server.rss_mib()
     body = b'{"inputs": "' + b"a" * (64 << 20) + b'"}'
-    started = time.perf_counter()
-    declared = httpx.post(server.url + "/embed", content=body, headers={**KEY, "content-type": "application/json"},
-                          timeout=30)
-    assert time.perf_counter() - started < 1.0
-    assert declared.status_code == 413 and declared.json()["error"]["code"] == "payload_too_large"
+    whole = httpx.post(server.url + "/embed", content=body, headers={**KEY, "content-type": "application/json"},
+                       timeout=30)
+    assert whole.status_code == 413 and whole.json()["error"]["code"] == "payload_too_large"
 
     def chunks():
         yield b'{"inputs": "'
         for _ in range(64):
             yield b"a" * (1 << 20)
         yield b'"}'
-    started = time.perf_counter()
     chunked = httpx.post(server.url + "/v1/embeddings", content=chunks(),
                          headers={**KEY, "content-type": "application/json"}, timeout=30)
-    assert time.perf_counter() - started < 1.0
     assert chunked.status_code == 413 and "--payload-limit" in chunked.json()["error"]["message"]
     assert server.rss_mib() - before < 50
     assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_the_api_key_is_checked_before_the_body_is_read(server):
-    """Without the key, a request is refused at its headers: the body (declared 64 MiB, never sent) is not
-    awaited, and the answer comes at once."""
-    started = time.perf_counter()
+    """Without the key, a request is refused at its headers: 401 comes although the body (declared
+    1 MB) is never sent; a server that waited for it would answer 408 after --read-timeout-s."""
     answer = _raw(server, b"POST /embed HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
                           b"content-length: 1000000\r\n\r\n", b'{"inputs": ', wait=3)
     assert answer.startswith(b"HTTP/1.1 401") and b"invalid_api_key" in answer
-    assert time.perf_counter() - started < 2
 
 
 def test_a_client_that_stops_sending_or_trickles_gets_408(server):
