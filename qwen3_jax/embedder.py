@@ -22,6 +22,13 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms == 0, 1.0, norms)
 
 
+def pooled_vectors(hidden: np.ndarray, dim: int | None = None, normalize: bool = True) -> np.ndarray:
+    """Embeddings from last-token hidden states [n, D]: the first `dim` values (MRL), then L2-normalised
+    (cut first, then normalise): what encode, the server and training's evaluation all return."""
+    out = hidden if dim is None else hidden[:, :dim]
+    return normalize_rows(out) if normalize else out
+
+
 class Qwen3Embedder:
     """Encodes texts into Qwen3-Embedding vectors: last-token pooling, MRL dims, L2 normalisation."""
 
@@ -108,10 +115,7 @@ class Qwen3Embedder:
         max_length = self.max_length if max_length is None else check_max_length(max_length)
         prefix = self.resolve_prefix(prompt_name, prompt, instruction)
         rows = self.tokenizer.encode([prefix + t for t in texts], max_length)
-        pooled = self.runner(rows, batch_size=batch_size, progress=show_progress_bar)
-        out = pooled[:, :dim]
-        if normalize:
-            out = normalize_rows(out)
+        out = pooled_vectors(self.runner(rows, batch_size=batch_size, progress=show_progress_bar), dim, normalize)
         return out[0] if single else out
 
     @staticmethod

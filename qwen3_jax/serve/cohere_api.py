@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
+from qwen3_jax.embedder import pooled_vectors
 from qwen3_jax.quantize import CALIBRATED, quantize
 from qwen3_jax.reranker import DEFAULT_INSTRUCTION as WEB_SEARCH_TASK
 from qwen3_jax.reranker import yes_probability
@@ -120,7 +121,7 @@ async def embed(body: CohereEmbedRequest, request: Request, service: Service = D
                                          truncate=truncate, side=side, status=400, param="texts")
 
     def respond() -> dict:
-        vectors = service.vectors(hidden, dim)
+        vectors = pooled_vectors(hidden, dim)
         embeddings = {}
         for kind in dict.fromkeys(body.embedding_types):
             if kind == "base64":

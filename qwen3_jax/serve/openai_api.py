@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
+from qwen3_jax.embedder import pooled_vectors
 from qwen3_jax.serve.errors import APIError
 from qwen3_jax.serve.fields import Text
 from qwen3_jax.serve.service import Service, service_of
@@ -71,7 +72,7 @@ async def embeddings(body: EmbeddingRequest, request: Request, service: Service 
                                              param="input")
 
     def respond() -> JSONResponse:
-        vectors = service.vectors(hidden, dim)
+        vectors = pooled_vectors(hidden, dim)
         return JSONResponse({
             "object": "list", "model": service.embedding_name,
             "data": [{"object": "embedding", "index": i, "embedding": encoded(v, body.encoding_format)}

@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import Request
 
 from qwen3_jax.checks import check_dim
-from qwen3_jax.embedder import Qwen3Embedder, normalize_rows
+from qwen3_jax.embedder import Qwen3Embedder, pooled_vectors
 from qwen3_jax.quantize import calibration_ranges
 from qwen3_jax.reranker import Qwen3Reranker
 from qwen3_jax.serve.errors import APIError
@@ -229,17 +229,12 @@ class Service:
         hidden = await self.run("rerank", request, rows)
         return self.reranker.answer_logits(hidden), sum(len(row) for row in rows)
 
-    def vectors(self, hidden: np.ndarray, dim: int, normalize: bool = True) -> np.ndarray:
-        """Embeddings from last hidden states: the first `dim` values (MRL), then L2-normalised."""
-        out = hidden[:, :dim]
-        return normalize_rows(out) if normalize else out
-
     def quantization_ranges(self, dim: int) -> np.ndarray:
         """The int8 / uint8 calibration ranges of `dim`-wide embeddings (the calibration texts' [min, max])."""
         if self._calibration_states is None:
             raise APIError(400, "int8 and uint8 embeddings need calibration texts: start the server with "
                            "--calibration FILE", code="invalid_embedding_types", param="embedding_types")
-        return calibration_ranges(self.vectors(self._calibration_states, dim))
+        return calibration_ranges(pooled_vectors(self._calibration_states, dim))
 
     async def run(self, kind: str, request: Request, rows: list[list[int]]) -> np.ndarray:
         """The last hidden states [n, D] of these token rows, through `kind`'s scheduler. Refuses at once

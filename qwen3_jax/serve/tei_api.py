@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
+from qwen3_jax.embedder import pooled_vectors
 from qwen3_jax.reranker import yes_probability
 from qwen3_jax.serve.errors import APIError
 from qwen3_jax.serve.fields import Direction, Text
@@ -79,7 +80,7 @@ async def embed(body: EmbedRequest, request: Request, service: Service = Depends
     hidden, _ = await service.embed(request, texts, prompt_name=body.prompt_name, instruction=body.instruction,
                                     truncate=bool(body.truncate), side=body.truncation_direction, status=413,
                                     param="inputs")
-    return await run_in_threadpool(lambda: JSONResponse(service.vectors(hidden, dim, body.normalize).tolist()))
+    return await run_in_threadpool(lambda: JSONResponse(pooled_vectors(hidden, dim, body.normalize).tolist()))
 
 
 @router.post("/rerank")

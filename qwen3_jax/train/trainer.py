@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from qwen3_jax.convert import export_hf, hf_key_prefix, staged_folder
-from qwen3_jax.embedder import normalize_rows
+from qwen3_jax.embedder import pooled_vectors
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.metrics import evaluate
@@ -114,8 +114,8 @@ class Trainer:
             return evaluate(rankings, qrels, EVAL_METRICS)
         corpus = sorted({d for e in examples for d in e.documents})
         position = {d: i for i, d in enumerate(corpus)}
-        encode = lambda texts: normalize_rows(runner(self.tokenizer.encode(texts, self.config.max_length),
-                                                    batch_size=self.config.batch_size))
+        encode = lambda texts: pooled_vectors(runner(self.tokenizer.encode(texts, self.config.max_length),
+                                                     batch_size=self.config.batch_size))
         similarity = encode([self._query_text(e) for e in examples]) @ encode(corpus).T
         top = np.argsort(-similarity, axis=1, kind="stable")[:, :DEEPEST]
         rankings = {i: [int(d) for d in top[i]] for i in range(len(examples))}
