@@ -25,7 +25,7 @@ from qwen3_jax.checks import UsageError
 from qwen3_jax.sharding import BATCH_AXIS, MODEL_AXIS
 
 __all__ = ["AUTO", "IMPLEMENTATIONS", "attention", "attention_at", "blockwise_attention", "dense_attention",
-           "fused_attention", "kernel_named_on_failure", "packed_flash_attention", "packed_row_limit", "packs_rows", "per_device",
+           "fused_attention", "KERNEL_PLATFORMS", "kernel_named_on_failure", "packed_flash_attention", "packed_row_limit", "packs_rows", "per_device",
            "positions_from_segments", "resolve_implementation", "row_by_row", "splash_attention"]
 
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "pallas", "cudnn", "splash")
@@ -79,7 +79,7 @@ def resolve_implementation(impl: str, dtype=None, platform: str | None = None) -
     return AUTO.get(platform or jax.default_backend(), "blockwise")
 
 
-DEVICE_KERNELS = ("pallas", "splash", "cudnn")      # kernels of their own, built for one platform each
+KERNEL_PLATFORMS = {"pallas": "gpu", "cudnn": "gpu", "splash": "tpu"}      # kernels built for one platform each
 
 
 @contextlib.contextmanager
@@ -88,7 +88,7 @@ def kernel_named_on_failure(impl: str):
     try:
         yield
     except Exception as error:
-        if impl not in DEVICE_KERNELS:
+        if impl not in KERNEL_PLATFORMS:
             raise
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise RuntimeError(f"the {impl} attention kernel failed on this {jax.default_backend()} device "

@@ -74,7 +74,6 @@ class Ticket:
     request_id: str = "-"
     results: list = dataclasses.field(default_factory=list)
     remaining: int = 0
-    cancelled: bool = False
 
     @property
     def tokens(self) -> int:
@@ -161,9 +160,8 @@ class Scheduler:
     def cancel(self, ticket: Ticket) -> None:
         """Drops a request's texts that have not started (its client went away)."""
         with self._lock:
-            if ticket.cancelled or ticket.future.done():
+            if ticket.future.done():                 # answered, failed or cancelled already
                 return
-            ticket.cancelled = True
             kept = collections.deque(item for item in self._waiting if item[0] is not ticket)
             self._queued_tokens -= sum(len(ticket.rows[i]) for t, i in self._waiting if t is ticket)
             self._waiting = kept
