@@ -65,7 +65,7 @@ async def embeddings(body: EmbeddingRequest, request: Request, service: Service 
                            "token ids instead", code="invalid_request", param="instruction")
         service.admit("embedding", len(given), "input")
         rows = await service.host(service.token_rows, given, truncate=body.truncate, side="right", status=400)
-        hidden, tokens = await service.run("embedding", request, rows), sum(len(row) for row in rows)
+        hidden, tokens = await service.run("embedding", request, rows)
     else:
         hidden, tokens = await service.embed(request, given, prompt_name=body.prompt_name,
                                              instruction=body.instruction, truncate=body.truncate, status=400,

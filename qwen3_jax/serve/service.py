@@ -214,7 +214,7 @@ class Service:
         texts = self.bounded("embedding", texts, truncate=truncate, side=side, status=status, param=param)
         rows = await self.host(self.embedding_rows, texts, prompt_name=prompt_name, instruction=instruction,
                                truncate=truncate, side=side, status=status)
-        return await self.run("embedding", request, rows), sum(len(row) for row in rows)
+        return await self.run("embedding", request, rows)
 
     async def rerank_margins(self, request: Request, queries: list[str], documents: list[str], *,
                              instruction: str | None, truncate: bool, side: str = "right",
@@ -226,8 +226,8 @@ class Service:
                               for texts, param in ((queries, "query"), (documents, "documents")))
         rows = await self.host(self.rerank_rows, list(zip(queries, documents)), instruction=instruction,
                                truncate=truncate, side=side, status=status)
-        hidden = await self.run("rerank", request, rows)
-        return self.reranker.answer_logits(hidden), sum(len(row) for row in rows)
+        hidden, tokens = await self.run("rerank", request, rows)
+        return self.reranker.answer_logits(hidden), tokens
 
     def quantization_ranges(self, dim: int) -> np.ndarray:
         """The int8 / uint8 calibration ranges of `dim`-wide embeddings (the calibration texts' [min, max])."""
@@ -236,10 +236,11 @@ class Service:
                            "--calibration FILE", code="invalid_embedding_types", param="embedding_types")
         return calibration_ranges(pooled_vectors(self._calibration_states, dim))
 
-    async def run(self, kind: str, request: Request, rows: list[list[int]]) -> np.ndarray:
-        """The last hidden states [n, D] of these token rows, through `kind`'s scheduler. Refuses at once
-        what the queue cannot take (429 with Retry-After; 413 for a request larger than the whole queue);
-        a client that disconnects has its waiting rows dropped; a failed batch is a 500 naming the request."""
+    async def run(self, kind: str, request: Request, rows: list[list[int]]) -> tuple[np.ndarray, int]:
+        """(the last hidden states [n, D] of these token rows, their tokens) through `kind`'s scheduler.
+        Refuses at once what the queue cannot take (429 with Retry-After; 413 for a request larger than the
+        whole queue); a client that disconnects has its waiting rows dropped; a failed batch is a 500
+        naming the request."""
         tokens = sum(len(row) for row in rows)
         if tokens > self.queue_tokens:
             raise APIError(413, f"the request holds {tokens} tokens, more than this server queues at once "
@@ -254,7 +255,7 @@ class Service:
         if result in done:
             gone.cancel()
             with _refusals():
-                return result.result()
+                return result.result(), tokens
         scheduler.cancel(ticket)
         raise ClientGone()
 
