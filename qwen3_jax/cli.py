@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 
-from qwen3_jax.attention import IMPLEMENTATIONS as ATTENTION
+from qwen3_jax.backend import IMPLEMENTATIONS as ATTENTION
 from qwen3_jax.checks import UsageError
 from qwen3_jax.compile_cache import enable_compilation_cache, use_default_compilation_cache
 from qwen3_jax.config import PRESETS
@@ -57,7 +57,7 @@ def _distributed(parser: argparse.ArgumentParser) -> None:
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id to start from")
-    parser.add_argument("--data", required=True, help="training .jsonl (see the README for the line formats)")
+    parser.add_argument("--data", required=True, help="training .jsonl (docs/fine-tuning.md has the line formats)")
     parser.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, final/, adapter/")
     parser.add_argument("--loss", default="infonce", choices=["infonce", "reranker"])
     how = parser.add_mutually_exclusive_group()
@@ -319,20 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _mesh(args):
     """Joins the multi-process job first when asked, then builds the --mesh over all its devices."""
-    from qwen3_jax.sharding import initialize_distributed, make_mesh, parse_mesh
+    from qwen3_jax.sharding import initialize_distributed, make_mesh, mesh_of
 
-    if args.coordinator or args.distributed:
+    distributed = bool(args.coordinator or args.distributed)
+    if distributed:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    if not args.mesh:
-        return make_mesh() if args.coordinator or args.distributed else None
-    return make_mesh(**parse_mesh(args.mesh))
-
-
-def _mesh_of(spec: str | None, devices=None):
-    """The mesh of a --mesh spec over all devices (or `devices`); None without a spec."""
-    from qwen3_jax.sharding import make_mesh, parse_mesh
-
-    return make_mesh(**parse_mesh(spec), devices=devices) if spec else None
+    if args.mesh:
+        return mesh_of(args.mesh)
+    return make_mesh() if distributed else None
 
 
 def _shows_progress(args) -> bool:
@@ -385,14 +379,14 @@ def run_rerank(args) -> None:
 
 
 def run_bench(args) -> None:
-    from qwen3_jax.bench import run_benchmark, run_mixes, run_suite
+    from qwen3_jax.bench.encode import run_benchmark, run_mixes, run_suite
 
     if args.serve:
         import tempfile
         from pathlib import Path
 
-        from qwen3_jax.bench import bench_checkpoint
-        from qwen3_jax.serve.load import run_serve_benchmark, soak
+        from qwen3_jax.bench.common import bench_checkpoint
+        from qwen3_jax.bench.serve_load import run_serve_benchmark, soak
 
         levels = [int(level) for level in args.levels.split(",")]
         with bench_checkpoint(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
@@ -405,13 +399,13 @@ def run_bench(args) -> None:
                                              max_requests=args.requests, max_seconds=args.seconds,
                                              max_batch_tokens=args.max_batch_tokens, scratch=Path(scratch))
     elif args.train:
-        from qwen3_jax.train.bench import run_train_benchmark
+        from qwen3_jax.bench.train import run_train_benchmark
 
         result = run_train_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
                                      repeats=args.repeats, reference=not args.no_reference, dtype=args.dtype,
                                      configs=args.train_configs.split(";") if args.train_configs else None)
     elif args.corpus:
-        from qwen3_jax.bench import run_corpus_benchmark
+        from qwen3_jax.bench.corpus import run_corpus_benchmark
 
         result = run_corpus_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
                                       dtype=args.dtype, documents=args.corpus, tokens=args.tokens,
@@ -420,7 +414,7 @@ def run_bench(args) -> None:
         result = run_mixes(tokenizer=args.tokenizer, layers=args.layers, dtype=args.dtype, texts=args.texts,
                            batch_size=args.batch_size, repeats=args.repeats, attention=args.attention)
     elif args.suite == "device":
-        from qwen3_jax.bench import run_device_suite
+        from qwen3_jax.bench.device import run_device_suite
 
         result = run_device_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats, texts=args.texts,
                                   json_path=args.json)
@@ -442,8 +436,9 @@ def run_bench(args) -> None:
 def run_convert(args) -> None:
     from qwen3_jax.convert import convert
     from qwen3_jax.hub import resolve_model
+    from qwen3_jax.sharding import mesh_of
 
-    mesh = _mesh_of(args.mesh)
+    mesh = mesh_of(args.mesh)
     done = convert(resolve_model(args.source), args.destination, to=args.to, dtype=args.dtype,
                    max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, strict=args.strict, mesh=mesh)
     print(f"wrote {done}", file=sys.stderr)
@@ -454,9 +449,10 @@ def run_embed_corpus(args) -> None:
 
     from qwen3_jax import Qwen3Embedder
     from qwen3_jax.corpus import corpus_files, embed_corpus
+    from qwen3_jax.sharding import mesh_of
 
     corpus_files(args.input)              # a missing or unreadable input fails before the model loads
-    mesh = _mesh_of(args.mesh, devices=jax.local_devices())
+    mesh = mesh_of(args.mesh, devices=jax.local_devices())
     model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, max_length=args.max_length)
     manifest = embed_corpus(model, args.input, args.output, instruction=args.instruction, prompt_name=args.prompt_name,
                             dim=args.dim, output_dtype=args.output_dtype, text_field=args.text_field,
@@ -539,6 +535,7 @@ def run_export(args) -> None:
 def run_serve(args) -> int:
     from qwen3_jax.serve.server import serve
     from qwen3_jax.serve.settings import ServeSettings
+    from qwen3_jax.sharding import mesh_of
 
     settings = ServeSettings(
         model=args.model, reranker=args.reranker, host=args.host, port=args.port, dtype=args.dtype, dim=args.dim,
@@ -548,7 +545,7 @@ def run_serve(args) -> int:
         max_input_chars=args.max_input_chars, payload_limit=args.payload_limit, read_timeout_s=args.read_timeout_s,
         graceful_timeout_s=args.graceful_timeout_s, calibration=args.calibration, api_key=args.api_key,
         served_model_name=args.served_model_name, served_reranker_name=args.served_reranker_name)
-    return serve(settings, mesh=_mesh_of(args.mesh), out=lambda message: print(message, file=sys.stderr, flush=True))
+    return serve(settings, mesh=mesh_of(args.mesh), out=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def run_init_random(args) -> None:

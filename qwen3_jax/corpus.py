@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from qwen3_jax.checks import UsageError, whole_number
+from qwen3_jax.checks import UsageError, check_dim, whole_number
 from qwen3_jax.extras import require
 from qwen3_jax.hub import model_identity
 from qwen3_jax.progress import progress_bar
@@ -335,7 +335,7 @@ def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: s
     Qwen3Embedder `model`; returns this process's manifest. `model_name` is what the manifest records
     (the hub id or folder the model came from) for `qwen3-jax search` to load."""
     settings = CorpusSettings(model=model_identity(model_name) if model_name else "", input=str(Path(input).resolve()),
-                              dim=model.check_dim(dim),
+                              dim=check_dim(dim, model.dimension),
                               prefix=model.resolve_prefix(prompt_name, None, instruction), dtype=dtype,
                               output_dtype=output_dtype, text_field=text_field, id_field=id_field,
                               shard_size=shard_size, max_length=model.max_length if max_length is None else max_length,

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen3_jax.attention import KERNEL_PLATFORMS, attention, dense_attention, resolve_implementation
+from qwen3_jax.attention import attention, dense_attention
+from qwen3_jax.backend import KERNEL_PLATFORMS, Backend, resolve_implementation
 
 DTYPES = ("float32", "bfloat16")
 KERNELS = {"cpu": ("dense", "blockwise", "pallas", "splash"), "gpu": ("dense", "blockwise", "pallas", "cudnn"),
@@ -45,10 +46,11 @@ def difference_from_dense(impl: str, q, k, v, segments) -> dict:
     interpreted): the largest |difference| of the outputs over real tokens, of the q, k, v gradients for
     one random output gradient, and the largest |gradient| for scale; each side's values and gradients
     come from one vjp."""
-    interpret = KERNEL_PLATFORMS.get(impl, jax.default_backend()) != jax.default_backend()
+    backend = Backend.resolve(impl)
+    interpret = KERNEL_PLATFORMS.get(impl, backend.platform) != backend.platform
     real = (segments > 0)[..., None, None]                        # padding outputs are unspecified
     d_out = jnp.where(real, jax.random.normal(jax.random.PRNGKey(1), q.shape, q.dtype), 0)
-    got, got_backward = jax.vjp(lambda *x: attention(*x, segments, impl=impl, interpret=interpret), q, k, v)
+    got, got_backward = jax.vjp(lambda *x: attention(*x, segments, backend=backend, interpret=interpret), q, k, v)
     want, want_backward = jax.vjp(lambda *x: dense_attention(*x, segments), q, k, v)
     as32 = lambda x: x.astype(jnp.float32)
     pairs = list(zip(got_backward(d_out), want_backward(d_out)))

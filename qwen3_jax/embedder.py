@@ -94,10 +94,6 @@ class Qwen3Embedder:
             return self.prompts[prompt_name]
         return prompt or ""
 
-    def check_dim(self, dim: int | None) -> int:
-        """A Matryoshka dimension this model supports (None: its whole width)."""
-        return check_dim(dim, self.config.hidden_size)
-
     def encode(self, texts: Sequence[str] | str, *, prompt_name: str | None = None, prompt: str | None = None,
                instruction: str | None = None, dim: int | None = None, batch_size: int = 32,
                normalize: bool = True, max_length: int | None = None, show_progress_bar: bool = False) -> np.ndarray:
@@ -111,7 +107,7 @@ class Qwen3Embedder:
         """
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
-        dim = self.check_dim(dim)
+        dim = check_dim(dim, self.dimension)
         max_length = self.max_length if max_length is None else check_max_length(max_length)
         prefix = self.resolve_prefix(prompt_name, prompt, instruction)
         rows = self.tokenizer.encode([prefix + t for t in texts], max_length)

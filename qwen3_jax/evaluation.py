@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from qwen3_jax.checks import check_dim
 from qwen3_jax.corpus import embed_corpus
 from qwen3_jax.extras import require
 from qwen3_jax.index import Index
-from qwen3_jax.metrics import evaluate
+from qwen3_jax.retrieval_metrics import evaluate
 from qwen3_jax.textio import InputError, iter_json_lines, iter_lines_at
 
 BEIR_METRICS = ("ndcg@10", "map@100", "recall@10", "recall@100", "mrr@10")
@@ -39,7 +40,7 @@ def mteb_encoder(embedder, *, model_name: str = "qwen3-jax", instructions: dict[
     class MTEBEncoder(AbsEncoder):
         def __init__(self):
             self.embedder, self.instructions = embedder, dict(instructions or {})
-            self.dim, self.batch_size = embedder.check_dim(dim), batch_size
+            self.dim, self.batch_size = check_dim(dim, embedder.dimension), batch_size
             self.mteb_model_meta = ModelMeta.create_empty(overwrites={"name": model_name, "revision": "local",
                                                                       "embed_dim": self.dim})
 

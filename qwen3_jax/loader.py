@@ -33,11 +33,11 @@ def parse_dtype(dtype) -> jnp.dtype:
 
 
 def abstract_model(cfg: Qwen3Config, *, param_dtype, dtype, attention: str, with_lm_head: bool,
-                   mesh: Mesh | None = None) -> Qwen3Model:
+                   mesh: Mesh | None = None, platform: str | None = None) -> Qwen3Model:
     """The model with shapes and dtypes only: no parameter memory is allocated."""
     vocab_multiple = mesh.shape["model"] if mesh is not None else 1
     return nnx.eval_shape(lambda: Qwen3Model(cfg, param_dtype=param_dtype, dtype=dtype, attention_impl=attention,
-                                             with_lm_head=with_lm_head, vocab_multiple=vocab_multiple,
+                                             platform=platform, with_lm_head=with_lm_head, vocab_multiple=vocab_multiple,
                                              rngs=nnx.Rngs(0)))
 
 
@@ -59,23 +59,24 @@ def parameter_shardings(model: Qwen3Model, mesh: Mesh | None, *, fsdp: bool = Fa
 
 def load_model(folder: str | Path, *, dtype="float32", param_dtype=None, attention: str = "auto",
                mesh: Mesh | None = None, fsdp: bool = False, with_lm_head: bool | None = False,
-               strict: bool = False) -> Qwen3Model:
+               strict: bool = False, platform: str | None = None) -> Qwen3Model:
     """Reads config.json and the safetensors weights of `folder` (or an Orbax checkpoint made by
     `qwen3-jax convert`) into a ready Qwen3Model.
 
     `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: same as dtype).
     `with_lm_head`: True requires an output head (a reranker), None loads one if present, False skips it.
+    `platform` builds the model's programs for another platform than JAX's backend (see `Backend`).
     """
     if is_orbax_folder(folder):
         return load_orbax(folder, dtype=dtype, attention=attention, mesh=mesh, fsdp=fsdp,
-                          with_lm_head=with_lm_head is not False)
+                          with_lm_head=with_lm_head is not False, platform=platform)
     cfg = Qwen3Config.from_hf(folder)
     compute = parse_dtype(dtype)
     stored = parse_dtype(param_dtype) if param_dtype is not None else compute
     ckpt = CheckpointFolder(folder)
     has_head = "lm_head.weight" in ckpt.location
     model = abstract_model(cfg, param_dtype=stored, dtype=compute, attention=attention,
-                           with_lm_head=has_head and with_lm_head is not False, mesh=mesh)
+                           with_lm_head=has_head and with_lm_head is not False, mesh=mesh, platform=platform)
     if with_lm_head and not cfg.tie_word_embeddings and not has_head:
         raise ValueError(f"{folder}: config.json says tie_word_embeddings=false but there is no "
                          "lm_head.weight; is this an embedding checkpoint rather than a reranker?")
@@ -93,7 +94,7 @@ def is_orbax_folder(folder: str | Path) -> bool:
 
 
 def load_orbax(folder: str | Path, *, dtype="float32", attention: str = "auto", mesh: Mesh | None = None,
-               fsdp: bool = False, with_lm_head: bool = False) -> Qwen3Model:
+               fsdp: bool = False, with_lm_head: bool = False, platform: str | None = None) -> Qwen3Model:
     """Restores an Orbax checkpoint straight into the shardings of `mesh` (or one device)."""
     import orbax.checkpoint as ocp
 
@@ -101,7 +102,8 @@ def load_orbax(folder: str | Path, *, dtype="float32", attention: str = "auto", 
     meta = json.loads((folder / ORBAX_META).read_text())
     cfg = Qwen3Config.from_hf(folder)
     model = abstract_model(cfg, param_dtype=parse_dtype(meta["param_dtype"]), dtype=parse_dtype(dtype),
-                           attention=attention, with_lm_head=with_lm_head and meta["has_lm_head"], mesh=mesh)
+                           attention=attention, with_lm_head=with_lm_head and meta["has_lm_head"], mesh=mesh,
+                           platform=platform)
     if model.embed.shape[0] != meta["vocab_rows"]:
         raise ValueError(f"{folder}: saved with {meta['vocab_rows']} vocabulary rows, the mesh needs "
                          f"{model.embed.shape[0]}; restore with the mesh it was saved for, or re-convert")

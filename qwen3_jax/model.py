@@ -3,8 +3,8 @@
 Dimension letters: B batch, T tokens, D model width, N query heads, K kv heads, G query heads
 per kv head, H head dim, F MLP width, V vocab, L layers.
 
-The operations with hand-written gradients or backend-dependent choices live in `kernels/` and
-`attention/`; this file holds only the model's arithmetic.
+The operations with hand-written gradients live in `ops/` and `attention/`, and the choices that
+differ by platform in the `Backend` the model is built with; this file holds only the model's arithmetic.
 """
 
 from __future__ import annotations
@@ -13,18 +13,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen3_jax.attention import attention, attention_at, positions_from_segments, resolve_implementation
+from qwen3_jax.attention import attention, attention_at, positions_from_segments
+from qwen3_jax.backend import Backend
 from qwen3_jax.checks import UsageError
 from qwen3_jax.config import Qwen3Config
-from qwen3_jax.kernels.embedding import embed_tokens
-from qwen3_jax.kernels.projection import PROJECTION, linear
-from qwen3_jax.kernels.rms_norm import rms_norm
+from qwen3_jax.ops.embedding import embed_tokens
+from qwen3_jax.ops.projection import PROJECTION, linear
+from qwen3_jax.ops.rms_norm import rms_norm
 
 _init = nnx.initializers.normal(stddev=0.02)
 # What each decoder layer keeps for the backward pass: everything ("off"), only its input ("full"), or
 # its matrix products too ("dots": the projections, not attention).
 REMAT_POLICIES = {"off": None, "full": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.save_only_these_names(PROJECTION)}
+
+
+def check_remat(remat: str) -> str:
+    """A name of REMAT_POLICIES, or a UsageError listing them."""
+    if remat not in REMAT_POLICIES:
+        raise UsageError(f"remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    return remat
 
 
 def gather_tokens(x: jax.Array, at: jax.Array) -> jax.Array:
@@ -45,8 +53,7 @@ def rotary_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[ja
 
 def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     """Rotate-half RoPE on [B, T, heads, H], computed in float32. The two rotated halves are stacked,
-    not concatenated: XLA's CPU compiler fuses a stack into the arithmetic that fills it, while a
-    concatenate ran as a pass of its own (10,240 tokens of 16 heads: 93 against 29 ms)."""
+    not concatenated: XLA fuses a stack into the arithmetic that fills it (docs/design/numerics.md)."""
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     sin, cos = sin[:, :, None, :], cos[:, :, None, :]
@@ -67,17 +74,17 @@ class Attention(nnx.Module):
         self.k_norm = nnx.Param(jnp.ones((h,), param_dtype))
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, sin, cos, segments, *, impl: str, rng=None, at=None):
+    def __call__(self, x, sin, cos, segments, *, backend: Backend, rng=None, at=None):
         """[B, T, D] -> [B, T, D], or only at the positions `at` [B, S]: then only those positions
         ask (their queries alone are projected and attend), while every token is still a key."""
         q_x, q_sin, q_cos = (x, sin, cos) if at is None else (gather_tokens(a, at) for a in (x, sin, cos))
-        q = linear(self, "wq", "BTD,DNH->BTNH", q_x, _fold(rng, 0))
-        k = linear(self, "wk", "BTD,DKH->BTKH", x, _fold(rng, 1))
-        v = linear(self, "wv", "BTD,DKH->BTKH", x, _fold(rng, 2))
+        q = linear(self, "wq", "BTD,DNH->BTNH", q_x, backend, _fold(rng, 0))
+        k = linear(self, "wk", "BTD,DKH->BTKH", x, backend, _fold(rng, 1))
+        v = linear(self, "wv", "BTD,DKH->BTKH", x, backend, _fold(rng, 2))
         q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), q_sin, q_cos)
         k = apply_rotary(rms_norm(k, self.k_norm[...], self.eps), sin, cos)
-        out = attention(q, k, v, segments, impl=impl) if at is None else attention_at(q, k, v, segments, at)
-        return linear(self, "wo", "BTNH,NHD->BTD", out, _fold(rng, 3))
+        out = attention(q, k, v, segments, backend=backend) if at is None else attention_at(q, k, v, segments, at)
+        return linear(self, "wo", "BTNH,NHD->BTD", out, backend, _fold(rng, 3))
 
 
 class MLP(nnx.Module):
@@ -89,10 +96,10 @@ class MLP(nnx.Module):
         self.w_up = nnx.Param(_init(rngs.params(), (d, f), param_dtype))
         self.w_down = nnx.Param(_init(rngs.params(), (f, d), param_dtype))
 
-    def __call__(self, x, rng=None):
-        gate = linear(self, "w_gate", "BTD,DF->BTF", x, _fold(rng, 4))
-        up = linear(self, "w_up", "BTD,DF->BTF", x, _fold(rng, 5))
-        return linear(self, "w_down", "BTF,FD->BTD", jax.nn.silu(gate) * up, _fold(rng, 6))
+    def __call__(self, x, *, backend: Backend, rng=None):
+        gate = linear(self, "w_gate", "BTD,DF->BTF", x, backend, _fold(rng, 4))
+        up = linear(self, "w_up", "BTD,DF->BTF", x, backend, _fold(rng, 5))
+        return linear(self, "w_down", "BTF,FD->BTD", jax.nn.silu(gate) * up, backend, _fold(rng, 6))
 
 
 class DecoderLayer(nnx.Module):
@@ -105,27 +112,29 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, sin, cos, segments, *, impl: str, rng=None, at=None):
+    def __call__(self, x, sin, cos, segments, *, backend: Backend, rng=None, at=None):
         """[B, T, D] -> [B, T, D], or [B, S, D] at the positions `at` [B, S] only."""
         residual = x if at is None else gather_tokens(x, at)
-        x = residual + self.attn(rms_norm(x, self.input_norm[...], self.eps), sin, cos, segments, impl=impl,
+        x = residual + self.attn(rms_norm(x, self.input_norm[...], self.eps), sin, cos, segments, backend=backend,
                                  rng=rng, at=at)
-        return x + self.mlp(rms_norm(x, self.post_norm[...], self.eps), rng)
+        return x + self.mlp(rms_norm(x, self.post_norm[...], self.eps), backend=backend, rng=rng)
 
 
 class Qwen3Model(nnx.Module):
     """Qwen3 backbone returning the final-normed hidden states [B, T, D].
 
     The decoder layers are one DecoderLayer whose parameters carry a leading L axis, applied with
-    `jax.lax.scan`, so compile time does not grow with depth.
+    `jax.lax.scan`, so compile time does not grow with depth. The platform's choices (`attention_impl`
+    among them) are resolved here, once, into `self.backend`, never inside a trace; `platform` builds
+    the program of another platform (default: JAX's backend).
     """
 
     def __init__(self, cfg: Qwen3Config, *, param_dtype=jnp.float32, dtype=jnp.float32,
-                 attention_impl: str = "auto", with_lm_head: bool = False, vocab_multiple: int = 1,
-                 rngs: nnx.Rngs):
+                 attention_impl: str = "auto", platform: str | None = None, with_lm_head: bool = False,
+                 vocab_multiple: int = 1, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
-        self.attention_impl = resolve_implementation(attention_impl, dtype)     # once, never inside a trace
+        self.backend = Backend.resolve(attention_impl, dtype, platform)
         # Vocabulary rows padded to a multiple of the tensor-parallel axis; the extra rows stay zero.
         vocab_rows = -(-cfg.vocab_size // vocab_multiple) * vocab_multiple
         self.embed = nnx.Param(_init(rngs.params(), (vocab_rows, cfg.hidden_size), param_dtype))
@@ -153,8 +162,7 @@ class Qwen3Model(nnx.Module):
         `rng` drives adapter dropout in training (None: none); `remat` picks what a layer keeps for
         the backward pass (REMAT_POLICIES).
         """
-        if remat not in REMAT_POLICIES:
-            raise UsageError(f"remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        check_remat(remat)
         if at is not None and return_layer_states:
             raise ValueError("return_layer_states needs every position: leave `at` out")
         if prune_last and at is None:
@@ -168,7 +176,7 @@ class Qwen3Model(nnx.Module):
 
         def layer(h, index, at=None):
             one_layer_state, layer_rng = jax.tree.map(lambda a: a[index], (layer_state, layer_rngs))
-            return nnx.merge(graphdef, one_layer_state)(h, sin, cos, segments, impl=self.attention_impl,
+            return nnx.merge(graphdef, one_layer_state)(h, sin, cos, segments, backend=self.backend,
                                                         rng=layer_rng, at=at)
 
         def step(h, index):

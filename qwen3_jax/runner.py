@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from qwen3_jax.attention import kernel_named_on_failure, packed_row_limit, packs_rows
+from qwen3_jax.backend import kernel_named_on_failure
 from qwen3_jax.checks import whole_number
-from qwen3_jax.layout import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, plan_batches
+from qwen3_jax.packing import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, plan_batches
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.progress import progress_bar
 from qwen3_jax.sharding import batch_sharding, fetch_global, put_global, shard_count
@@ -52,8 +52,8 @@ class LastTokenRunner:
         self.padding_side = padding_side
         self._graphdef, self._state = nnx.split(model)
         self._inputs = batch_sharding(mesh)
-        self.pack = packs_rows(model.attention_impl, model.dtype)
-        self.row_limit = packed_row_limit(model.attention_impl, model.dtype)
+        self.pack = model.backend.packs_rows
+        self.row_limit = model.backend.packed_row_limit
         if not self.pack and padding_side != "right":
             raise ValueError("cuDNN attention needs right padding; use padding_side='right'")
         self._forward = jax.jit(functools.partial(_last_hidden, self._graphdef),
@@ -95,7 +95,7 @@ class LastTokenRunner:
             rows, length, slots = shape
             args = [jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=self._inputs)
                     for width in (length, length, slots)]
-            with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.attention_impl):
+            with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
                 return shape, self._forward.lower(self._state, *args).compile()
 
         missing = [shape for shape in shapes if shape not in self._compiled]
@@ -108,7 +108,7 @@ class LastTokenRunner:
         arrays = [put_global(a, self._inputs) for a in layout_batch(batch, texts, self.pad_id, self.padding_side)]
         program = self._compiled.get((batch.num_rows, batch.length, batch.slots))
         # No mesh: one device; under a mesh, attention loops over each device's own rows.
-        with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.attention_impl):
+        with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
             result = program(self._state, *arrays) if program else self._forward(self._state, *arrays)
         self.tokens_computed += batch.computed_tokens
         self.tokens_embedded += int(sum(len(texts[i]) for row in batch.rows for i in row))

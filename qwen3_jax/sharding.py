@@ -41,6 +41,11 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
+def mesh_of(spec: str | None, devices=None) -> Mesh | None:
+    """The mesh of a --mesh spec ("data=4,model=2") over all devices (or `devices`); None without a spec."""
+    return make_mesh(**parse_mesh(spec), devices=devices) if spec else None
+
+
 def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
                    rules: dict[str, str], name: str = "a parameter") -> PartitionSpec:
     """Maps logical axes to mesh axes. Only kv heads may stay whole when the mesh axis does not divide

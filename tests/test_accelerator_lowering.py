@@ -13,7 +13,8 @@ import pytest
 from jax import export
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen3_jax.attention import attention, resolve_implementation
+from qwen3_jax.attention import attention
+from qwen3_jax.backend import KERNEL_PLATFORMS, Backend, resolve_implementation
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.init_random import write_random_checkpoint
 from qwen3_jax.loader import load_model
@@ -66,7 +67,7 @@ def _packed_batch(rows: int = 2, length: int = 256, slots: int = 8):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("impl", ["pallas", "splash"])
 def test_the_embedders_forward_pass_on_packed_rows_lowers_with_its_kernel(folder, impl, dtype):
-    model = load_model(folder, dtype=dtype, attention=impl, with_lm_head=True)
+    model = load_model(folder, dtype=dtype, attention=impl, with_lm_head=True, platform=KERNEL_PLATFORMS[impl])
     runner = LastTokenRunner(model, pad_id=0)
     text = lowered(runner._forward, runner._state, *_packed_batch(), platform=PLATFORMS[impl])
     assert KERNEL_CALLS[impl] in custom_calls(text), custom_calls(text)
@@ -76,7 +77,7 @@ def test_a_kernel_that_takes_one_text_a_row_is_refused_where_texts_are_packed(fo
     """cuDNN's fused kernel sees one right-padded text a row (its lowering needs a GPU's cuDNN): the
     runner gives it one text a row, and training, which packs, refuses it instead of letting texts
     attend to each other."""
-    model = load_model(folder, dtype="bfloat16", attention="cudnn")
+    model = load_model(folder, dtype="bfloat16", attention="cudnn", platform="gpu")
     assert not LastTokenRunner(model, pad_id=0).pack
     with pytest.raises(ValueError, match="--attention"):
         TrainStep(model, objective=Objective(temperature=0.05), optimizer=OptimizerConfig())
@@ -85,7 +86,7 @@ def test_a_kernel_that_takes_one_text_a_row_is_refused_where_texts_are_packed(fo
 @pytest.mark.parametrize("impl", ["pallas", "splash"])
 @pytest.mark.parametrize("setting", ["full", "full, remat", "LoRA", "LoRA, remat"])
 def test_the_training_step_lowers_with_its_kernel_forward_and_backward(folder, impl, setting):
-    model = load_model(folder, dtype="bfloat16", param_dtype="float32", attention=impl)
+    model = load_model(folder, dtype="bfloat16", param_dtype="float32", attention=impl, platform=KERNEL_PLATFORMS[impl])
     if "LoRA" in setting:
         add_lora(model, LoRAConfig(rank=4))
     step = TrainStep(model, objective=Objective(temperature=0.05), optimizer=OptimizerConfig(),
@@ -103,7 +104,7 @@ def test_the_training_step_lowers_with_its_kernel_forward_and_backward(folder, i
 
 
 def test_the_reranker_scores_through_the_kernel(folder):
-    model = load_model(folder, dtype="bfloat16", attention="pallas", with_lm_head=True)
+    model = load_model(folder, dtype="bfloat16", attention="pallas", with_lm_head=True, platform="gpu")
     runner = LastTokenRunner(model, pad_id=0)
     text = lowered(runner._forward, runner._state, *_packed_batch(slots=4), platform="cuda")
     assert KERNEL_CALLS["pallas"] in custom_calls(text)
@@ -121,7 +122,7 @@ def test_attention_sharded_over_data_and_model_runs_the_kernel_per_shard(impl):
     segments = jax.ShapeDtypeStruct((8, 256), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("data", None)))
 
     def run(q, k, v, segments):
-        return attention(q, k, v, segments, impl=impl)
+        return attention(q, k, v, segments, backend=Backend.resolve(impl, platform=KERNEL_PLATFORMS[impl]))
 
     with jax.set_mesh(mesh):
         text = lowered(run, q, kv, kv, segments, platform=PLATFORMS[impl])
@@ -139,7 +140,7 @@ def test_auto_is_chosen_once_from_the_platform_alone(folder):
     traced = []
     jax.jit(lambda x: traced.append(resolve_implementation("auto", x.dtype, "gpu")) or x)(jnp.ones(2, jnp.bfloat16))
     assert traced == ["pallas"]
-    assert load_model(folder).attention_impl == "blockwise"
+    assert load_model(folder).backend.attention == "blockwise"
 
 
 def test_doctor_checks_each_kernel_here_and_names_attention_when_the_chosen_one_fails(monkeypatch):

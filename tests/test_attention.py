@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qwen3_jax.attention import (attention, attention_at, blockwise_attention, dense_attention, fused_attention, packs_rows,
-                                 row_by_row)
+from qwen3_jax.attention import attention, attention_at, blockwise_attention, dense_attention, fused_attention, row_by_row
 from qwen3_jax.attention.blockwise import window_ladder
+from qwen3_jax.backend import Backend
 from qwen3_jax.config import preset
 from qwen3_jax.model import Qwen3Model
 
@@ -127,14 +127,14 @@ def test_dot_product_attention_path_matches_dense_on_unpacked_rows():
 
 
 def test_rows_are_not_packed_for_cudnn():
-    assert not packs_rows("cudnn", jnp.bfloat16)
-    assert packs_rows("dense", jnp.float32) and packs_rows("blockwise", jnp.bfloat16)
+    assert not Backend.resolve("cudnn", jnp.bfloat16).packs_rows
+    assert Backend.resolve("dense", jnp.float32).packs_rows and Backend.resolve("blockwise", jnp.bfloat16).packs_rows
 
 
 def test_splash_in_interpret_mode_matches_dense():
     pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
     q, k, v, seg = _inputs(3, 256, head_dim=128)
-    out = attention(q, k, v, seg, impl="splash", interpret=True)
+    out = attention(q, k, v, seg, backend=Backend.resolve("splash"), interpret=True)
     _close_on_real_tokens(out, dense_attention(q, k, v, seg), seg, 1e-5)
 
 
@@ -148,7 +148,7 @@ def test_packed_texts_do_not_see_each_other():
 def test_unknown_implementation():
     q, k, v, seg = _inputs(3, 8)
     with pytest.raises(ValueError, match="impl='flash' is unknown"):
-        attention(q, k, v, seg, impl="flash")
+        attention(q, k, v, seg, backend=Backend.resolve("flash"))
 
 
 def test_long_input_at_real_width_blockwise_equals_dense():

@@ -4,7 +4,7 @@ programs, and embeddings that do not depend on which texts share a row."""
 import numpy as np
 import pytest
 
-from qwen3_jax.layout import TOKENS_PER_TEXT, layout_batch, plan_batches, row_length
+from qwen3_jax.packing import TOKENS_PER_TEXT, layout_batch, plan_batches, row_length
 
 BUDGET = 32 * TOKENS_PER_TEXT          # encode's default batch_size=32
 
@@ -106,7 +106,7 @@ def test_a_long_tail_compiles_few_programs_packed_or_one_text_a_row(pack):
 
 def test_fixed_shapes_hold_every_batch_the_server_forms():
     """The server compiles `fixed_shapes` before it listens: every batch of any mix must be one of them."""
-    from qwen3_jax.layout import fixed_shapes
+    from qwen3_jax.packing import fixed_shapes
 
     rng = np.random.default_rng(0)
     for budget in (512, 2048, 16384):

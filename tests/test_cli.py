@@ -137,7 +137,7 @@ def test_bench_times_a_users_own_file(checkpoint, tmp_path, capsys):
 
 
 def test_datasheet_peak_is_matched_by_device_kind():
-    from qwen3_jax.bench import datasheet_tflops
+    from qwen3_jax.bench.common import datasheet_tflops
 
     assert datasheet_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
     assert datasheet_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
@@ -154,10 +154,10 @@ def _tokenizer_option() -> list[str]:
 
 def test_gpu_suite_runs_end_to_end_on_a_small_stand_in(monkeypatch, capsys):
     """The accelerator suite's code path, shrunk to a 1-layer 0.6B shape and short texts the CPU can run."""
-    import qwen3_jax.bench
+    import qwen3_jax.bench.encode
 
-    monkeypatch.setattr(qwen3_jax.bench, "GPU_SUITE", {"0.6B": (2, 3)})
-    monkeypatch.setattr(qwen3_jax.bench, "SUITE_TOKENS", 64)
+    monkeypatch.setattr(qwen3_jax.bench.encode, "GPU_SUITE", {"0.6B": (2, 3)})
+    monkeypatch.setattr(qwen3_jax.bench.encode, "SUITE_TOKENS", 64)
     assert main(["bench", "--suite", "gpu", "--layers", "1", "--repeats", "1", *_tokenizer_option()]) == 0
     printed = capsys.readouterr().out
     assert printed.count("checkpoint (1 layers) written") == 1          # one checkpoint for both batch sizes
@@ -168,9 +168,9 @@ def test_gpu_suite_runs_end_to_end_on_a_small_stand_in(monkeypatch, capsys):
 
 def test_length_mix_suite_prints_a_row_per_mix(monkeypatch, capsys):
     """`bench --suite mixes`, shrunk to one layer, three texts and two mixes: fp32 rows match torch."""
-    import qwen3_jax.bench
+    import qwen3_jax.bench.encode
 
-    monkeypatch.setattr(qwen3_jax.bench, "LENGTH_MIXES", (("5-30", False), ("10-200", True)))
+    monkeypatch.setattr(qwen3_jax.bench.encode, "LENGTH_MIXES", (("5-30", False), ("10-200", True)))
     assert main(["bench", "--suite", "mixes", "--layers", "1", "--texts", "3", "--repeats", "1",
                  *_tokenizer_option()]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[-2:]]

@@ -129,7 +129,7 @@ def test_reranking_follows_the_rerankers_scores(embedder, beir, monkeypatch):
     assert plain != reranked
     corpus, queries, qrels = read_beir(beir)
     order = sorted(corpus, key=lambda d: -int(d[1:]))        # every query's ranking is the reranker's order
-    from qwen3_jax.metrics import evaluate
+    from qwen3_jax.retrieval_metrics import evaluate
 
     assert reranked == pytest.approx(evaluate({q: order for q in qrels}, qrels, list(reranked)))
 
@@ -138,7 +138,7 @@ def test_reranking_follows_the_rerankers_scores(embedder, beir, monkeypatch):
 def test_mteb_reranking_with_our_reranker_scores_as_the_reranker_ranks(reranker_checkpoint, beir):
     import mteb
 
-    from qwen3_jax.metrics import evaluate
+    from qwen3_jax.retrieval_metrics import evaluate
     from qwen3_jax.reranker import Qwen3Reranker
 
     reranker = Qwen3Reranker.from_pretrained(reranker_checkpoint)
@@ -176,7 +176,7 @@ def test_metrics_on_a_case_worked_by_hand():
     """Three relevant documents, ranked a, b, x, c: the ideal ranking of nDCG@k is cut at k too."""
     import math
 
-    from qwen3_jax.metrics import evaluate
+    from qwen3_jax.retrieval_metrics import evaluate
 
     qrels = {"q": {"a": 1, "b": 1, "c": 1}, "unranked": {"a": 1}}
     rankings = {"q": ["a", "b", "x", "c"]}

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from qwen3_jax import load_model, make_mesh
+from qwen3_jax.backend import Backend
 from qwen3_jax.reranker import Qwen3Reranker
 from qwen3_jax.tokenize import TextTokenizer
 from qwen3_jax.train import (ContrastiveExample, LoRAConfig, Objective, OptimizerConfig, TrainStep, add_lora,
@@ -279,7 +280,7 @@ def test_lora_folded_into_the_weight_equals_the_adapter_added_apart(spec, x_shap
 
     def output_and_grads(rng):
         def run(x, weight, a, b):
-            return LoRA(a, b, scale=2.0, dropout=1e-12)(spec, x, weight, rng)
+            return LoRA(a, b, scale=2.0, dropout=1e-12)(spec, x, weight, Backend.resolve(), rng)
         out, pullback = jax.vjp(run, x, weight, a, b)
         return (out, *pullback(cotangent))
 
@@ -472,9 +473,9 @@ def test_lora_dropout_keeps_the_expected_output():
     spec = "BTD,DNH->BTNH"
     x, weight = jax.random.normal(keys[0], (2, 5, 6)), jax.random.normal(keys[1], (6, 3, 4))
     a, b = jax.random.normal(keys[2], (6, 3)), jax.random.normal(keys[3], (3, 3, 4))
-    plain = LoRA(a, b, scale=2.0, dropout=0.0)(spec, x, weight, None)
+    plain = LoRA(a, b, scale=2.0, dropout=0.0)(spec, x, weight, Backend.resolve(), None)
     dropped = LoRA(a, b, scale=2.0, dropout=0.5)
-    samples = jax.vmap(lambda key: dropped(spec, x, weight, key))(jax.random.split(keys[4], 8000))
+    samples = jax.vmap(lambda key: dropped(spec, x, weight, Backend.resolve(), key))(jax.random.split(keys[4], 8000))
     standard_error = np.asarray(samples.std(axis=0)) / np.sqrt(len(samples))
     adapter_share = np.abs(np.asarray(plain - jnp.einsum(spec, x, weight)))
     assert np.all(np.abs(np.asarray(samples.mean(axis=0) - plain)) <= 5 * standard_error + 1e-5)

@@ -49,7 +49,8 @@ def test_every_weight_acts_as_transformers_uses_it(checkpoint):
     import torch
     from transformers import AutoModel
 
-    from qwen3_jax.kernels.projection import project
+    from qwen3_jax.backend import Backend
+    from qwen3_jax.ops.projection import project
 
     ours = load_model(checkpoint)
     theirs = AutoModel.from_pretrained(str(checkpoint), dtype=torch.float32)
@@ -63,16 +64,17 @@ def test_every_weight_acts_as_transformers_uses_it(checkpoint):
         with torch.no_grad():
             return module(torch.as_tensor(value)).numpy()
 
+    cpu = Backend.resolve()
     for layer, block in enumerate(theirs.layers):
         attn, ff = ours.layers.attn, ours.layers.mlp
         pairs = [
-            (project("BTD,DNH->BTNH", x, attn.wq[...][layer]), block.self_attn.q_proj, x),
-            (project("BTD,DKH->BTKH", x, attn.wk[...][layer]), block.self_attn.k_proj, x),
-            (project("BTD,DKH->BTKH", x, attn.wv[...][layer]), block.self_attn.v_proj, x),
-            (project("BTNH,NHD->BTD", heads, attn.wo[...][layer]), block.self_attn.o_proj, heads.reshape(2, 3, -1)),
-            (project("BTD,DF->BTF", x, ff.w_gate[...][layer]), block.mlp.gate_proj, x),
-            (project("BTD,DF->BTF", x, ff.w_up[...][layer]), block.mlp.up_proj, x),
-            (project("BTF,FD->BTD", mlp, ff.w_down[...][layer]), block.mlp.down_proj, mlp),
+            (project("BTD,DNH->BTNH", x, attn.wq[...][layer], cpu), block.self_attn.q_proj, x),
+            (project("BTD,DKH->BTKH", x, attn.wk[...][layer], cpu), block.self_attn.k_proj, x),
+            (project("BTD,DKH->BTKH", x, attn.wv[...][layer], cpu), block.self_attn.v_proj, x),
+            (project("BTNH,NHD->BTD", heads, attn.wo[...][layer], cpu), block.self_attn.o_proj, heads.reshape(2, 3, -1)),
+            (project("BTD,DF->BTF", x, ff.w_gate[...][layer], cpu), block.mlp.gate_proj, x),
+            (project("BTD,DF->BTF", x, ff.w_up[...][layer], cpu), block.mlp.up_proj, x),
+            (project("BTF,FD->BTD", mlp, ff.w_down[...][layer], cpu), block.mlp.down_proj, mlp),
         ]
         for got, module, value in pairs:
             want = torch_apply(module, value)

@@ -8,7 +8,6 @@ Padding may sit on either side. Padding rows produce finite values that callers 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -21,27 +20,23 @@ from qwen3_jax.attention.dense import attention_at, dense_attention
 from qwen3_jax.attention.masking import positions_from_segments
 from qwen3_jax.attention.pallas_gpu import packed_flash_attention
 from qwen3_jax.attention.splash import splash_attention
-from qwen3_jax.checks import UsageError
+from qwen3_jax.backend import Backend
 from qwen3_jax.sharding import BATCH_AXIS, MODEL_AXIS
 
-__all__ = ["AUTO", "IMPLEMENTATIONS", "attention", "attention_at", "blockwise_attention", "dense_attention",
-           "fused_attention", "KERNEL_PLATFORMS", "kernel_named_on_failure", "packed_flash_attention", "packed_row_limit", "packs_rows", "per_device",
-           "positions_from_segments", "resolve_implementation", "row_by_row", "splash_attention"]
-
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "pallas", "cudnn", "splash")
-# The longest packed row each kernel is given. dense and splash compute every causal pair of a row,
-# texts alike or not, so their rows stay short; blockwise skips the pairs of different texts, so one
-# row may hold a whole batch. cuDNN's kernel takes one text a row (see `packs_rows`).
-PACKED_ROW_LIMIT = {"dense": 2048, "splash": 2048, "blockwise": None, "pallas": None}
+__all__ = ["attention", "attention_at", "blockwise_attention", "dense_attention", "fused_attention",
+           "packed_flash_attention", "per_device", "positions_from_segments", "row_by_row", "splash_attention"]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
-              impl: str = "auto", block_size: int | None = None, interpret: bool = False) -> jax.Array:
-    """Causal GQA attention within segments; `impl` picks the kernel (see IMPLEMENTATIONS)."""
-    impl = resolve_implementation(impl, q.dtype)
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, backend: Backend,
+              block_size: int | None = None, interpret: bool = False) -> jax.Array:
+    """Causal GQA attention within segments, with the kernel `backend.attention` (a Pallas kernel
+    `interpret`ed off its own platform, for tests)."""
+    impl = backend.attention
     if impl in ("dense", "blockwise"):
-        kernel = dense_attention if impl == "dense" else functools.partial(blockwise_attention, block_size=block_size)
-        return row_by_row(kernel, q, k, v, segments, rows_per_step=default_rows_per_step())
+        kernel = dense_attention if impl == "dense" else functools.partial(
+            blockwise_attention, block_size=block_size or backend.blockwise_block)
+        return row_by_row(kernel, q, k, v, segments,
+                          rows_per_step=_rows_per_data_shard() if backend.attention_row_by_row else None)
     if impl == "pallas":
         return per_device(functools.partial(packed_flash_attention, interpret=interpret), q, k, v, segments)
     if impl == "cudnn":
@@ -64,55 +59,9 @@ def per_device(kernel, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.A
                          check_vma=False)(q, k, v, segments)
 
 
-AUTO = {"gpu": "pallas", "tpu": "splash"}          # "auto" on each platform; anywhere else blockwise
-
-
-def resolve_implementation(impl: str, dtype=None, platform: str | None = None) -> str:
-    """The kernel `impl` names; "auto" is a pure function of the platform (default: JAX's backend):
-    the packed Pallas kernel on GPUs, splash on TPUs, blockwise elsewhere, in every dtype. Nothing is
-    tried out: `qwen3-jax doctor` checks each kernel on a device, and a kernel that fails there is an
-    error that names --attention."""
-    if impl not in IMPLEMENTATIONS:
-        raise UsageError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLEMENTATIONS)}")
-    if impl != "auto":
-        return impl
-    return AUTO.get(platform or jax.default_backend(), "blockwise")
-
-
-KERNEL_PLATFORMS = {"pallas": "gpu", "cudnn": "gpu", "splash": "tpu"}      # kernels built for one platform each
-
-
-@contextlib.contextmanager
-def kernel_named_on_failure(impl: str):
-    """A failure to lower, compile or run a device kernel becomes an error that names --attention."""
-    try:
-        yield
-    except Exception as error:
-        if impl not in KERNEL_PLATFORMS:
-            raise
-        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        raise RuntimeError(f"the {impl} attention kernel failed on this {jax.default_backend()} device "
-                           f"({type(error).__name__}: {first}); run `qwen3-jax doctor`, and choose another kernel "
-                           "with --attention (blockwise runs everywhere)") from error
-
-
-def packs_rows(impl: str, dtype) -> bool:
-    """Whether this implementation handles several texts per row (all but cuDNN's fused kernel)."""
-    return resolve_implementation(impl, dtype) != "cudnn"
-
-
-def packed_row_limit(impl: str, dtype) -> int | None:
-    """The longest row of packed texts to give this implementation (None: any length)."""
-    return PACKED_ROW_LIMIT.get(resolve_implementation(impl, dtype))
-
-
-def default_rows_per_step() -> int | None:
-    """How many rows the XLA kernels compute together: all at once on accelerators (None); on the
-    CPU one row per data shard at a time, so a row's scores stay in cache between the two products
-    and the softmax (1.3-2x faster there). The data-shard count comes from the mesh set with
-    `jax.set_mesh`, so each device loops over its own rows."""
-    if jax.default_backend() != "cpu":
-        return None
+def _rows_per_data_shard() -> int:
+    """One row per data shard at a time (the CPU's choice: a row's scores stay in cache between the two
+    products and the softmax), from the mesh set with `jax.set_mesh`, so each device loops over its own rows."""
     mesh = jax.sharding.get_abstract_mesh()
     return 1 if mesh.empty else mesh.shape.get(BATCH_AXIS, 1)
 

@@ -15,17 +15,12 @@ import jax.numpy as jnp
 from qwen3_jax.attention.masking import MASKED, group_queries, heads_first, positions_from_segments, segment_mask
 from qwen3_jax.numerics import einsum
 
-# Query blocks of the blockwise kernel by the mean text length of a row (up to the first bound, the
-# first size, ...): on the CPU a block of short texts should look back little, while long texts run
-# fewer, larger products (measured on a 2-core CPU: 512-token texts 1.5x faster in blocks of 128 than
-# of 32, 130-token texts 1.2x slower). Accelerators take large blocks. The CPU's gradient runs one
-# size for all: three backward kernels, each a loop per window width, doubled the compile time of a
-# training step, and blocks of 64 stay within 7% of the best size forward and back (10,240 tokens of
-# 0.6B-width heads: texts of 24 tokens 641 ms against 448 in blocks of 32, of 256 tokens 796 ms, the
-# best, of 10-800 tokens 1,635 against 1,530 in blocks of 32).
+# Query blocks by the mean text length of a row (up to the first bound, the first size, ...): a block
+# of short texts should look back little, long texts run fewer, larger products. The gradient runs one
+# size for all, which keeps a training step's compile time down (docs/design/attention.md has the
+# measurements behind both).
 CPU_BLOCKS = ((192, 32), (384, 64), (None, 128))
 CPU_BACKWARD_BLOCK = 64
-ACCELERATOR_BLOCKS = ((None, 256),)
 
 
 def window_ladder(num_blocks: int) -> tuple[int, ...]:
@@ -45,15 +40,12 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.
 
     The segments are tied to the queries first. Inside a scan over layers, they are the same at every
     layer, and when the scan is differentiated JAX computes whatever depends on them alone once, out of
-    the loop: every query block's mask for every window width, stacked (90 GiB for 10,240 tokens of
-    the 0.6B width). Tied to the queries, the masks stay in the block loop, one tile at a time.
+    the loop: every query block's mask for every window width, stacked (tens of GiB). Tied to the
+    queries, the masks stay in the block loop, one tile at a time.
     """
     segments, q = jax.lax.optimization_barrier((segments, q))
     if block_size is not None:
         return blocks_of(q, k, v, segments, block_size=block_size)
-    if jax.default_backend() != "cpu":
-        ((_, size),) = ACCELERATOR_BLOCKS
-        return blocks_of(q, k, v, segments, block_size=size)
     return _by_text_length(q, k, v, segments)
 
 
@@ -177,8 +169,7 @@ class _Tiling(NamedTuple):
 
     def accumulate(self, run, *carry):
         """carry = `run(width)(i, *carry)` for every query block: one loop per window width over the blocks
-        of that width. (A switch inside one loop made XLA copy the carried buffers whole at every block:
-        1.9 of the 2.2 s that 10,240 tokens of the 0.6B width took forward and back.)"""
+        of that width (a switch inside one loop makes XLA copy the carried buffers whole at every block)."""
         order = jnp.argsort(self.window, stable=True)
         sorted_window = self.window[order]
         for index, width in enumerate(self.sizes):
@@ -229,8 +220,7 @@ def _block_sparse(q, k, v, segments, block: int):
 
 def _block_sparse_fwd(q, k, v, segments, block: int):
     """Keeps the heads-first q, k, v the forward pass laid out, not q, k, v: the backward pass reads
-    them so (transposing each again took as long as its share of the products, ~25 ms per array for
-    10,240 tokens of 0.6B-width heads)."""
+    them so, and transposing each again costs as much as its share of the products."""
     heads = heads_first(q, k, v)
     out, logsumexp = _block_sparse_forward(heads, segments, block)
     return out, (heads, segments, out, logsumexp)
@@ -241,7 +231,7 @@ def _block_sparse_bwd(block: int, saved, d_out):
     tiling = _Tiling.of(tuple(x.astype(jnp.float32) for x in heads), segments, block)
     dog = tiling.like_queries(d_out.astype(jnp.float32))
     # Each query's sum of d_out * out, taken token-major: only the [B, T, N] result is laid out by head.
-    # (As an einsum: XLA's CPU compiler ran the same jnp.sum over H as a reduction 40x slower.)
+    # (As an einsum: XLA's CPU compiler runs a jnp.sum over H as a far slower reduction.)
     delta = tiling.like_queries(einsum("BTNH,BTNH->BTN", d_out.astype(jnp.float32), out.astype(jnp.float32)))
 
     def run(width):

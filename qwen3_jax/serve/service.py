@@ -50,7 +50,7 @@ class Service:
         self._calibration_states: np.ndarray | None = None
         self.schedulers: dict[str, Scheduler] = {}
         if embedder is not None:
-            self.dim = embedder.check_dim(settings.dim)
+            self.dim = check_dim(settings.dim, embedder.dimension)
             self.schedulers["embedding"] = self._scheduler(embedder.runner, self.embedding_name)
         if reranker is not None:
             self.schedulers["rerank"] = self._scheduler(reranker.runner, self.reranker_name)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qwen3_jax.layout import Batch, layout_batch, plan_batches, row_length
+from qwen3_jax.packing import Batch, layout_batch, plan_batches, row_length
 
 # Buffers that describe the packed rows of a step (as opposed to what the loss reads).
 LAYOUT_FIELDS = ("ids", "segments", "ends", "text_slot")

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen3_jax.backend import Backend
 from qwen3_jax.checks import UsageError, whole_number
-from qwen3_jax.kernels.projection import ADAPTER_SUFFIX, input_gradient, materialised, project, weight_gradient
 from qwen3_jax.model import Qwen3Model
+from qwen3_jax.ops.projection import ADAPTER_SUFFIX, input_gradient, materialised, project, weight_gradient
 from qwen3_jax.safetensors_file import CheckpointError, SafetensorsFile, write_safetensors
 from qwen3_jax.weights import WEIGHTS, WeightRule, hf_key
 
@@ -74,19 +75,21 @@ class LoRA(nnx.Module):
         self.scale = scale
         self.dropout = dropout
 
-    def __call__(self, spec: str, x: jax.Array, weight: jax.Array, rng: jax.Array | None) -> jax.Array:
+    def __call__(self, spec: str, x: jax.Array, weight: jax.Array, backend: Backend,
+                 rng: jax.Array | None) -> jax.Array:
         """`einsum(spec, x, W)` plus the adapter's addition, the same contraction through rank R. In float32
         without dropout the adapter folds into the weight (see _adapted); otherwise it is added apart, so
         that in bf16 an update smaller than the weight's rounding step still moves the output."""
         dropout = rng is not None and self.dropout > 0
         if x.dtype == jnp.float32 and not dropout:
-            return _adapted(spec, self.scale, x, weight, self.a[...], self.b[...])
+            return _adapted(spec, self.scale, backend, x, weight, self.a[...], self.b[...])
         source = x
         if dropout:
             keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
             source = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
-        low = project(_low_spec(spec), source, self.a[...])
-        return project(spec, x, weight) + (self.scale * project(_up_spec(spec), low, self.b[...])).astype(x.dtype)
+        low = project(_low_spec(spec), source, self.a[...], backend)
+        return project(spec, x, weight, backend) + (
+            self.scale * project(_up_spec(spec), low, self.b[...], backend)).astype(x.dtype)
 
 
 def _letters(spec: str) -> tuple[str, str, str, str, str]:
@@ -111,13 +114,14 @@ def _up_spec(spec: str) -> str:
     return f"{kept}R,R{produced}->{output}"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _adapted(spec: str, scale: float, x: jax.Array, weight: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _adapted(spec: str, scale: float, backend: Backend, x: jax.Array, weight: jax.Array, a: jax.Array,
+             b: jax.Array) -> jax.Array:
     """x (W + scale A B): without dropout the adapter folds into the weight, so the forward pass and the
     input's gradient are one product each, as without an adapter; the adapter's own gradients are the
     thin products through rank R (see _adapted_bwd). Against adding x A B separately, this saves five
     passes over [tokens, width] arrays per projection. float32 only (see LoRA.__call__)."""
-    return project(spec, x, _merged(scale, weight, a, b))
+    return project(spec, x, _merged(scale, weight, a, b), backend)
 
 
 def _merged(scale: float, weight: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -125,19 +129,20 @@ def _merged(scale: float, weight: jax.Array, a: jax.Array, b: jax.Array) -> jax.
     return (weight.astype(jnp.float32) + scale * jnp.tensordot(a, b, axes=1)).astype(weight.dtype)
 
 
-def _adapted_fwd(spec, scale, x, weight, a, b):
+def _adapted_fwd(spec, scale, backend, x, weight, a, b):
     merged = _merged(scale, weight, a, b)
-    return project(spec, x, merged), (x, merged, a, b)
+    return project(spec, x, merged, backend), (x, merged, a, b)
 
 
-def _adapted_bwd(spec, scale, saved, d_out):
+def _adapted_bwd(spec, scale, backend, saved, d_out):
     x, merged, a, b = saved
-    d_out = materialised(d_out)
-    through_b = input_gradient(_up_spec(spec), d_out, b, x.dtype)        # dy B^T
-    low = project(_low_spec(spec), x, a)                                 # x A
-    d_a = scale * weight_gradient(_low_spec(spec), x, through_b, jnp.float32)
-    d_b = scale * weight_gradient(_up_spec(spec), low, d_out, jnp.float32)
-    return (input_gradient(spec, d_out, merged, x.dtype), weight_gradient(spec, x, d_out, merged.dtype),
+    d_out = materialised(d_out, backend)
+    through_b = input_gradient(_up_spec(spec), d_out, b, x.dtype, backend)        # dy B^T
+    low = project(_low_spec(spec), x, a, backend)                                 # x A
+    d_a = scale * weight_gradient(_low_spec(spec), x, through_b, jnp.float32, backend)
+    d_b = scale * weight_gradient(_up_spec(spec), low, d_out, jnp.float32, backend)
+    return (input_gradient(spec, d_out, merged, x.dtype, backend),
+            weight_gradient(spec, x, d_out, merged.dtype, backend),
             d_a.astype(a.dtype), d_b.astype(b.dtype))
 
 

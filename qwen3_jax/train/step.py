@@ -19,9 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qwen3_jax.attention import kernel_named_on_failure, packs_rows
+from qwen3_jax.backend import kernel_named_on_failure
 from qwen3_jax.checks import UsageError, check_dim
-from qwen3_jax.model import REMAT_POLICIES, Qwen3Model
+from qwen3_jax.model import Qwen3Model, check_remat
 from qwen3_jax.numerics import einsum
 from qwen3_jax.sharding import BATCH_AXIS, put_global
 from qwen3_jax.train.losses import infonce, matryoshka, reranker_loss
@@ -138,16 +138,15 @@ class TrainStep:
     def __init__(self, model: Qwen3Model, *, objective: Objective, optimizer: OptimizerConfig,
                  remat: str = "off", mini_batches: int = 1, mesh: Mesh | None = None, seed: int = 0):
         objective.check(model.config.hidden_size)
-        if not packs_rows(model.attention_impl, model.dtype):
-            raise UsageError(f"attention={model.attention_impl!r} takes one text a row, and training packs several "
+        if not model.backend.packs_rows:
+            raise UsageError(f"attention={model.backend.attention!r} takes one text a row, and training packs several "
                              "texts into each: choose --attention pallas (GPU), splash (TPU) or blockwise")
-        if remat not in REMAT_POLICIES:
-            raise UsageError(f"remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        check_remat(remat)
         if mini_batches > 1 and objective.kind != "infonce":
             raise UsageError("GradCache (mini-batches) serves the contrastive loss; the reranker loss is per "
                              "example: use gradient accumulation instead")
         self.objective, self.optimizer, self.remat, self.mini_batches = objective, optimizer, remat, mini_batches
-        self.attention_impl = model.attention_impl
+        self.backend = model.backend
         self.mesh = mesh
         self.graphdef, self.initial_trainable, self.frozen = nnx.split(model, trainable_filter(model), ...)
         self.tx = optimizer.build()
@@ -185,13 +184,13 @@ class TrainStep:
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # under a mesh, attention loops over each device's own rows
-        with jax.set_mesh(self.mesh), kernel_named_on_failure(self.attention_impl):
+        with jax.set_mesh(self.mesh), kernel_named_on_failure(self.backend):
             return self._step(state, self.frozen, self.place(batch))
 
     def compile(self, state: TrainState, batch: dict) -> "CompiledStep":
         """The step compiled once for this batch's shape, called like the step; with XLA's working memory
         of that one program."""
-        with jax.set_mesh(self.mesh), kernel_named_on_failure(self.attention_impl):
+        with jax.set_mesh(self.mesh), kernel_named_on_failure(self.backend):
             return CompiledStep(self, self._step.lower(state, self.frozen, self.place(batch)).compile())
 
     def _embed(self, trainable, frozen, batch: dict, m, rng, remat: str) -> jax.Array:

@@ -16,7 +16,7 @@ from qwen3_jax.convert import export_hf, hf_key_prefix, staged_folder
 from qwen3_jax.embedder import pooled_vectors
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
-from qwen3_jax.metrics import evaluate
+from qwen3_jax.retrieval_metrics import evaluate
 from qwen3_jax.reranker import RerankerPrompts, answer_margins
 from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.sharding import fetch_global, shard_count

@@ -19,7 +19,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from qwen3_jax.bench import _dtype_keyword, bench_checkpoint, datasheet_tflops, forward_flops, synthetic_texts
+from qwen3_jax.bench.common import dtype_keyword, bench_checkpoint, datasheet_tflops, forward_flops, synthetic_texts
 from qwen3_jax.checks import UsageError
 from qwen3_jax.extras import require
 from qwen3_jax.loader import load_model
@@ -111,7 +111,7 @@ def _torch(folder, columns: list[list[str]], rank: int | None, remat: str, mini_
 
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     model = SentenceTransformer(str(folder), device=device,
-                                model_kwargs={"attn_implementation": "sdpa", _dtype_keyword(): torch.float32})
+                                model_kwargs={"attn_implementation": "sdpa", dtype_keyword(): torch.float32})
     if rank:
         from peft import LoraConfig, get_peft_model
 

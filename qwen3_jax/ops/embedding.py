@@ -17,8 +17,8 @@ def embed_tokens(table: jax.Array, ids: jax.Array) -> jax.Array:
     """The rows of `table` [V, D] at the token ids [...]: [..., D].
 
     Its gradient adds the rows' gradients into a table of zeros made from the incoming gradient: a
-    plain gather's zeros depend on nothing, and XLA allocated them as the backward pass began, so a
-    table-sized buffer (0.58 GiB at the 0.6B width, float32) sat beside every layer's backward.
+    plain gather's zeros depend on nothing, so XLA allocates them as the backward pass begins and a
+    table-sized buffer sits beside every layer's backward (docs/design/gradients.md).
     """
     return table[ids]
 

@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
+from qwen3_jax.bench.common import synthetic_texts
 from qwen3_jax.serve.settings import ServeSettings
 from qwen3_jax.tokenize import TextTokenizer
 
@@ -49,7 +50,7 @@ class Request:
 
 def workload(tokenizer: TextTokenizer, count: int, *, seed: int = 0) -> list[Request]:
     """`count` requests of the mix in the module docstring, in a fixed order (QUERY_SHARE are queries)."""
-    from qwen3_jax.bench import synthetic_texts
+
 
     rng = np.random.default_rng(seed)
     requests = []
@@ -265,7 +266,7 @@ def encode_rate(folder: Path, requests: list[Request], *, dtype: str, token_budg
     """Tokens/s of Qwen3Embedder.encode on the requests' texts in this process (after a warm-up call
     that compiles), with the server's batch budget: the rate the server is measured against."""
     from qwen3_jax.embedder import Qwen3Embedder
-    from qwen3_jax.layout import TOKENS_PER_TEXT
+    from qwen3_jax.packing import TOKENS_PER_TEXT
 
     embedder = Qwen3Embedder.from_pretrained(folder, dtype=dtype)
     texts = [text for request in requests for text in request.texts]

@@ -1,0 +1,82 @@
+"""The choices that differ by platform, made once into a `Backend` that the model and its operations
+are given: the attention kernel for the model's dtype, and how products and attention are laid out for
+XLA's CPU compiler. The maths asks this object, never JAX, which platform it runs on, so a program can
+be built here for a platform this machine lacks (the lowering tests build GPU and TPU programs on a CPU).
+Why each CPU choice pays is in docs/design/numerics.md and docs/design/attention.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import jax
+
+from qwen3_jax.checks import UsageError
+
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "pallas", "cudnn", "splash")
+AUTO = {"gpu": "pallas", "tpu": "splash"}          # "auto" on each platform; anywhere else blockwise
+KERNEL_PLATFORMS = {"pallas": "gpu", "cudnn": "gpu", "splash": "tpu"}      # kernels built for one platform each
+# The longest packed row each kernel is given. dense and splash compute every causal pair of a row,
+# texts alike or not, so their rows stay short; blockwise skips the pairs of different texts, so one
+# row may hold a whole batch. cuDNN's kernel takes one text a row (see `Backend.packs_rows`).
+PACKED_ROW_LIMIT = {"dense": 2048, "splash": 2048, "blockwise": None, "pallas": None}
+ACCELERATOR_BLOCK = 256          # the blockwise kernel's query block off the CPU
+
+
+def resolve_implementation(impl: str, dtype=None, platform: str | None = None) -> str:
+    """The kernel `impl` names; "auto" is a pure function of the platform (default: JAX's backend):
+    the packed Pallas kernel on GPUs, splash on TPUs, blockwise elsewhere, in every dtype. Nothing is
+    tried out: `qwen3-jax doctor` checks each kernel on a device, and a kernel that fails there is an
+    error that names --attention."""
+    if impl not in IMPLEMENTATIONS:
+        raise UsageError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLEMENTATIONS)}")
+    if impl != "auto":
+        return impl
+    return AUTO.get(platform or jax.default_backend(), "blockwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """What the maths does differently on one platform (see `resolve`)."""
+
+    platform: str                           # "cpu", "gpu" or "tpu"
+    attention: str                          # the attention kernel, resolved (never "auto")
+    half_products_in_float32: bool = False  # bf16/fp16 products leave the matrix unit in float32
+    materialise_gradients: bool = False     # a projection's incoming gradient is computed before its products
+    weight_gradients_in_float32: bool = False   # weight gradients from float32 operands, the smaller one left
+    attention_row_by_row: bool = False      # dense and blockwise attention loop over each data shard's rows
+    blockwise_block: int | None = ACCELERATOR_BLOCK     # None: by the row's mean text length
+
+    @classmethod
+    def resolve(cls, attention: str = "auto", dtype=None, platform: str | None = None) -> "Backend":
+        """The choices for `platform` (default: JAX's backend, read here and nowhere in the maths)."""
+        platform = platform or jax.default_backend()
+        cpu = platform == "cpu"
+        return cls(platform, resolve_implementation(attention, dtype, platform), half_products_in_float32=cpu,
+                   materialise_gradients=cpu, weight_gradients_in_float32=cpu, attention_row_by_row=cpu,
+                   blockwise_block=None if cpu else ACCELERATOR_BLOCK)
+
+    @property
+    def packs_rows(self) -> bool:
+        """Whether the attention kernel handles several texts per row (all but cuDNN's fused kernel)."""
+        return self.attention != "cudnn"
+
+    @property
+    def packed_row_limit(self) -> int | None:
+        """The longest row of packed texts to give the attention kernel (None: any length)."""
+        return PACKED_ROW_LIMIT.get(self.attention)
+
+
+@contextlib.contextmanager
+def kernel_named_on_failure(backend: Backend):
+    """A failure to lower, compile or run a device kernel becomes an error that names --attention."""
+    try:
+        yield
+    except Exception as error:
+        if backend.attention not in KERNEL_PLATFORMS:
+            raise
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise RuntimeError(f"the {backend.attention} attention kernel failed on this {backend.platform} device "
+                           f"({type(error).__name__}: {first}); run `qwen3-jax doctor`, and choose another kernel "
+                           "with --attention (blockwise runs everywhere)") from error
