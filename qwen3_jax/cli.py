@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
+from pathlib import Path
 
 from qwen3_jax.backend import IMPLEMENTATIONS as ATTENTION
 from qwen3_jax.checks import UsageError
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", help="checkpoint folder or hub id")
     which.add_argument("--random", choices=["tiny", "0.6B", "4B", "8B"],
                        help="random weights of a published shape (or the tests' tiny one)")
+    which.add_argument("--search", type=int, default=None, metavar="N",
+                       help="no model: exact, approximate (--ann-kinds) and quantized search over N synthetic vectors")
     which.add_argument("--suite", choices=["gpu", "mixes", "device"],
                        help="gpu: bf16 0.6B and 4B, batch 32 and 128, 512 tokens; mixes: 0.6B at --dtype on texts of "
                             "5-30, 80-185 and 512 tokens and a 10-4,000 long tail; device: every check a lent GPU "
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time embed-corpus on N texts (long-tail lengths over --tokens) and exact search")
     bench.add_argument("--search-vectors", type=int, default=1_000_000,
                        help="with --corpus: random float16 vectors the 1,000 search queries scan (0: no search)")
+    bench.add_argument("--width", type=int, default=1024, help="with --search: the vectors' width")
+    bench.add_argument("--ann-kinds", default="hnsw,ivf-pq", help="with --search: approximate indexes to build")
+    bench.add_argument("--quantized", default="int8,binary", help="with --search: quantized storages to compare")
     bench.add_argument("--serve", action="store_true",
                        help="load-test `qwen3-jax serve` (and Infinity, with --infinity) on loopback at --levels")
     bench.add_argument("--infinity", default=os.environ.get("QWEN3_JAX_INFINITY"),
@@ -199,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json")
     corpus.add_argument("--dim", type=int, default=None, help="MRL output dimension")
     corpus.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    corpus.add_argument("--output-dtype", default="float32", choices=["float32", "float16"])
+    corpus.add_argument("--output-dtype", default="float32", choices=["float32", "float16", "int8", "binary"],
+                        help="how vectors are stored: int8 (ranges calibrated on the input) or binary (sign bits) "
+                             "as sentence-transformers' quantize_embeddings writes them")
     corpus.add_argument("--shard-size", type=int, default=10_000, help="records per output shard")
     corpus.add_argument("--batch-size", type=int, default=32)
     corpus.add_argument("--max-length", type=int, default=None)
@@ -209,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID") or 0,
                         help="this process's part, 0..N-1 (env JAX_PROCESS_ID)")
     corpus.add_argument("--skip-bad", action="store_true", help="write unreadable lines to rejects.jsonl and go on")
+    again = corpus.add_mutually_exclusive_group()
+    again.add_argument("--update", action="store_true",
+                       help="the input changed: embed only the shards whose records changed and the new ones")
+    again.add_argument("--overwrite", action="store_true", help="start again, replacing the folder's corpus")
     corpus.add_argument("--quiet", action="store_true", help="no progress bar")
     _compile_cache(corpus)
     corpus.add_argument("--debug", action="store_true")
@@ -222,10 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--instruction", help="task instruction for the queries")
     prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json, e.g. query")
     search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--ann", action="store_true", help="take the candidates from the approximate index "
+                        "(qwen3-jax build-ann), then score them exactly")
+    search.add_argument("--ef", type=int, default=None,
+                        help="--ann: candidates looked at per query (hnsw) or lists probed (ivf-pq)")
     search.add_argument("--model", default=None, help="embed the queries with this model (default: the index's)")
     search.add_argument("--batch-size", type=int, default=32)
     _compile_cache(search)
     search.add_argument("--debug", action="store_true")
+
+    build_ann = commands.add_parser("build-ann", help="build (or bring up to date) an approximate index of an "
+                                    "embed-corpus folder")
+    build_ann.add_argument("--index", required=True, help="folder written by embed-corpus")
+    build_ann.add_argument("--kind", default=None, choices=["hnsw", "ivf-pq"],
+                           help="HNSW graph (default) or IVF-PQ codes (smaller, coarser)")
+    build_ann.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    build_ann.add_argument("--m", type=int, default=32, help="hnsw: links per vector")
+    build_ann.add_argument("--ef-construction", type=int, default=200, help="hnsw: candidates kept while linking")
+    build_ann.add_argument("--ef-search", type=int, default=128,
+                           help="default --ef of searches: hnsw candidates, ivf-pq lists probed")
+    build_ann.add_argument("--lists", type=int, default=0, help="ivf-pq: inverted lists (0: 4 * sqrt(vectors))")
+    build_ann.add_argument("--code-bytes", type=int, default=0, help="ivf-pq: bytes a vector (0: dim / 16)")
+    build_ann.add_argument("--quiet", action="store_true")
+    build_ann.add_argument("--debug", action="store_true")
 
     evaluation = commands.add_parser("eval", help="score a retrieval set in the BEIR layout (nDCG@10, MAP@100, ...)")
     evaluation.add_argument("--model", required=True, help="checkpoint folder or hub id")
@@ -378,12 +410,15 @@ def run_rerank(args) -> None:
                          ensure_ascii=False))
 
 
+def _listed(words: str) -> list[str]:
+    return [word for word in words.split(",") if word]
+
+
 def run_bench(args) -> None:
     from qwen3_jax.bench.encode import run_benchmark, run_mixes, run_suite
 
     if args.serve:
         import tempfile
-        from pathlib import Path
 
         from qwen3_jax.bench.common import bench_checkpoint
         from qwen3_jax.bench.serve_load import run_serve_benchmark, soak
@@ -410,6 +445,11 @@ def run_bench(args) -> None:
         result = run_corpus_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
                                       dtype=args.dtype, documents=args.corpus, tokens=args.tokens,
                                       batch_size=args.batch_size, search_vectors=args.search_vectors)
+    elif args.search:
+        from qwen3_jax.bench.search import run_search_benchmark
+
+        result = run_search_benchmark(vectors=args.search, width=args.width, kinds=_listed(args.ann_kinds),
+                                      quantized=_listed(args.quantized))
     elif args.suite == "mixes":
         result = run_mixes(tokenizer=args.tokenizer, layers=args.layers, dtype=args.dtype, texts=args.texts,
                            batch_size=args.batch_size, repeats=args.repeats, attention=args.attention)
@@ -448,7 +488,7 @@ def run_embed_corpus(args) -> None:
     import jax
 
     from qwen3_jax import Qwen3Embedder
-    from qwen3_jax.corpus import corpus_files, embed_corpus
+    from qwen3_jax.corpus import ANN_FOLDER, corpus_files, embed_corpus
     from qwen3_jax.sharding import mesh_of
 
     corpus_files(args.input)              # a missing or unreadable input fails before the model loads
@@ -458,10 +498,31 @@ def run_embed_corpus(args) -> None:
                             dim=args.dim, output_dtype=args.output_dtype, text_field=args.text_field,
                             id_field=args.id_field, shard_size=args.shard_size, batch_size=args.batch_size,
                             process=args.process_id, num_processes=args.num_processes, quiet=args.quiet,
-                            skip_bad=args.skip_bad, model_name=args.model, dtype=args.dtype,
-                            out=lambda message: print(message, file=sys.stderr))
+                            skip_bad=args.skip_bad, update=args.update, overwrite=args.overwrite,
+                            model_name=args.model, dtype=args.dtype, out=lambda message: print(message, file=sys.stderr))
     count = sum(entry["count"] for entry in manifest["shards"])
     print(f"{args.output}: {count} embeddings in {len(manifest['shards'])} shards (process {args.process_id})",
+          file=sys.stderr)
+    if args.update and args.num_processes == 1 and (Path(args.output) / ANN_FOLDER).is_dir():
+        from qwen3_jax.ann import build_ann
+        from qwen3_jax.index import Index
+
+        record = build_ann(Index.open(args.output), quiet=args.quiet)
+        print(f"{args.output}: approximate index brought up to date ({record['vectors']} vectors)", file=sys.stderr)
+
+
+def run_build_ann(args) -> None:
+    from qwen3_jax.ann import AnnSettings, ApproximateIndex, build_ann
+    from qwen3_jax.index import Index
+
+    index = Index.open(args.index)
+    existing = ApproximateIndex.load(index.folder)
+    kind = args.kind or (existing.settings.kind if existing else "hnsw")
+    settings = AnnSettings(kind=kind, metric=args.metric, m=args.m, ef_construction=args.ef_construction,
+                           ef_search=args.ef_search, lists=args.lists, code_bytes=args.code_bytes)
+    begun = time.perf_counter()
+    record = build_ann(index, settings, quiet=args.quiet)
+    print(f"{args.index}: {kind} index of {record['vectors']} vectors in {time.perf_counter() - begun:.1f} s",
           file=sys.stderr)
 
 
@@ -477,7 +538,7 @@ def run_search(args) -> None:
     model = Qwen3Embedder.from_pretrained(args.model or settings["model"], dtype=settings["dtype"])
     vectors = model.encode(queries, instruction=args.instruction, prompt_name=args.prompt_name, dim=index.dim,
                            batch_size=args.batch_size)
-    scores, hits = index.search(vectors, args.top_k)
+    scores, hits = index.search(vectors, args.top_k, approximate=args.ann, ef=args.ef)
     for query_id, query, row_scores, row_ids in zip(ids, queries, scores, hits):
         print(json.dumps({"id": query_id, "query": query,
                           "hits": [{"id": i, "score": float(s)} for i, s in zip(row_ids, row_scores)]},
@@ -571,8 +632,8 @@ def run_verify(args) -> int:
     return verify(args.model, dtype=args.dtype, strict=args.strict)
 
 
-COMMANDS = {"embed": run_embed, "embed-corpus": run_embed_corpus, "search": run_search, "rerank": run_rerank,
-            "eval": run_eval, "train": run_train, "export": run_export, "bench": run_bench, "convert": run_convert,
+COMMANDS = {"embed": run_embed, "embed-corpus": run_embed_corpus, "build-ann": run_build_ann, "search": run_search,
+            "rerank": run_rerank, "eval": run_eval, "train": run_train, "export": run_export, "bench": run_bench, "convert": run_convert,
             "verify": run_verify, "init-random": run_init_random, "serve": run_serve, "doctor": run_doctor}
 
 

@@ -7,6 +7,13 @@ size); in a job of P processes, process p embeds the shards with k % P == p. A s
 temporary file and renamed, and only then recorded in the process's manifest (also replaced
 atomically). A killed job leaves at most a shard's files that no manifest lists; the next run with the
 same settings redoes that shard and goes on. `index.Index` reads what the manifests list.
+
+Each shard records a digest of the records it was made from, and a finished manifest the input's
+files (name, size, modification time). A rerun over a finished folder whose input changed is refused
+with what changed, unless it is an update: then exactly the shards whose records differ are embedded
+again, shards past the input's end are dropped, and new records fill new shards, so the folder equals
+a fresh run over the new input. Vectors may be stored quantized (int8 with per-dimension ranges kept in
+the manifest, or sign bits), as sentence-transformers' `quantize_embeddings` writes them.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,12 +33,15 @@ from qwen3_jax.checks import UsageError, check_dim, whole_number
 from qwen3_jax.extras import require
 from qwen3_jax.hub import model_identity
 from qwen3_jax.progress import progress_bar
+from qwen3_jax.quantize import DEFAULT_CALIBRATION_TEXTS, calibration_ranges, quantize
 from qwen3_jax.textio import InputError, atomic_output, iter_lines_at, parse_record
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 MANIFEST_GLOB = "manifest-*.json"
 REJECTS = "rejects.jsonl"
-OUTPUT_DTYPES = ("float32", "float16")
+OUTPUT_DTYPES = ("float32", "float16", "int8", "binary")
+ANN_FOLDER = "ann"                 # an approximate index over the shards (qwen3_jax.ann)
+CALIBRATION_RECORDS = 1000        # int8: the input's first records (and built-in texts) set each dimension's range
 
 
 class Item(NamedTuple):
@@ -110,6 +121,12 @@ def _parquet_items(file: Path, name: str, text_field: str, id_field: str) -> Ite
                 yield Item(name, row, f"{name}:{row}" if record_id is None else record_id, text)
 
 
+def input_state(path: str | Path) -> list:
+    """What identifies the input's contents cheaply: each file's name, size and modification time."""
+    root = Path(path)
+    return [[_name(file, root), file.stat().st_size, file.stat().st_mtime_ns] for file in corpus_files(root)]
+
+
 def count_records(path: str | Path) -> int:
     """Records in the input, counted quickly (lines that are not blank, Parquet rows) for progress."""
     total = 0
@@ -140,7 +157,7 @@ class CorpusSettings:
 
     def check(self) -> None:
         if self.output_dtype not in OUTPUT_DTYPES:
-            raise UsageError(f"--output-dtype {self.output_dtype!r}: choose float32 or float16")
+            raise UsageError(f"--output-dtype {self.output_dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
         whole_number(self.shard_size, "--shard-size")
 
 
@@ -154,6 +171,17 @@ def shard_name(shard: int) -> str:
 
 def read_manifests(folder: Path) -> list[dict]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob(MANIFEST_GLOB))]
+
+
+def clear_corpus(folder: Path) -> None:
+    """Deletes what embed-corpus and build-ann wrote in `folder` (manifests first, so a kill midway
+    leaves no manifest naming a deleted shard); a folder holding anything else is left alone."""
+    if not folder.is_dir() or not any(folder.glob(MANIFEST_GLOB)):
+        return
+    for path in sorted(folder.glob(MANIFEST_GLOB)) + sorted(folder.glob("shard-*")) + [folder / REJECTS]:
+        path.unlink(missing_ok=True)
+    if (folder / ANN_FOLDER).is_dir():
+        shutil.rmtree(folder / ANN_FOLDER)
 
 
 def new_manifest(settings: CorpusSettings, process: int) -> dict:
@@ -173,18 +201,45 @@ def write_shard(folder: Path, shard: int, vectors: np.ndarray, ids: list, *, sta
     return {"shard": shard, "start": start, "end": start + records, "count": len(ids)}
 
 
+class Changes(NamedTuple):
+    """How the input differs from what a folder's shards were made from (this process's shards)."""
+
+    changed: list          # shards whose records differ
+    added: list            # shards the input now has beyond the recorded ones
+    removed: list          # recorded shards past the input's end
+    records: int           # records in the input now
+
+    def __bool__(self) -> bool:
+        return bool(self.changed or self.added or self.removed)
+
+    def __str__(self) -> str:
+        said = [f"shards {what}: {', '.join(map(str, shards[:5]))}{f' and {len(shards) - 5} more' if len(shards) > 5 else ''}"
+                for what, shards in (("changed", self.changed), ("added", self.added), ("removed", self.removed))
+                if shards]
+        return "; ".join(said) + f"; {self.records} records now"
+
+
 class CorpusJob:
-    """Embeds the shards of one process (see the module docstring) with a Qwen3Embedder."""
+    """Embeds the shards of one process (see the module docstring) with a Qwen3Embedder; `update`
+    re-embeds what changed in the input of a finished or interrupted folder."""
 
     def __init__(self, embedder, settings: CorpusSettings, output: str | Path, *, process: int = 0,
-                 batch_size: int = 32, skip_bad: bool = False, quiet: bool = False, out=print):
+                 batch_size: int = 32, skip_bad: bool = False, update: bool = False, overwrite: bool = False,
+                 quiet: bool = False, out=print):
         settings.check()
         if not 0 <= process < settings.num_processes:
             raise UsageError(f"process {process} of {settings.num_processes}: expected 0..{settings.num_processes - 1}")
+        if update and overwrite:
+            raise UsageError("--update keeps what still matches the input, --overwrite starts again: choose one")
+        if overwrite and settings.num_processes > 1:
+            raise UsageError("--overwrite clears the whole folder, which other processes of a split job are "
+                             "writing: remove the folder before starting them")
         self.embedder, self.settings, self.process = embedder, settings, process
         self.output = Path(output)
-        self.batch_size, self.skip_bad, self.quiet, self.out = batch_size, skip_bad, quiet, out
+        self.batch_size, self.skip_bad, self.update, self.quiet, self.out = batch_size, skip_bad, update, quiet, out
         self.manifest_path = self.output / manifest_name(process, settings.num_processes)
+        if overwrite:
+            clear_corpus(self.output)
         self.manifest = self._claim()
 
     def _claim(self) -> dict:
@@ -195,7 +250,7 @@ class CorpusJob:
                 if found["settings"] != wanted:
                     changed = sorted(k for k in wanted if found["settings"].get(k) != wanted[k])
                     raise FileExistsError(f"{self.output} holds embeddings made with other settings "
-                                          f"({', '.join(changed)}); use another --output")
+                                          f"({', '.join(changed)}); use another --output, or --overwrite")
             visible = [p for p in self.output.iterdir() if not p.name.startswith(".")]   # not files being written
             if visible and not any(self.output.glob(MANIFEST_GLOB)):
                 raise FileExistsError(f"{self.output} is not empty and holds no corpus; use another --output")
@@ -203,55 +258,123 @@ class CorpusJob:
         if self.manifest_path.is_file():
             return json.loads(self.manifest_path.read_text(encoding="utf-8"))
         self.manifest = new_manifest(self.settings, self.process)
+        if self.settings.output_dtype == "int8":
+            self.manifest["calibration"] = self._calibration().tolist()
         self._commit()                # the folder is claimed (and not complete) before any shard is written
         return self.manifest
+
+    def _calibration(self) -> np.ndarray:
+        """int8's per-dimension [min, max]: the embeddings of the input's first records and of the
+        built-in calibration texts (the same in every process of a split job)."""
+        texts = list(DEFAULT_CALIBRATION_TEXTS)
+        for item in iter_corpus(self.settings.input, text_field=self.settings.text_field, id_field=self.settings.id_field):
+            if len(texts) >= CALIBRATION_RECORDS + len(DEFAULT_CALIBRATION_TEXTS):
+                break
+            if item.error is None:
+                texts.append(item.text)
+        return calibration_ranges(self._encode(texts))
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        settings = self.settings
+        return self.embedder.encode(texts, prompt=settings.prefix, dim=settings.dim, batch_size=self.batch_size,
+                                    max_length=settings.max_length)
 
     def _commit(self) -> None:
         with atomic_output(self.manifest_path) as handle:
             json.dump(self.manifest, handle, indent=1)
 
     def run(self) -> dict:
-        """Embeds every shard of this process not yet in its manifest; returns the manifest."""
+        """Embeds every shard of this process not yet in its manifest (and, in an update, every shard
+        whose records changed); returns the manifest."""
+        settings = self.settings
         if self.manifest["complete"]:
-            self.out(f"{self.output}: this process's shards are complete ({self._count()} records)")
-            return self.manifest
-        settings, size, count = self.settings, self.settings.shard_size, self.settings.num_processes
-        done = {entry["shard"]: entry for entry in self.manifest["shards"]}
+            if self.manifest.get("input") == input_state(settings.input):
+                self.out(f"{self.output}: this process's shards are complete ({self._count()} records)")
+                return self.manifest
+            changes = self.changes()
+            if not changes:                               # the files were touched, not changed
+                self.manifest["input"] = input_state(settings.input)
+                self._commit()
+                self.out(f"{self.output}: up to date with {settings.input} ({self._count()} records)")
+                return self.manifest
+            if not self.update:
+                raise InputError(f"{settings.input} changed since {self.output} was made ({changes}); run again "
+                                 "with --update to embed only what changed, or --overwrite to start again")
+            self.out(f"{self.output}: updating ({changes})")
+            self.manifest["complete"] = False
+            self._commit()
+        state = input_state(settings.input)               # before reading: an edit during the run shows next time
         total = count_records(settings.input)
+        size, count = settings.shard_size, settings.num_processes
         mine = sum(min(size, total - k * size) for k in range(self.process, -(-total // size), count))
-        progress = progress_bar(mine, "doc", initial=self._count(), enabled=not self.quiet and sys.stderr.isatty())
+        progress = progress_bar(mine, "doc", enabled=not self.quiet and sys.stderr.isatty())
         meter = (time.perf_counter(), self.embedder.tokens_embedded)
+        done = {entry["shard"]: entry for entry in self.manifest["shards"]}
+        for shard, items in self._shards():
+            entry = done.get(shard)
+            if entry is None or (self.update and entry.get("digest") != records_digest(items)):
+                self._write(shard, items, progress, meter)
+            elif entry.get("digest", records_digest(items)) != records_digest(items):
+                raise InputError(f"{settings.input} changed since shard {shard} was embedded (its records "
+                                 f"{entry['start']}..{entry['end'] - 1} differ), so {self.output} no longer matches "
+                                 "it; run again with --update to embed only what changed, or --overwrite to start again")
+            else:
+                progress.update(len(items))
+        self._drop_past(self.records)
+        progress.close()
+        self.manifest.update(complete=True, records=self.records, input=state)
+        self._commit()
+        self._finish()
+        return self.manifest
+
+    def _shards(self) -> Iterator[tuple[int, list[Item]]]:
+        """This process's shards of the input stream, in order, as (shard, its records); afterwards
+        `self.records` is the number of records in the stream."""
+        size, count = self.settings.shard_size, self.settings.num_processes
         position, items = 0, []
-        for item in iter_corpus(settings.input, text_field=settings.text_field, id_field=settings.id_field):
+        for item in iter_corpus(self.settings.input, text_field=self.settings.text_field,
+                                id_field=self.settings.id_field):
             shard = position // size
             position += 1
             if shard % count == self.process:
                 items.append(item)
                 if position % size == 0:
-                    self._write_or_check(shard, items, done, progress, meter)
+                    yield shard, items
                     items = []
         if items:
-            self._write_or_check((position - 1) // size, items, done, progress, meter)
-        progress.close()
-        self.manifest.update(complete=True, records=position)
+            yield (position - 1) // size, items
+        self.records = position
+
+    def changes(self) -> Changes:
+        """How the input now differs from what this process's shards were made from (reads the input,
+        embeds nothing)."""
+        done = {entry["shard"]: entry for entry in self.manifest["shards"]}
+        changed, added = [], []
+        for shard, items in self._shards():
+            if shard not in done:
+                added.append(shard)
+            elif done[shard].get("digest") != records_digest(items):
+                changed.append(shard)
+        removed = [shard for shard in sorted(done) if shard * self.settings.shard_size >= self.records]
+        return Changes(changed, added, removed, self.records)
+
+    def _drop_past(self, records: int) -> None:
+        """Forgets (then deletes) the shards that start past the input's end: in an update the input
+        shrank; otherwise an input cut short between a kill and the rerun is refused."""
+        past = [e for e in self.manifest["shards"] if e["start"] >= records]
+        if not past:
+            return
+        if not self.update:
+            raise InputError(f"{self.settings.input} has {records} records, fewer than when {self.output} was "
+                             "started; run again with --update to drop the shards past its end, or --overwrite")
+        self.manifest["shards"] = [e for e in self.manifest["shards"] if e["start"] < records]
         self._commit()
-        self._finish()
-        return self.manifest
+        for entry in past:
+            for path in self.output.glob(f"{shard_name(entry['shard'])}.*"):
+                path.unlink(missing_ok=True)
 
     def _count(self) -> int:
         return sum(entry["count"] + entry.get("rejected", 0) for entry in self.manifest["shards"])
-
-    def _write_or_check(self, shard: int, items: list[Item], done: dict, progress, meter) -> None:
-        """Embeds and writes a shard not yet done; for a done one, checks that the input still holds the
-        records it was made from (an input edited between a kill and the rerun would shift every later
-        shard: refused, never embedded silently out of place)."""
-        if shard not in done:
-            self._write(shard, items, progress, meter)
-        elif done[shard].get("digest", records_digest(items)) != records_digest(items):
-            entry = done[shard]
-            raise InputError(f"{self.settings.input} changed since shard {shard} was embedded (its records "
-                             f"{entry['start']}..{entry['end'] - 1} differ), so {self.output} no longer matches it; "
-                             "restore the input, or embed it into another --output")
 
     def _write(self, shard: int, items: list[Item], progress, meter: tuple[float, int]) -> None:
         good = [item for item in items if item.error is None]
@@ -259,23 +382,32 @@ class CorpusJob:
         if bad and not self.skip_bad:
             raise InputError(f"{bad[0].error} (pass --skip-bad to write such lines to {REJECTS} and go on)")
         settings = self.settings
-        vectors = np.zeros((0, settings.dim), np.float32)
-        if good:
-            vectors = self.embedder.encode([item.text for item in good], prompt=settings.prefix, dim=settings.dim,
-                                           batch_size=self.batch_size, max_length=settings.max_length)
-        entry = write_shard(self.output, shard, vectors.astype(settings.output_dtype), [item.id for item in good],
+        vectors = self._encode([item.text for item in good]) if good else np.zeros((0, settings.dim), np.float32)
+        entry = write_shard(self.output, shard, self._stored(vectors), [item.id for item in good],
                             start=shard * settings.shard_size, records=len(items))
         entry["digest"] = records_digest(items)
+        rejects = self.output / f"{shard_name(shard)}.rejects.jsonl"
         if bad:
-            with atomic_output(self.output / f"{shard_name(shard)}.rejects.jsonl") as handle:
+            with atomic_output(rejects) as handle:
                 for item in bad:
                     handle.write(json.dumps({"source": item.source, "line": item.line, "error": item.error}) + "\n")
             entry["rejected"] = len(bad)
-        self.manifest["shards"].append(entry)
+        else:
+            rejects.unlink(missing_ok=True)               # an earlier version of this shard's
+        self.manifest["shards"] = sorted([e for e in self.manifest["shards"] if e["shard"] != shard] + [entry],
+                                         key=lambda e: e["shard"])
         self._commit()
         progress.update(len(items))
         elapsed = max(time.perf_counter() - meter[0], 1e-9)
         progress.set_postfix(tok_s=f"{(self.embedder.tokens_embedded - meter[1]) / elapsed:.0f}")
+
+    def _stored(self, vectors: np.ndarray) -> np.ndarray:
+        """Vectors as the folder stores them (--output-dtype)."""
+        kind = self.settings.output_dtype
+        if kind in ("int8", "binary"):
+            return quantize(vectors, kind, np.asarray(self.manifest.get("calibration"), np.float32)
+                            if kind == "int8" else None)
+        return vectors.astype(kind)
 
     def _finish(self) -> None:
         """Once every process is complete: all rejected lines in one REJECTS file (rewritten whole, so
@@ -330,10 +462,12 @@ def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: s
                  prompt_name: str | None = None, dim: int | None = None, output_dtype: str = "float32",
                  text_field: str = "text", id_field: str = "id", shard_size: int = 10_000, batch_size: int = 32,
                  max_length: int | None = None, process: int = 0, num_processes: int = 1, skip_bad: bool = False,
-                 quiet: bool = False, model_name: str | None = None, dtype: str = "float32", out=print) -> dict:
+                 update: bool = False, overwrite: bool = False, quiet: bool = False, model_name: str | None = None,
+                 dtype: str = "float32", out=print) -> dict:
     """Embeds (or finishes embedding) the corpus at `input` into the folder `output` with a
     Qwen3Embedder `model`; returns this process's manifest. `model_name` is what the manifest records
-    (the hub id or folder the model came from) for `qwen3-jax search` to load."""
+    (the hub id or folder the model came from) for `qwen3-jax search` to load. A finished folder whose
+    input changed is refused unless `update` (embed only what changed) or `overwrite` (start again)."""
     settings = CorpusSettings(model=model_identity(model_name) if model_name else "", input=str(Path(input).resolve()),
                               dim=check_dim(dim, model.dimension),
                               prefix=model.resolve_prefix(prompt_name, None, instruction), dtype=dtype,
@@ -341,5 +475,5 @@ def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: s
                               shard_size=shard_size, max_length=model.max_length if max_length is None else max_length,
                               num_processes=num_processes)
     corpus_files(input)                           # a missing or unreadable input fails before anything is written
-    return CorpusJob(model, settings, output, process=process, batch_size=batch_size, skip_bad=skip_bad, quiet=quiet,
-                     out=out).run()
+    return CorpusJob(model, settings, output, process=process, batch_size=batch_size, skip_bad=skip_bad,
+                     update=update, overwrite=overwrite, quiet=quiet, out=out).run()

@@ -14,6 +14,7 @@ EXTRAS = {
     "mteb": ("mteb",),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "parquet": ("pyarrow",),
+    "ann": ("faiss",),
 }
 
 

@@ -1,8 +1,10 @@
-"""Exact search over a corpus folder written by `qwen3-jax embed-corpus`.
+"""Search over a corpus folder written by `qwen3-jax embed-corpus`: exact, or through an approximate
+index built beside the shards (`qwen3_jax.ann`).
 
-The shards are memory-mapped and scored in blocks of rows (a matrix product against the queries, in
-float32), keeping a running top-k, so memory is bounded by one block whatever the corpus size. This is
-the correct baseline that any approximate index is measured against.
+Exact search memory-maps the shards and scores them in blocks of rows (a matrix product against the
+queries, in float32), keeping a running top-k, so memory is bounded by one block whatever the corpus
+size. Quantized shards (int8, binary) are read back as float32 block by block and scored against the
+float queries. Either way the candidates are then scored one by one, the same way wherever they sit.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3_jax import ann
 from qwen3_jax.checks import whole_number
 from qwen3_jax.corpus import read_manifests, shard_name
+from qwen3_jax.quantize import dequantize
 
 BLOCK_ROWS = 65_536
 SPARE_CANDIDATES = 16            # candidates beyond k that the float32 blocks pass on (see Index.search)
@@ -36,8 +40,14 @@ class Index:
         self.folder = folder
         self.settings = manifests[0]["settings"]
         self.dim = int(manifests[0]["dim"])
-        self.shards = sorted(entry["shard"] for m in manifests for entry in m["shards"] if entry["count"])
+        self.entries = sorted((entry for m in manifests for entry in m["shards"] if entry["count"]),
+                              key=lambda entry: entry["shard"])
+        self.shards = [entry["shard"] for entry in self.entries]
+        self.digest = {entry["shard"]: entry["digest"] for entry in self.entries}
+        ranges = {entry["shard"]: m.get("calibration") for m in manifests for entry in m["shards"]}
+        self._ranges = [ranges[k] for k in self.shards]
         self._vectors = [np.load(folder / f"{shard_name(k)}.npy", mmap_mode="r") for k in self.shards]
+        self.starts = np.cumsum([0] + [len(v) for v in self._vectors])
         self._ids: list | None = None
 
     @classmethod
@@ -53,7 +63,14 @@ class Index:
         return cls(folder, manifests)
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._vectors)
+        return int(self.starts[-1])
+
+    def rows(self, s: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start..stop of the s-th listed shard as float32 (quantized ones read back)."""
+        return self._decoded(s, self._vectors[s][start:stop])
+
+    def _decoded(self, s: int, stored: np.ndarray) -> np.ndarray:
+        return dequantize(np.asarray(stored), self.settings["output_dtype"], self.dim, self._ranges[s])
 
     @property
     def ids(self) -> list:
@@ -63,7 +80,8 @@ class Index:
                          for i in json.loads((self.folder / f"{shard_name(k)}.ids.json").read_text(encoding="utf-8"))]
         return self._ids
 
-    def search(self, queries: np.ndarray, k: int = 10, *, block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, list]:
+    def search(self, queries: np.ndarray, k: int = 10, *, block_rows: int = BLOCK_ROWS, approximate: bool = False,
+               ef: int | None = None) -> tuple[np.ndarray, list]:
         """(scores [n, k'], ids: n lists of k' ids), best first, k' = min(k, len(self)); scores are dot
         products (cosines, as both sides are normalised). Equal scores come in index order (the lower
         position first), whatever k and the block size: duplicate documents are common.
@@ -71,43 +89,53 @@ class Index:
         The blocks are scored with float32 matrix products, whose rounding depends on where a row sits in
         its block (identical vectors can differ in the last bit). So the blocks only choose candidates
         (the best k + SPARE_CANDIDATES); each candidate is then scored alone, the same way wherever it
-        sits, and those scores rank them."""
+        sits, and those scores rank them. `approximate` takes the candidates from the folder's approximate
+        index instead (`qwen3-jax build-ann`; `ef`: how many it looks at per query, default its own)."""
         queries = np.atleast_2d(np.asarray(queries, np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {queries.shape[1]}; this index holds {self.dim}-dim embeddings")
         whole_number(k, "k")
         n, wanted = len(queries), min(int(k), len(self))
         k = min(wanted + SPARE_CANDIDATES, len(self))
-        best = np.full((n, k), -np.inf, np.float32)
-        where = np.zeros((n, k), np.int64)
-        offset = 0
-        for vectors in self._vectors:
-            for start in range(0, len(vectors), block_rows):
-                block = np.asarray(vectors[start:start + block_rows], np.float32)
-                scores = np.concatenate([best, queries @ block.T], axis=1)
-                positions = np.concatenate([where, np.broadcast_to(offset + start + np.arange(len(block)),
-                                                                   (n, len(block)))], axis=1)
-                keep = _top_k_in_order(scores, k)
-                best, where = scores[keep].reshape(n, k), positions[keep].reshape(n, k)
-            offset += len(vectors)
+        if approximate:
+            where = ann.open_for(self).candidates(queries, k, ef=ef)
+        else:
+            where = self._exact_candidates(queries, k, block_rows)
         best = self._rescored(queries, where)
         order = np.lexsort((where, -best), axis=1)[:, :wanted]     # best first; equal scores in index order
         best, where = np.take_along_axis(best, order, axis=1), np.take_along_axis(where, order, axis=1)
         ids = self.ids
-        return best, [[ids[p] for p in row] for row in where]
+        return best, [[ids[p] for p in row if p >= 0] for row in where]
+
+    def _exact_candidates(self, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
+        """The positions [n, k] of each query's k best scores over every row, block by block."""
+        n = len(queries)
+        best = np.full((n, k), -np.inf, np.float32)
+        where = np.zeros((n, k), np.int64)
+        for s, vectors in enumerate(self._vectors):
+            for start in range(0, len(vectors), block_rows):
+                block = self.rows(s, start, start + block_rows)
+                scores = np.concatenate([best, queries @ block.T], axis=1)
+                positions = np.concatenate([where, np.broadcast_to(self.starts[s] + start + np.arange(len(block)),
+                                                                   (n, len(block)))], axis=1)
+                keep = _top_k_in_order(scores, k)
+                best, where = scores[keep].reshape(n, k), positions[keep].reshape(n, k)
+        return where
 
     def _rescored(self, queries: np.ndarray, positions: np.ndarray, chunk: int = 256) -> np.ndarray:
         """Each query's score against the vectors at `positions` [n, c], each summed in float64 in one
-        fixed order (equal vectors, equal scores), as float32; `chunk` queries at a time."""
-        starts = np.cumsum([0] + [len(v) for v in self._vectors])
+        fixed order (equal vectors, equal scores), as float32 (-inf where a position is -1: fewer
+        candidates than asked); `chunk` queries at a time."""
+        starts = self.starts
         scores = np.empty(positions.shape, np.float32)
         for first in range(0, len(queries), chunk):
             part = positions[first:first + chunk]
             shard = np.searchsorted(starts, part, side="right") - 1
-            rows = np.empty(part.shape + (self.dim,), np.float64)
+            rows = np.zeros(part.shape + (self.dim,), np.float64)
             for s, vectors in enumerate(self._vectors):
-                chosen = shard == s
+                chosen = (shard == s) & (part >= 0)
                 if chosen.any():
-                    rows[chosen] = np.asarray(vectors[part[chosen] - starts[s]], np.float64)
+                    rows[chosen] = self._decoded(s, vectors[part[chosen] - starts[s]])
             scores[first:first + chunk] = np.einsum("ND,NCD->NC", queries[first:first + chunk].astype(np.float64), rows)
+        scores[positions < 0] = -np.inf
         return scores

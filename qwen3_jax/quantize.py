@@ -3,7 +3,8 @@
 int8 / uint8 map each dimension's calibration range [min, max] onto 256 steps, rounding down (int8
 shifted by -128); a value outside its range saturates at the range's end. binary / ubinary keep the
 sign bit of each value, packed eight to a byte row by row (binary shifted by -128), so a width that is
-not a multiple of 8 is padded with zero bits.
+not a multiple of 8 is padded with zero bits. `dequantize` reads int8 and binary back as float32 for
+scoring against float queries.
 """
 
 from __future__ import annotations
@@ -57,3 +58,15 @@ def quantize(embeddings: np.ndarray, precision: str, ranges: np.ndarray | None =
     steps = (ends - starts) / 255
     levels = np.clip(np.floor((embeddings - starts) / np.where(steps == 0, 1, steps)), 0, 255)
     return (levels - 128).astype(np.int8) if precision == "int8" else levels.astype(np.uint8)
+
+
+def dequantize(stored: np.ndarray, precision: str, dim: int, ranges: np.ndarray | None = None) -> np.ndarray:
+    """float32 [n, dim] that `stored` (written by `quantize` as int8 or binary) stands for: each int8
+    level's midpoint in its range; each sign bit as +-1/sqrt(dim), so a row keeps unit length."""
+    if precision == "int8":
+        starts, ends = np.asarray(ranges, np.float32)
+        return starts + (stored.astype(np.float32) + 128.5) * ((ends - starts) / 255)
+    if precision == "binary":
+        bits = np.unpackbits((stored.astype(np.int16) + 128).astype(np.uint8), axis=-1)[:, :dim]
+        return (bits.astype(np.float32) * 2 - 1) / np.float32(np.sqrt(dim))
+    return np.asarray(stored, np.float32)

@@ -67,23 +67,29 @@ def test_corpus_shards_hold_what_encode_gives(embedder, checkpoint, corpus, tmp_
                      quiet=True)
 
 
-def test_killed_job_resumes_with_every_id_once(embedder, checkpoint, tmp_path, compile_cache):
-    documents = _documents(1200, seed=1)
-    path = _write(tmp_path / "docs.jsonl", documents)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli(compile_cache, "--model", checkpoint, "--input", path, "--output", killed, "--shard-size", 100),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _kill_when(command: list, folder, ready) -> None:
+    """Runs `command` and kills it with SIGKILL once `ready(its manifest's shards)`; the folder is then
+    not complete."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        manifests = read_manifests(killed) if killed.is_dir() else []
-        if manifests and len(manifests[0]["shards"]) >= 3:
+        manifests = read_manifests(folder) if folder.is_dir() else []
+        if manifests and ready(manifests[0]["shards"]):
             break
         time.sleep(0.02)
     assert process.poll() is None, process.stderr.read()
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     with pytest.raises(ValueError, match="not complete"):
-        Index.open(killed)
+        Index.open(folder)
+
+
+def test_killed_job_resumes_with_every_id_once(embedder, checkpoint, tmp_path, compile_cache):
+    documents = _documents(1200, seed=1)
+    path = _write(tmp_path / "docs.jsonl", documents)
+    killed = tmp_path / "killed"
+    _kill_when(_cli(compile_cache, "--model", checkpoint, "--input", path, "--output", killed, "--shard-size", 100),
+               killed, lambda shards: len(shards) >= 3)
     done = len(read_manifests(killed)[0]["shards"])
     assert 3 <= done < 12
     finished = subprocess.run(_cli(compile_cache, "--model", checkpoint, "--input", path, "--output", killed, "--shard-size", 100),
@@ -237,3 +243,83 @@ def test_a_respelled_input_resumes_and_an_edited_one_is_refused(embedder, checkp
     _write(path, documents[:5] + [{"id": "new", "text": "inserted"}] + documents[5:])
     with pytest.raises(InputError, match=r"changed since shard 0 was embedded \(its records 0..9 differ\)"):
         embed_corpus(embedder, path, output, shard_size=10, model_name=str(checkpoint), quiet=True)
+
+
+class _Counting:
+    """The embedder, counting the texts it is asked to embed."""
+
+    def __init__(self, embedder):
+        self.embedder, self.texts = embedder, 0
+
+    def __getattr__(self, name):
+        return getattr(self.embedder, name)
+
+    def encode(self, texts, **kwargs):
+        self.texts += len(texts)
+        return self.embedder.encode(texts, **kwargs)
+
+
+@pytest.mark.parametrize("edit, embedded", [
+    ("change", 10),                # one record of shard 1 rewritten: that shard alone
+    ("append", 4),                 # the last shard (3 records) gains one: it, and nothing before
+    ("delete", 10 + 10 + 2),       # a record of shard 2 removed: shards 2, 3 and 4 shift
+    ("insert", 10 + 10 + 10 + 4),  # a record in shard 1: every shard from there on shifts
+    ("cut", 5),                    # the input ends in shard 2: it is redone, shards 3 and 4 dropped
+])
+def test_a_changed_input_is_refused_or_updated_to_a_fresh_runs_folder(embedder, checkpoint, tmp_path, edit, embedded):
+    documents = _documents(43, seed=3)
+    path = tmp_path / "docs.jsonl"
+    _write(path, documents)
+    settings = dict(shard_size=10, model_name=str(checkpoint), quiet=True, out=lambda _: None)
+    embed_corpus(embedder, path, tmp_path / "out", **settings)
+    os.utime(path)                                          # touched, not changed: still complete
+    messages = []
+    embed_corpus(embedder, path, tmp_path / "out", **{**settings, "out": messages.append})
+    assert any("up to date" in m for m in messages)
+
+    edited = [dict(d) for d in documents]
+    if edit == "change":
+        edited[14]["text"] = "a sentence nobody wrote before"
+    elif edit == "append":
+        edited.append({"id": "new", "text": "appended at the end"})
+    elif edit == "delete":
+        del edited[25]
+    elif edit == "insert":
+        edited.insert(12, {"id": "new", "text": "inserted in the middle"})
+    else:
+        edited = edited[:25]
+    _write(path, edited)
+    with pytest.raises(InputError, match=r"changed since .* was made \(shards changed: .*--update"):
+        embed_corpus(embedder, path, tmp_path / "out", **settings)
+    counting = _Counting(embedder)
+    manifest = embed_corpus(counting, path, tmp_path / "out", update=True, **settings)
+    assert counting.texts == embedded
+    embed_corpus(embedder, path, tmp_path / "fresh", **settings)
+    (ids, vectors), (fresh_ids, fresh) = _load(tmp_path / "out"), _load(tmp_path / "fresh")
+    assert ids == fresh_ids == [d["id"] for d in edited]
+    assert np.abs(vectors - fresh).max() <= 1e-6
+    assert manifest["shards"] == read_manifests(tmp_path / "fresh")[0]["shards"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("shard-*")) == \
+        sorted(p.name for p in (tmp_path / "fresh").glob("shard-*"))
+
+    embed_corpus(embedder, path, tmp_path / "out", overwrite=True, **{**settings, "shard_size": 7})
+    assert len(read_manifests(tmp_path / "out")[0]["shards"]) == -(-len(edited) // 7)
+
+
+def test_a_killed_update_resumes_to_a_fresh_runs_folder(embedder, checkpoint, tmp_path, compile_cache):
+    documents = _documents(600, seed=4)
+    path = tmp_path / "docs.jsonl"
+    _write(path, documents)
+    command = _cli(compile_cache, "--model", checkpoint, "--input", path, "--output", tmp_path / "out",
+                   "--shard-size", 50)
+    assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+    before = {e["shard"]: e["digest"] for e in read_manifests(tmp_path / "out")[0]["shards"]}
+    edited = [{"id": "first", "text": "a new first record"}] + documents + [{"id": "last", "text": "appended"}]
+    _write(path, edited)                                    # every shard shifts, and a 13th one is added
+    _kill_when(command + ["--update"], tmp_path / "out",
+               lambda shards: sum(before.get(e["shard"]) != e["digest"] for e in shards) >= 3)
+    finished = subprocess.run(command + ["--update"], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    ids, vectors = _load(tmp_path / "out")
+    assert ids == [d["id"] for d in edited]
+    assert np.abs(vectors - embedder.encode([d["text"] for d in edited])).max() <= 1e-5

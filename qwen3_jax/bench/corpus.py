@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -47,30 +46,14 @@ def run_corpus_benchmark(*, model: str | None, random: str | None, layers: int |
 
 
 def _search_benchmark(count: int, width: int, out) -> dict:
-    """1,000 queries over `count` random unit vectors stored as float16 shards of 100,000."""
-    from qwen3_jax.corpus import CorpusSettings, manifest_name, new_manifest, write_shard
-    from qwen3_jax.embedder import normalize_rows
+    """1,000 queries over `count` unit vectors (bench --search's synthetic corpus) stored as float16."""
+    from qwen3_jax.bench.search import synthetic_corpus
     from qwen3_jax.index import Index
 
-    rng = np.random.default_rng(0)
-    size = 100_000
     with tempfile.TemporaryDirectory(prefix="qwen3-jax-search-") as tmp:
-        folder = Path(tmp)
-        manifest = new_manifest(CorpusSettings(model="random", input="random", dim=width, prefix="",
-                                               output_dtype="float16", shard_size=size), process=0)
-        for k, start in enumerate(range(0, count, size)):
-            rows = min(size, count - start)
-            vectors = normalize_rows(rng.standard_normal((rows, width), np.float32)).astype(np.float16)
-            manifest["shards"].append(write_shard(folder, k, vectors, list(range(start, start + rows)),
-                                                  start=start, records=rows))
-        manifest.update(complete=True, records=count)
-        (folder / manifest_name(0, 1)).write_text(json.dumps(manifest))
-        queries = normalize_rows(rng.standard_normal((1000, width), np.float32))
+        queries = synthetic_corpus(Path(tmp), count, width, "float16")
         start = time.perf_counter()
-        index = Index.open(folder)
-        index.search(queries, 10)
+        Index.open(tmp).search(queries, 10)
         seconds = time.perf_counter() - start
         out(f"search: 1,000 queries, top 10, over {count:,} float16 vectors of width {width}: {seconds:.1f} s")
         return {"search_vectors": count, "search_s": seconds, "search_peak_rss_gib": peak_rss_gib()}
-
-

@@ -1,0 +1,231 @@
+"""An approximate index over a corpus folder's shards, with faiss (the `ann` extra): HNSW graphs or
+IVF-PQ codes, kept in the folder's `ann/` beside the shards.
+
+Each vector is filed under a key that outlives updates: its shard number in the high 32 bits, its row
+in the low ones. The index records the digest of every shard it holds, so it knows which shards an
+`embed-corpus --update` changed: building again adds new shards to what is there (IVF-PQ also drops and
+re-adds changed or removed shards; an HNSW graph cannot drop vectors, so a changed shard rebuilds it),
+and a search over a folder that changed since is refused. Search returns candidates only: the caller
+(`Index.search`) scores them exactly, so an approximate index changes which vectors are found, never
+their scores or order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qwen3_jax.checks import UsageError
+from qwen3_jax.corpus import ANN_FOLDER
+from qwen3_jax.extras import require
+from qwen3_jax.textio import atomic_output
+
+KINDS = ("hnsw", "ivf-pq")
+METRICS = ("ip", "l2")
+RECORD = "ann.json"
+ROW_BITS = 32
+TRAINING_ROWS = 100_000          # IVF-PQ learns its centroids and codebooks from at most this many vectors
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnSettings:
+    """How the approximate index is built and searched (defaults measured in docs/benchmarks.md)."""
+
+    kind: str = "hnsw"
+    metric: str = "ip"
+    m: int = 32                 # hnsw: links per node
+    ef_construction: int = 200  # hnsw: candidates kept while linking
+    ef_search: int = 128        # hnsw: candidates kept while searching; ivf-pq: lists probed
+    lists: int = 0              # ivf-pq: inverted lists (0: 4 * sqrt(vectors))
+    code_bytes: int = 0         # ivf-pq: bytes a vector (0: dim / 16)
+
+    def check(self, dim: int) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"--kind {self.kind!r}: choose one of {', '.join(KINDS)}")
+        if self.metric not in METRICS:
+            raise UsageError(f"--metric {self.metric!r}: choose one of {', '.join(METRICS)}")
+        if self.kind == "ivf-pq" and dim % self._code_bytes(dim):
+            raise UsageError(f"ivf-pq: {self.code_bytes} code bytes do not divide the width {dim}")
+
+    def _code_bytes(self, dim: int) -> int:
+        return self.code_bytes or max(1, dim // 16)
+
+
+def _faiss():
+    require("ann", "an approximate index")
+    import faiss
+
+    return faiss
+
+
+def key_of(shard: int, rows: np.ndarray) -> np.ndarray:
+    return (np.int64(shard) << ROW_BITS) | rows.astype(np.int64)
+
+
+def _new_index(settings: AnnSettings, dim: int, vectors: int):
+    faiss = _faiss()
+    metric = faiss.METRIC_INNER_PRODUCT if settings.metric == "ip" else faiss.METRIC_L2
+    if settings.kind == "hnsw":
+        graph = faiss.IndexHNSWFlat(dim, settings.m, metric)
+        graph.hnsw.efConstruction = settings.ef_construction
+        return faiss.IndexIDMap2(graph)
+    # k-means wants ~39 training vectors a centroid: a small corpus gets fewer lists and 4-7-bit codes
+    trained = min(vectors, TRAINING_ROWS)
+    lists = min(settings.lists or int(4 * math.sqrt(vectors)), max(1, trained // 39))
+    bits = int(np.clip(math.log2(max(trained, 1) / 39), 4, 8))
+    coarse = faiss.IndexFlatIP(dim) if settings.metric == "ip" else faiss.IndexFlatL2(dim)
+    return faiss.IndexIVFPQ(coarse, dim, lists, settings._code_bytes(dim), bits, metric)
+
+
+def _training_sample(index, count: int) -> np.ndarray:
+    """Up to TRAINING_ROWS vectors spread evenly over the whole corpus."""
+    positions = np.unique(np.linspace(0, len(index) - 1, min(count, len(index))).astype(np.int64))
+    shard = np.searchsorted(index.starts, positions, side="right") - 1
+    return np.concatenate([index.rows(s, 0, None)[positions[shard == s] - index.starts[s]]
+                           for s in np.unique(shard)]).astype(np.float32)
+
+
+class ApproximateIndex:
+    """The faiss index in a folder's `ann/` and the record of what it holds."""
+
+    def __init__(self, folder: Path, record: dict, index):
+        self.folder, self.record, self.index = folder, record, index
+        self.settings = AnnSettings(**record["settings"])
+
+    @classmethod
+    def load(cls, folder: Path) -> "ApproximateIndex | None":
+        path = folder / ANN_FOLDER / RECORD
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return cls(folder, record, _faiss().read_index(str(folder / ANN_FOLDER / record["file"])))
+
+    def holds(self) -> dict:
+        """{shard: {"digest", "count"}} of the shards this index holds."""
+        return {int(k): v for k, v in self.record["shards"].items()}
+
+    def candidates(self, queries: np.ndarray, k: int, *, ef: int | None = None) -> np.ndarray:
+        """Positions [n, c] (c >= k; -1 where fewer were found) of each query's candidates in `index`."""
+        if self.settings.kind == "hnsw":
+            _faiss().downcast_index(self.index.index).hnsw.efSearch = max(ef or self.settings.ef_search, k)
+            wanted = k
+        else:
+            self.index.nprobe = ef or self.settings.ef_search
+            wanted = 4 * k                         # PQ scores are coarse: the exact rescoring picks among more
+        _, keys = self.index.search(np.ascontiguousarray(queries, np.float32), wanted)
+        return keys
+
+    def positions(self, keys: np.ndarray, starts: dict) -> np.ndarray:
+        """Keys -> positions in the corpus (`starts`: each shard's first position); -1 stays -1."""
+        shard, row = keys >> ROW_BITS, keys & ((1 << ROW_BITS) - 1)
+        first = np.vectorize(lambda s: starts.get(int(s), -1), otypes=[np.int64])(shard) if keys.size else shard
+        return np.where(keys < 0, -1, first + row)
+
+
+def open_for(index) -> "Searcher":
+    """The folder's approximate index, checked to hold exactly the corpus `index` lists."""
+    found = ApproximateIndex.load(index.folder)
+    if found is None:
+        raise FileNotFoundError(f"{index.folder} has no approximate index; build one with "
+                                f"qwen3-jax build-ann --index {index.folder}")
+    if {shard: held["digest"] for shard, held in found.holds().items()} != index.digest:
+        raise ValueError(f"{index.folder}'s approximate index was built before its corpus changed; run "
+                         f"qwen3-jax build-ann --index {index.folder} again (it adds only what changed)")
+    return Searcher(found, {shard: int(index.starts[s]) for s, shard in enumerate(index.shards)})
+
+
+@dataclasses.dataclass
+class Searcher:
+    """An approximate index matched to the corpus it was built from."""
+
+    found: ApproximateIndex
+    starts: dict
+
+    def candidates(self, queries: np.ndarray, k: int, *, ef: int | None = None) -> np.ndarray:
+        return self.found.positions(self.found.candidates(queries, k, ef=ef), self.starts)
+
+
+def build_ann(index, settings: AnnSettings | None = None, *, out=print, quiet: bool = False) -> dict:
+    """Builds `index`'s approximate index, or brings an existing one up to date with the corpus (see
+    `_plan`). Other settings than the existing index's rebuild it. Returns the new record, whose
+    "added" counts the vectors added this time."""
+    folder = index.folder
+    existing = ApproximateIndex.load(folder)
+    settings = settings or (existing.settings if existing else AnnSettings())
+    settings.check(index.dim)
+    plan = _plan(existing, index) if existing and existing.settings == settings else None
+    if plan is None:
+        ann, held, plan = _new_index(settings, index.dim, len(index)), {}, {}
+        if settings.kind == "ivf-pq":
+            ann.train(_training_sample(index, TRAINING_ROWS))
+    else:
+        ann, held = existing.index, existing.holds()
+    for shard, first in plan.items():
+        if first == 0 and shard in held:
+            ann.remove_ids(_faiss().IDSelectorRange(int(key_of(shard, np.zeros(1))[0]),
+                                                    int(key_of(shard + 1, np.zeros(1))[0])))
+        if shard not in index.digest:
+            del held[shard]
+    todo = [(s, shard, plan.get(shard, 0)) for s, shard in enumerate(index.shards)
+            if shard not in held or shard in plan]
+    rows, begun, added = sum(int(index.starts[s + 1] - index.starts[s]) - first for s, _, first in todo), time.perf_counter(), 0
+    for s, shard, first in todo:
+        vectors = index.rows(s, first)
+        ann.add_with_ids(np.ascontiguousarray(vectors, np.float32), key_of(shard, np.arange(first, first + len(vectors))))
+        held[shard] = {"digest": index.digest[shard], "count": first + len(vectors)}
+        added += len(vectors)
+        if not quiet:
+            print(f"\rbuild-ann: {added:,}/{rows:,} vectors, {added / max(time.perf_counter() - begun, 1e-9):,.0f}/s",
+                  end="", file=sys.stderr, flush=True)
+    if todo and not quiet:
+        print(file=sys.stderr)
+    return _save(folder, ann, settings, held, existing, added)
+
+
+def _plan(existing: ApproximateIndex, index) -> dict | None:
+    """What an up-to-date index needs beyond `existing`: {shard: first row to add} for each shard held
+    that changed (0: drop it and add it whole) or went; None when the index must be rebuilt. A changed
+    shard whose held rows are still its first rows (records appended to it; re-embedded vectors agree
+    within 1e-4) keeps them and adds the rest; otherwise an IVF-PQ index drops and re-adds the shard,
+    while an HNSW graph, which cannot drop a vector, is rebuilt."""
+    plan = {}
+    for shard, held in existing.holds().items():
+        if index.digest.get(shard) == held["digest"]:
+            continue
+        if shard in index.digest and existing.settings.kind == "hnsw":
+            s = index.shards.index(shard)
+            now = index.rows(s, 0, held["count"])
+            kept = existing.index.reconstruct_batch(key_of(shard, np.arange(held["count"])))
+            if len(now) < held["count"] or np.abs(now - kept).max(initial=0) > 1e-4:
+                return None
+            plan[shard] = held["count"]
+        elif shard in index.digest or existing.settings.kind != "hnsw":
+            plan[shard] = 0
+        else:
+            return None
+    return plan
+
+
+def _save(folder: Path, ann, settings: AnnSettings, held: dict, existing: ApproximateIndex | None, added: int) -> dict:
+    """Writes the index under a new name, then the record naming it (each renamed into place), then
+    deletes the old index: a kill at any moment leaves a record and the index it names."""
+    where = folder / ANN_FOLDER
+    where.mkdir(exist_ok=True)
+    generation = existing.record["generation"] + 1 if existing else 0
+    name = f"index-{generation:06d}.faiss"
+    with atomic_output(where / name, "wb") as handle:
+        handle.write(_faiss().serialize_index(ann).tobytes())
+    record = {"settings": dataclasses.asdict(settings), "file": name, "generation": generation,
+              "vectors": int(ann.ntotal), "added": added, "shards": {str(k): v for k, v in sorted(held.items())}}
+    with atomic_output(where / RECORD) as handle:
+        json.dump(record, handle, indent=1)
+    for old in where.glob("index-*.faiss"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return record
