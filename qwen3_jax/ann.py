@@ -121,11 +121,10 @@ class ApproximateIndex:
         _, keys = self.index.search(np.ascontiguousarray(queries, np.float32), wanted)
         return keys
 
-    def positions(self, keys: np.ndarray, starts: dict) -> np.ndarray:
-        """Keys -> positions in the corpus (`starts`: each shard's first position); -1 stays -1."""
+    def positions(self, keys: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Keys -> positions in the corpus (`starts[shard]`: the shard's first position); -1 stays -1."""
         shard, row = keys >> ROW_BITS, keys & ((1 << ROW_BITS) - 1)
-        first = np.vectorize(lambda s: starts.get(int(s), -1), otypes=[np.int64])(shard) if keys.size else shard
-        return np.where(keys < 0, -1, first + row)
+        return np.where(keys < 0, -1, starts[np.maximum(shard, 0)] + row)
 
 
 def open_for(index) -> "Searcher":
@@ -137,7 +136,9 @@ def open_for(index) -> "Searcher":
     if {shard: held["digest"] for shard, held in found.holds().items()} != index.digest:
         raise ValueError(f"{index.folder}'s approximate index was built before its corpus changed; run "
                          f"qwen3-jax build-ann --index {index.folder} again (it adds only what changed)")
-    return Searcher(found, {shard: int(index.starts[s]) for s, shard in enumerate(index.shards)})
+    starts = np.full(max(index.shards, default=0) + 1, -1, np.int64)
+    starts[index.shards] = index.starts[:-1]
+    return Searcher(found, starts)
 
 
 @dataclasses.dataclass
@@ -145,13 +146,13 @@ class Searcher:
     """An approximate index matched to the corpus it was built from."""
 
     found: ApproximateIndex
-    starts: dict
+    starts: np.ndarray          # each shard's first position in the corpus, by shard number
 
     def candidates(self, queries: np.ndarray, k: int, *, ef: int | None = None) -> np.ndarray:
         return self.found.positions(self.found.candidates(queries, k, ef=ef), self.starts)
 
 
-def build_ann(index, settings: AnnSettings | None = None, *, out=print, quiet: bool = False) -> dict:
+def build_ann(index, settings: AnnSettings | None = None, *, quiet: bool = False) -> dict:
     """Builds `index`'s approximate index, or brings an existing one up to date with the corpus (see
     `_plan`). Other settings than the existing index's rebuild it. Returns the new record, whose
     "added" counts the vectors added this time."""

@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from qwen3_jax.backend import IMPLEMENTATIONS as ATTENTION
-from qwen3_jax.checks import UsageError
+from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.compile_cache import enable_compilation_cache, use_default_compilation_cache
 from qwen3_jax.config import PRESETS
 
@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--batch-size", type=int, default=32)
     corpus.add_argument("--max-length", type=int, default=None)
     corpus.add_argument("--mesh", default=None, help="mesh over this process's devices, e.g. data=8")
+    corpus.add_argument("--engine", default="local", choices=["local", "ray"],
+                        help="ray: Ray workers, one model each, embed whole shards (pip install \"qwen3-jax[ray]\")")
+    corpus.add_argument("--ray-address", default=None, help="--engine ray: the cluster (default: start one here)")
+    corpus.add_argument("--workers", type=int, default=2, help="--engine ray: workers, one model each")
+    corpus.add_argument("--gpus-per-worker", type=float, default=0, help="--engine ray: 1 on GPU nodes")
     corpus.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES") or 1,
                         help="split the job over this many independent processes (env JAX_NUM_PROCESSES)")
     corpus.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID") or 0,
@@ -492,13 +497,23 @@ def run_embed_corpus(args) -> None:
     from qwen3_jax.sharding import mesh_of
 
     corpus_files(args.input)              # a missing or unreadable input fails before the model loads
-    mesh = mesh_of(args.mesh, devices=jax.local_devices())
-    model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, max_length=args.max_length)
+    model = engine = None
+    if args.engine == "ray":
+        from qwen3_jax.ray import RayEngine
+
+        if args.mesh:
+            raise UsageError("--mesh shards one process's model; with --engine ray each worker holds its own")
+        whole_number(args.workers, "--workers")
+        engine = RayEngine(args.model, workers=args.workers, address=args.ray_address, dtype=args.dtype,
+                           max_length=args.max_length, batch_size=args.batch_size, num_gpus=args.gpus_per_worker)
+    else:
+        mesh = mesh_of(args.mesh, devices=jax.local_devices())
+        model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, max_length=args.max_length)
     manifest = embed_corpus(model, args.input, args.output, instruction=args.instruction, prompt_name=args.prompt_name,
                             dim=args.dim, output_dtype=args.output_dtype, text_field=args.text_field,
                             id_field=args.id_field, shard_size=args.shard_size, batch_size=args.batch_size,
                             process=args.process_id, num_processes=args.num_processes, quiet=args.quiet,
-                            skip_bad=args.skip_bad, update=args.update, overwrite=args.overwrite,
+                            skip_bad=args.skip_bad, update=args.update, overwrite=args.overwrite, engine=engine,
                             model_name=args.model, dtype=args.dtype, out=lambda message: print(message, file=sys.stderr))
     count = sum(entry["count"] for entry in manifest["shards"])
     print(f"{args.output}: {count} embeddings in {len(manifest['shards'])} shards (process {args.process_id})",

@@ -201,6 +201,67 @@ def write_shard(folder: Path, shard: int, vectors: np.ndarray, ids: list, *, sta
     return {"shard": shard, "start": start, "end": start + records, "count": len(ids)}
 
 
+def embed_shard(embedder, settings: CorpusSettings, calibration, output: Path, shard: int, items: list[Item], *,
+                batch_size: int = 32) -> dict:
+    """Embeds one shard's readable records with a Qwen3Embedder and writes its files (vectors as the
+    folder stores them, ids, and its unreadable lines), each atomically; returns its manifest entry.
+    Whichever engine runs it, the same shard gives the same files."""
+    good = [item for item in items if item.error is None]
+    bad = [item for item in items if item.error is not None]
+    vectors = encode_texts(embedder, settings, [item.text for item in good], batch_size) if good \
+        else np.zeros((0, settings.dim), np.float32)
+    if settings.output_dtype in ("int8", "binary"):
+        stored = quantize(vectors, settings.output_dtype,
+                          np.asarray(calibration, np.float32) if settings.output_dtype == "int8" else None)
+    else:
+        stored = vectors.astype(settings.output_dtype)
+    entry = write_shard(output, shard, stored, [item.id for item in good], start=shard * settings.shard_size,
+                        records=len(items))
+    entry["digest"] = records_digest(items)
+    rejects = output / f"{shard_name(shard)}.rejects.jsonl"
+    if bad:
+        with atomic_output(rejects) as handle:
+            for item in bad:
+                handle.write(json.dumps({"source": item.source, "line": item.line, "error": item.error}) + "\n")
+        entry["rejected"] = len(bad)
+    else:
+        rejects.unlink(missing_ok=True)               # an earlier version of this shard's
+    return entry
+
+
+def encode_texts(embedder, settings: CorpusSettings, texts: list[str], batch_size: int) -> np.ndarray:
+    """`texts` embedded as the corpus's settings say (prompt, dim, max length)."""
+    return embedder.encode(texts, prompt=settings.prefix, dim=settings.dim, batch_size=batch_size,
+                           max_length=settings.max_length)
+
+
+class LocalEngine:
+    """Embeds a job's shards in this process, one after the other, with a Qwen3Embedder (see
+    `qwen3_jax.ray.RayEngine` for a cluster's workers)."""
+
+    def __init__(self, embedder, batch_size: int = 32):
+        self.embedder, self.batch_size = embedder, batch_size
+        self.dimension, self.max_length = embedder.dimension, embedder.max_length
+
+    @property
+    def tokens_embedded(self) -> int:
+        return self.embedder.tokens_embedded
+
+    def resolve_prefix(self, prompt_name: str | None, instruction: str | None) -> str:
+        return self.embedder.resolve_prefix(prompt_name, None, instruction)
+
+    def encode(self, settings: CorpusSettings, texts: list[str]) -> np.ndarray:
+        return encode_texts(self.embedder, settings, texts, self.batch_size)
+
+    def submit(self, settings: CorpusSettings, calibration, output: Path, shard: int, items: list[Item]) -> list[dict]:
+        """Embeds and writes the shard; returns the manifest entries of the shards now finished."""
+        return [embed_shard(self.embedder, settings, calibration, output, shard, items, batch_size=self.batch_size)]
+
+    def drain(self) -> list[dict]:
+        """The entries of shards still being embedded, once they are finished (none here)."""
+        return []
+
+
 class Changes(NamedTuple):
     """How the input differs from what a folder's shards were made from (this process's shards)."""
 
@@ -220,12 +281,13 @@ class Changes(NamedTuple):
 
 
 class CorpusJob:
-    """Embeds the shards of one process (see the module docstring) with a Qwen3Embedder; `update`
-    re-embeds what changed in the input of a finished or interrupted folder."""
+    """Embeds the shards of one process (see the module docstring) with an engine (`LocalEngine`, or
+    `qwen3_jax.ray.RayEngine`); `update` re-embeds what changed in the input of a finished or
+    interrupted folder."""
 
-    def __init__(self, embedder, settings: CorpusSettings, output: str | Path, *, process: int = 0,
-                 batch_size: int = 32, skip_bad: bool = False, update: bool = False, overwrite: bool = False,
-                 quiet: bool = False, out=print):
+    def __init__(self, engine, settings: CorpusSettings, output: str | Path, *, process: int = 0,
+                 skip_bad: bool = False, update: bool = False, overwrite: bool = False, quiet: bool = False,
+                 out=print):
         settings.check()
         if not 0 <= process < settings.num_processes:
             raise UsageError(f"process {process} of {settings.num_processes}: expected 0..{settings.num_processes - 1}")
@@ -234,9 +296,9 @@ class CorpusJob:
         if overwrite and settings.num_processes > 1:
             raise UsageError("--overwrite clears the whole folder, which other processes of a split job are "
                              "writing: remove the folder before starting them")
-        self.embedder, self.settings, self.process = embedder, settings, process
+        self.engine, self.settings, self.process = engine, settings, process
         self.output = Path(output)
-        self.batch_size, self.skip_bad, self.update, self.quiet, self.out = batch_size, skip_bad, update, quiet, out
+        self.skip_bad, self.update, self.quiet, self.out = skip_bad, update, quiet, out
         self.manifest_path = self.output / manifest_name(process, settings.num_processes)
         if overwrite:
             clear_corpus(self.output)
@@ -272,12 +334,7 @@ class CorpusJob:
                 break
             if item.error is None:
                 texts.append(item.text)
-        return calibration_ranges(self._encode(texts))
-
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        settings = self.settings
-        return self.embedder.encode(texts, prompt=settings.prefix, dim=settings.dim, batch_size=self.batch_size,
-                                    max_length=settings.max_length)
+        return calibration_ranges(self.engine.encode(self.settings, texts))
 
     def _commit(self) -> None:
         with atomic_output(self.manifest_path) as handle:
@@ -308,18 +365,24 @@ class CorpusJob:
         size, count = settings.shard_size, settings.num_processes
         mine = sum(min(size, total - k * size) for k in range(self.process, -(-total // size), count))
         progress = progress_bar(mine, "doc", enabled=not self.quiet and sys.stderr.isatty())
-        meter = (time.perf_counter(), self.embedder.tokens_embedded)
+        meter = (time.perf_counter(), self.engine.tokens_embedded)
         done = {entry["shard"]: entry for entry in self.manifest["shards"]}
         for shard, items in self._shards():
             entry = done.get(shard)
             if entry is None or (self.update and entry.get("digest") != records_digest(items)):
-                self._write(shard, items, progress, meter)
+                bad = next((item for item in items if item.error is not None), None)
+                if bad and not self.skip_bad:
+                    raise InputError(f"{bad.error} (pass --skip-bad to write such lines to {REJECTS} and go on)")
+                for finished in self.engine.submit(settings, self.manifest.get("calibration"), self.output, shard, items):
+                    self._record(finished, progress, meter)
             elif entry.get("digest", records_digest(items)) != records_digest(items):
                 raise InputError(f"{settings.input} changed since shard {shard} was embedded (its records "
                                  f"{entry['start']}..{entry['end'] - 1} differ), so {self.output} no longer matches "
                                  "it; run again with --update to embed only what changed, or --overwrite to start again")
             else:
                 progress.update(len(items))
+        for finished in self.engine.drain():
+            self._record(finished, progress, meter)
         self._drop_past(self.records)
         progress.close()
         self.manifest.update(complete=True, records=self.records, input=state)
@@ -376,38 +439,14 @@ class CorpusJob:
     def _count(self) -> int:
         return sum(entry["count"] + entry.get("rejected", 0) for entry in self.manifest["shards"])
 
-    def _write(self, shard: int, items: list[Item], progress, meter: tuple[float, int]) -> None:
-        good = [item for item in items if item.error is None]
-        bad = [item for item in items if item.error is not None]
-        if bad and not self.skip_bad:
-            raise InputError(f"{bad[0].error} (pass --skip-bad to write such lines to {REJECTS} and go on)")
-        settings = self.settings
-        vectors = self._encode([item.text for item in good]) if good else np.zeros((0, settings.dim), np.float32)
-        entry = write_shard(self.output, shard, self._stored(vectors), [item.id for item in good],
-                            start=shard * settings.shard_size, records=len(items))
-        entry["digest"] = records_digest(items)
-        rejects = self.output / f"{shard_name(shard)}.rejects.jsonl"
-        if bad:
-            with atomic_output(rejects) as handle:
-                for item in bad:
-                    handle.write(json.dumps({"source": item.source, "line": item.line, "error": item.error}) + "\n")
-            entry["rejected"] = len(bad)
-        else:
-            rejects.unlink(missing_ok=True)               # an earlier version of this shard's
-        self.manifest["shards"] = sorted([e for e in self.manifest["shards"] if e["shard"] != shard] + [entry],
+    def _record(self, entry: dict, progress, meter: tuple[float, int]) -> None:
+        """A finished shard into the manifest (replacing an earlier version of it), committed."""
+        self.manifest["shards"] = sorted([e for e in self.manifest["shards"] if e["shard"] != entry["shard"]] + [entry],
                                          key=lambda e: e["shard"])
         self._commit()
-        progress.update(len(items))
+        progress.update(entry["end"] - entry["start"])
         elapsed = max(time.perf_counter() - meter[0], 1e-9)
-        progress.set_postfix(tok_s=f"{(self.embedder.tokens_embedded - meter[1]) / elapsed:.0f}")
-
-    def _stored(self, vectors: np.ndarray) -> np.ndarray:
-        """Vectors as the folder stores them (--output-dtype)."""
-        kind = self.settings.output_dtype
-        if kind in ("int8", "binary"):
-            return quantize(vectors, kind, np.asarray(self.manifest.get("calibration"), np.float32)
-                            if kind == "int8" else None)
-        return vectors.astype(kind)
+        progress.set_postfix(tok_s=f"{(self.engine.tokens_embedded - meter[1]) / elapsed:.0f}")
 
     def _finish(self) -> None:
         """Once every process is complete: all rejected lines in one REJECTS file (rewritten whole, so
@@ -463,17 +502,19 @@ def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: s
                  text_field: str = "text", id_field: str = "id", shard_size: int = 10_000, batch_size: int = 32,
                  max_length: int | None = None, process: int = 0, num_processes: int = 1, skip_bad: bool = False,
                  update: bool = False, overwrite: bool = False, quiet: bool = False, model_name: str | None = None,
-                 dtype: str = "float32", out=print) -> dict:
+                 dtype: str = "float32", engine=None, out=print) -> dict:
     """Embeds (or finishes embedding) the corpus at `input` into the folder `output` with a
     Qwen3Embedder `model`; returns this process's manifest. `model_name` is what the manifest records
     (the hub id or folder the model came from) for `qwen3-jax search` to load. A finished folder whose
-    input changed is refused unless `update` (embed only what changed) or `overwrite` (start again)."""
+    input changed is refused unless `update` (embed only what changed) or `overwrite` (start again).
+    `engine` embeds the shards instead of `model` (`qwen3_jax.ray.RayEngine`: a Ray cluster's workers)."""
+    engine = engine or LocalEngine(model, batch_size)
     settings = CorpusSettings(model=model_identity(model_name) if model_name else "", input=str(Path(input).resolve()),
-                              dim=check_dim(dim, model.dimension),
-                              prefix=model.resolve_prefix(prompt_name, None, instruction), dtype=dtype,
+                              dim=check_dim(dim, engine.dimension),
+                              prefix=engine.resolve_prefix(prompt_name, instruction), dtype=dtype,
                               output_dtype=output_dtype, text_field=text_field, id_field=id_field,
-                              shard_size=shard_size, max_length=model.max_length if max_length is None else max_length,
+                              shard_size=shard_size, max_length=engine.max_length if max_length is None else max_length,
                               num_processes=num_processes)
     corpus_files(input)                           # a missing or unreadable input fails before anything is written
-    return CorpusJob(model, settings, output, process=process, batch_size=batch_size, skip_bad=skip_bad,
+    return CorpusJob(engine, settings, output, process=process, skip_bad=skip_bad,
                      update=update, overwrite=overwrite, quiet=quiet, out=out).run()

@@ -15,6 +15,7 @@ EXTRAS = {
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "parquet": ("pyarrow",),
     "ann": ("faiss",),
+    "ray": ("ray",),
 }
 
 

@@ -71,9 +71,9 @@ def _check_commands(code: str) -> None:
     for i, token in enumerate(tokens):
         if token == "qwen3-jax" or (token == "qwen3_jax.cli" and tokens[i - 1] == "-m"):
             args = []
-            for word in tokens[i + 1:]:
-                if word and set(word) <= set("&|;<>()\n"):
-                    break
+            for word, after in zip(tokens[i + 1:], tokens[i + 2:] + [""]):
+                if word and set(word) <= set("&|;<>()\n") or (word.isdigit() and after[:1] in ("<", ">")):
+                    break                         # the command's end, or a redirection such as 2>&1
                 args.append(word)
             commands.append(args)
     for args in commands:
