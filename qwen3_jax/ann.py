@@ -1,5 +1,5 @@
-"""An approximate index over a corpus folder's shards, with faiss (the `ann` extra): HNSW graphs or
-IVF-PQ codes, kept in the folder's `ann/` beside the shards.
+"""An approximate index over a corpus folder's shards, with faiss (the `ann` extra): an HNSW graph over
+8-bit scalar-quantized vectors, or IVF-PQ codes, kept in the folder's `ann/` beside the shards.
 
 Each vector is filed under a key that outlives updates: its shard number in the high 32 bits, its row
 in the low ones. The index records the digest of every shard it holds, so it knows which shards an
@@ -40,8 +40,8 @@ class AnnSettings:
     kind: str = "hnsw"
     metric: str = "ip"
     m: int = 32                 # hnsw: links per node
-    ef_construction: int = 200  # hnsw: candidates kept while linking
-    ef_search: int = 128        # hnsw: candidates kept while searching; ivf-pq: lists probed
+    ef_construction: int = 100  # hnsw: candidates kept while linking
+    ef_search: int = 64         # hnsw: candidates kept while searching; ivf-pq: lists probed
     lists: int = 0              # ivf-pq: inverted lists (0: 4 * sqrt(vectors))
     code_bytes: int = 0         # ivf-pq: bytes a vector (0: dim / 16)
 
@@ -72,7 +72,9 @@ def _new_index(settings: AnnSettings, dim: int, vectors: int):
     faiss = _faiss()
     metric = faiss.METRIC_INNER_PRODUCT if settings.metric == "ip" else faiss.METRIC_L2
     if settings.kind == "hnsw":
-        graph = faiss.IndexHNSWFlat(dim, settings.m, metric)
+        # 8-bit vectors: a quarter of float32's memory traffic a step of the walk; the exact scoring
+        # of the candidates afterwards makes up the precision (docs/benchmarks.md#search)
+        graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, settings.m, metric)
         graph.hnsw.efConstruction = settings.ef_construction
         return faiss.IndexIDMap2(graph)
     # k-means wants ~39 training vectors a centroid: a small corpus gets fewer lists and 4-7-bit codes
@@ -163,8 +165,7 @@ def build_ann(index, settings: AnnSettings | None = None, *, quiet: bool = False
     plan = _plan(existing, index) if existing and existing.settings == settings else None
     if plan is None:
         ann, held, plan = _new_index(settings, index.dim, len(index)), {}, {}
-        if settings.kind == "ivf-pq":
-            ann.train(_training_sample(index, TRAINING_ROWS))
+        ann.train(_training_sample(index, TRAINING_ROWS))
     else:
         ann, held = existing.index, existing.holds()
     for shard, first in plan.items():
@@ -192,10 +193,11 @@ def build_ann(index, settings: AnnSettings | None = None, *, quiet: bool = False
 def _plan(existing: ApproximateIndex, index) -> dict | None:
     """What an up-to-date index needs beyond `existing`: {shard: first row to add} for each shard held
     that changed (0: drop it and add it whole) or went; None when the index must be rebuilt. A changed
-    shard whose held rows are still its first rows (records appended to it; re-embedded vectors agree
-    within 1e-4) keeps them and adds the rest; otherwise an IVF-PQ index drops and re-adds the shard,
-    while an HNSW graph, which cannot drop a vector, is rebuilt."""
+    shard whose held rows are still its first rows (records appended to it: each held vector decodes to
+    within one quantization step of the re-embedded one) keeps them and adds the rest; otherwise an
+    IVF-PQ index drops and re-adds the shard, while an HNSW graph, which cannot drop a vector, is rebuilt."""
     plan = {}
+    step = _quantization_step(existing.index) if existing.settings.kind == "hnsw" else None
     for shard, held in existing.holds().items():
         if index.digest.get(shard) == held["digest"]:
             continue
@@ -203,7 +205,7 @@ def _plan(existing: ApproximateIndex, index) -> dict | None:
             s = index.shards.index(shard)
             now = index.rows(s, 0, held["count"])
             kept = existing.index.reconstruct_batch(key_of(shard, np.arange(held["count"])))
-            if len(now) < held["count"] or np.abs(now - kept).max(initial=0) > 1e-4:
+            if len(now) < held["count"] or np.abs(now - kept).max(initial=0) > step:
                 return None
             plan[shard] = held["count"]
         elif shard in index.digest or existing.settings.kind != "hnsw":
@@ -211,6 +213,14 @@ def _plan(existing: ApproximateIndex, index) -> dict | None:
         else:
             return None
     return plan
+
+
+def _quantization_step(ann) -> float:
+    """The widest step of an HNSW index's 8-bit vectors (a stored value decodes within half a step)."""
+    faiss = _faiss()
+    quantizer = faiss.downcast_index(faiss.downcast_index(ann.index).storage).sq
+    trained = faiss.vector_to_array(quantizer.trained)             # per dimension: the minimum, then the range
+    return float(trained[len(trained) // 2:].max() / 255)
 
 
 def _save(folder: Path, ann, settings: AnnSettings, held: dict, existing: ApproximateIndex | None, added: int) -> dict:

@@ -254,13 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     build_ann.add_argument("--index", required=True, help="folder written by embed-corpus")
     build_ann.add_argument("--kind", default=None, choices=["hnsw", "ivf-pq"],
                            help="HNSW graph (default) or IVF-PQ codes (smaller, coarser)")
-    build_ann.add_argument("--metric", default="ip", choices=["ip", "l2"])
-    build_ann.add_argument("--m", type=int, default=32, help="hnsw: links per vector")
-    build_ann.add_argument("--ef-construction", type=int, default=200, help="hnsw: candidates kept while linking")
-    build_ann.add_argument("--ef-search", type=int, default=128,
-                           help="default --ef of searches: hnsw candidates, ivf-pq lists probed")
-    build_ann.add_argument("--lists", type=int, default=0, help="ivf-pq: inverted lists (0: 4 * sqrt(vectors))")
-    build_ann.add_argument("--code-bytes", type=int, default=0, help="ivf-pq: bytes a vector (0: dim / 16)")
+    build_ann.add_argument("--metric", default=None, choices=["ip", "l2"], help="default ip")
+    build_ann.add_argument("--m", type=int, default=None, help="hnsw: links per vector (default 32)")
+    build_ann.add_argument("--ef-construction", type=int, default=None,
+                           help="hnsw: candidates kept while linking (default 100)")
+    build_ann.add_argument("--ef-search", type=int, default=None,
+                           help="default --ef of searches: hnsw candidates (64), ivf-pq lists probed (64)")
+    build_ann.add_argument("--lists", type=int, default=None, help="ivf-pq: inverted lists (default 4 * sqrt(vectors))")
+    build_ann.add_argument("--code-bytes", type=int, default=None, help="ivf-pq: bytes a vector (default dim / 16)")
     build_ann.add_argument("--quiet", action="store_true")
     build_ann.add_argument("--debug", action="store_true")
 
@@ -527,17 +528,21 @@ def run_embed_corpus(args) -> None:
 
 
 def run_build_ann(args) -> None:
+    import dataclasses
+
     from qwen3_jax.ann import AnnSettings, ApproximateIndex, build_ann
     from qwen3_jax.index import Index
 
     index = Index.open(args.index)
     existing = ApproximateIndex.load(index.folder)
-    kind = args.kind or (existing.settings.kind if existing else "hnsw")
-    settings = AnnSettings(kind=kind, metric=args.metric, m=args.m, ef_construction=args.ef_construction,
-                           ef_search=args.ef_search, lists=args.lists, code_bytes=args.code_bytes)
+    given = {"kind": args.kind, "metric": args.metric, "m": args.m, "ef_construction": args.ef_construction,
+             "ef_search": args.ef_search, "lists": args.lists, "code_bytes": args.code_bytes}
+    # what is not given stays as the existing index has it (so a rerun only brings it up to date)
+    settings = dataclasses.replace(existing.settings if existing else AnnSettings(),
+                                   **{name: value for name, value in given.items() if value is not None})
     begun = time.perf_counter()
     record = build_ann(index, settings, quiet=args.quiet)
-    print(f"{args.index}: {kind} index of {record['vectors']} vectors in {time.perf_counter() - begun:.1f} s",
+    print(f"{args.index}: {settings.kind} index of {record['vectors']} vectors in {time.perf_counter() - begun:.1f} s",
           file=sys.stderr)
 
 
