@@ -49,6 +49,7 @@ class Index:
         self._vectors = [np.load(folder / f"{shard_name(k)}.npy", mmap_mode="r") for k in self.shards]
         self.starts = np.cumsum([0] + [len(v) for v in self._vectors])
         self._ids: list | None = None
+        self._approximate = None         # the folder's approximate index, read on first use
 
     @classmethod
     def open(cls, folder: str | Path) -> "Index":
@@ -98,7 +99,8 @@ class Index:
         n, wanted = len(queries), min(int(k), len(self))
         k = min(wanted + SPARE_CANDIDATES, len(self))
         if approximate:
-            where = ann.open_for(self).candidates(queries, k, ef=ef)
+            self._approximate = self._approximate or ann.open_for(self)
+            where = self._approximate.candidates(queries, k, ef=ef)
         else:
             where = self._exact_candidates(queries, k, block_rows)
         best = self._rescored(queries, where)
