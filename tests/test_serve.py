@@ -139,10 +139,15 @@ def test_the_cohere_client_embeds_and_reranks_as_the_models_and_sentence_transfo
     calibration = local.encode(DEFAULT_CALIBRATION_TEXTS)
     for kind in ("binary", "ubinary"):                                # the same floats: the same bits
         assert np.array_equal(np.array(getattr(response.embeddings, kind)), quantize_embeddings(floats, kind)), kind
-    for kind in ("int8", "uint8"):          # calibrated on the same texts: equal but where 1e-7 crosses a step
+    # calibrated on the same texts: equal, but where a value lies within float noise of a step's edge
+    # (the server's and this process's embeddings of the calibration texts differ by ~1e-7)
+    starts, ends = calibration.min(axis=0), calibration.max(axis=0)
+    position = (floats - starts) / ((ends - starts) / 255)
+    at_an_edge = np.abs(position - np.round(position)) < 1e-3
+    for kind in ("int8", "uint8"):
         got = np.array(getattr(response.embeddings, kind), np.int64)
         reference = quantize_embeddings(floats, kind, calibration_embeddings=calibration).astype(np.int64)
-        assert np.abs(got - reference).max() <= 1 and (got == reference).mean() >= 0.99, kind
+        assert np.all((got == reference) | ((np.abs(got - reference) == 1) & at_an_edge)), kind
 
 
 def test_vllm_score_tei_tokenize_decode_and_invocations(server, local, reranker_folder):
