@@ -47,6 +47,7 @@ class Backend:
     weight_gradients_in_float32: bool = False   # weight gradients from float32 operands, the smaller one left
     attention_row_by_row: bool = False      # dense and blockwise attention loop over each data shard's rows
     blockwise_block: int | None = ACCELERATOR_BLOCK     # None: by the row's mean text length
+    layer_by_layer: bool = False            # inference on one device runs a layer at a time (layer_by_layer.py)
 
     @classmethod
     def resolve(cls, attention: str = "auto", dtype=None, platform: str | None = None) -> "Backend":
@@ -55,7 +56,7 @@ class Backend:
         cpu = platform == "cpu"
         return cls(platform, resolve_implementation(attention, dtype, platform), half_products_in_float32=cpu,
                    materialise_gradients=cpu, weight_gradients_in_float32=cpu, attention_row_by_row=cpu,
-                   blockwise_block=None if cpu else ACCELERATOR_BLOCK)
+                   blockwise_block=None if cpu else ACCELERATOR_BLOCK, layer_by_layer=cpu)
 
     @property
     def packs_rows(self) -> bool:

@@ -168,16 +168,13 @@ class Qwen3Model(nnx.Module):
         if prune_last and at is None:
             raise ValueError("prune_last needs the positions `at` the last layer computes")
         cfg = self.config
-        segments = segments.astype(jnp.int32)
-        x = embed_tokens(self.embed[...], ids).astype(self.dtype)
-        sin, cos = rotary_angles(positions_from_segments(segments), cfg.head_dim, cfg.rope_theta)
+        x, context = self.inputs(ids, segments)
         graphdef, layer_state = nnx.split(self.layers)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_hidden_layers)
 
         def layer(h, index, at=None):
             one_layer_state, layer_rng = jax.tree.map(lambda a: a[index], (layer_state, layer_rngs))
-            return nnx.merge(graphdef, one_layer_state)(h, sin, cos, segments, backend=self.backend,
-                                                        rng=layer_rng, at=at)
+            return self.apply_layer(graphdef, one_layer_state, h, context, rng=layer_rng, at=at)
 
         def step(h, index):
             h = layer(h, index)
@@ -189,10 +186,30 @@ class Qwen3Model(nnx.Module):
         x, layer_outputs = jax.lax.scan(step, x, jnp.arange(scanned))
         if prune_last:
             x = layer(x, scanned, at)
-        elif at is not None:
-            x = gather_tokens(x, at)
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+            at = None
+        x = self.outputs(x, at)
         return (x, layer_outputs) if return_layer_states else x
+
+    def inputs(self, ids: jax.Array, segments: jax.Array) -> tuple[jax.Array, tuple]:
+        """The first layer's input [B, T, D] and what every layer is given beside it: the rotary
+        angles and the segments (int32)."""
+        cfg = self.config
+        segments = segments.astype(jnp.int32)
+        x = embed_tokens(self.embed[...], ids).astype(self.dtype)
+        sin, cos = rotary_angles(positions_from_segments(segments), cfg.head_dim, cfg.rope_theta)
+        return x, (sin, cos, segments)
+
+    def apply_layer(self, graphdef, layer_state, x: jax.Array, context: tuple, *, rng=None, at=None) -> jax.Array:
+        """One decoder layer, its parameters `layer_state` (of `nnx.split(self.layers)`'s graphdef, with
+        no layer axis), on x and the `inputs`' context."""
+        sin, cos, segments = context
+        return nnx.merge(graphdef, layer_state)(x, sin, cos, segments, backend=self.backend, rng=rng, at=at)
+
+    def outputs(self, x: jax.Array, at: jax.Array | None = None) -> jax.Array:
+        """The last layer's states [B, T, D] (at the positions `at` [B, S]: [B, S, D]), final-normed."""
+        if at is not None:
+            x = gather_tokens(x, at)
+        return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
 
     def output_rows(self, token_ids) -> jax.Array:
         """Rows of the output projection for the given vocabulary ids [V', D] (tied or separate head)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from qwen3_jax.backend import kernel_named_on_failure
 from qwen3_jax.checks import whole_number
+from qwen3_jax.layer_by_layer import LayerByLayer
 from qwen3_jax.packing import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, plan_batches
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.progress import progress_bar
@@ -43,7 +44,7 @@ class LastTokenRunner:
     """Jit-compiled last-token pooling of a Qwen3Model over packed batches of token-id rows."""
 
     def __init__(self, model: Qwen3Model, *, pad_id: int, mesh: Mesh | None = None,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", layer_by_layer: bool = True):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: choose 'left' or 'right'")
         self.model = model
@@ -58,7 +59,12 @@ class LastTokenRunner:
             raise ValueError("cuDNN attention needs right padding; use padding_side='right'")
         self._forward = jax.jit(functools.partial(_last_hidden, self._graphdef),
                                 in_shardings=(None,) + (self._inputs,) * 3, out_shardings=self._inputs)
-        self._compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}
+        # One device of XLA's CPU: the pass runs a layer at a time over views of the weights (see
+        # layer_by_layer.py); elsewhere, or not `layer_by_layer`, the layers are scanned. (Views keep a
+        # training step from donating the parameters' buffers: the trainer's evaluation scans.)
+        self._layered = (LayerByLayer(model) if layer_by_layer and model.backend.layer_by_layer and mesh is None
+                         else None)
+        self._compiled: dict[tuple[int, int, int], Callable] = {}
         self.tokens_embedded = self.tokens_computed = 0
 
     def use(self, model: Qwen3Model) -> None:
@@ -68,11 +74,14 @@ class LastTokenRunner:
         if graphdef != self._graphdef:
             raise ValueError("the runner's compiled programs are for another model structure")
         self._state = state
+        if self._layered:
+            self._layered.use(model)
 
     @property
     def compiled_programs(self) -> int:
         """How many batch shapes (rows, length, slots) have been compiled so far."""
-        return self._forward._cache_size() + len(self._compiled)
+        jitted = self._layered.compiled_programs if self._layered else self._forward._cache_size()
+        return jitted + len(self._compiled)
 
     def plan(self, lengths: Sequence[int], *, token_budget: int, fixed: bool = False) -> list[Batch]:
         """The batches for texts of these token counts (see layout.plan_batches), for this runner's
@@ -96,7 +105,10 @@ class LastTokenRunner:
             args = [jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=self._inputs)
                     for width in (length, length, slots)]
             with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
-                return shape, self._forward.lower(self._state, *args).compile()
+                if self._layered:
+                    return shape, self._layered.compile(*args)
+                program = self._forward.lower(self._state, *args).compile()
+                return shape, lambda *arrays: program(self._state, *arrays)
 
         missing = [shape for shape in shapes if shape not in self._compiled]
         with ThreadPoolExecutor(threads or 2) as pool:
@@ -109,10 +121,13 @@ class LastTokenRunner:
         program = self._compiled.get((batch.num_rows, batch.length, batch.slots))
         # No mesh: one device; under a mesh, attention loops over each device's own rows.
         with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
-            result = program(self._state, *arrays) if program else self._forward(self._state, *arrays)
+            result = (program or self._run)(*arrays)
         self.tokens_computed += batch.computed_tokens
         self.tokens_embedded += int(sum(len(texts[i]) for row in batch.rows for i in row))
         return Dispatched(batch, result)
+
+    def _run(self, ids: jax.Array, segments: jax.Array, ends: jax.Array) -> jax.Array:
+        return self._layered(ids, segments, ends) if self._layered else self._forward(self._state, ids, segments, ends)
 
     @staticmethod
     def collect(dispatched: Dispatched) -> list[tuple[int, np.ndarray]]:

@@ -180,3 +180,36 @@ def test_encode_packs_texts_and_counts_what_it_compiled(checkpoint):
     assert model.compiled_programs == first                       # the same shapes again: no compile
     model.encode(texts[::2], batch_size=8)
     assert model.compiled_programs <= first + 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cpu_runs_a_layer_at_a_time_over_views_of_the_stacked_weights(checkpoint, dtype):
+    """On one CPU device the runner calls one compiled layer per layer (a scanned layer's weights are
+    copied out of the stacks by XLA's CPU compiler before each product): the same numbers as the
+    scanned pass, bit for bit, from views that share the stacks' memory, after `use` as well."""
+    import jax
+    from flax import nnx
+
+    from qwen3_jax import load_model
+    from qwen3_jax.runner import LastTokenRunner
+
+    model = load_model(checkpoint, dtype=dtype)
+    layered, scanned = LastTokenRunner(model, pad_id=0), LastTokenRunner(model, pad_id=0, layer_by_layer=False)
+    assert model.config.num_hidden_layers >= 2
+    rng = np.random.default_rng(3)
+    rows = [list(rng.integers(3, model.config.vocab_size, n)) for n in [1, 9, 40, 130, 7, 300, 2]]
+    assert np.array_equal(layered(rows, batch_size=1), scanned(rows, batch_size=1))
+    layered.compile([(1, 16, 1)])                       # ahead of time, as the server compiles
+    compiled = layered.compiled_programs
+    assert np.array_equal(layered(rows[1:2], batch_size=1), scanned(rows[1:2], batch_size=1))
+    assert layered.compiled_programs == compiled
+    for stack, *views in zip(jax.tree.leaves(nnx.state(model.layers)),
+                             *[jax.tree.leaves(layer) for layer in layered._layered._layers]):
+        assert [v.unsafe_buffer_pointer() for v in views] == [stack.unsafe_buffer_pointer() + i * views[0].nbytes
+                                                              for i in range(len(views))]
+    other = load_model(checkpoint, dtype=dtype)
+    nnx.update(other, jax.tree.map(lambda a: a * 0.5, nnx.state(other)))
+    layered.use(other)
+    scanned.use(other)
+    assert np.array_equal(layered(rows, batch_size=1), scanned(rows, batch_size=1))
+    assert not np.array_equal(layered(rows, batch_size=1), LastTokenRunner(model, pad_id=0)(rows, batch_size=1))

@@ -99,7 +99,8 @@ class Trainer:
         ranked by the reranker's score (labels are the relevance)."""
         model = self.step.model(state.trainable)
         if self.eval_runner is None:
-            self.eval_runner = LastTokenRunner(model, pad_id=self.tokenizer.end_of_text_id, mesh=self.mesh)
+            self.eval_runner = LastTokenRunner(model, pad_id=self.tokenizer.end_of_text_id, mesh=self.mesh,
+                                               layer_by_layer=False)
         runner = self.eval_runner
         runner.use(model)
         if self.prompts is not None:

@@ -1,0 +1,78 @@
+"""The inference forward pass run one compiled layer at a time over per-layer views of the weights,
+for XLA's CPU compiler.
+
+The model keeps each weight of its decoder layers in one [L, ...] stack, and its forward pass scans
+the layers, each step slicing its layer out of the stacks. XLA's CPU compiler copies those slices before
+the products read them: for a lone short query the copy costs about as much as the products, which
+only read each weight once (docs/design/numerics.md). Here each layer's weights are views of the stacks
+(their own memory on the CPU: nothing is copied, and the stacks stay the only layout that conversion,
+sharding and training know), and one compiled program, a layer, is called once a layer from Python, so
+compile time does not grow with depth. The results are the scanned pass's: the same layer, the same
+products.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen3_jax.model import Qwen3Model
+
+
+def layer_views(stacked: jax.Array) -> list[jax.Array]:
+    """The [L, ...] array `stacked` of one CPU device as L arrays that share its memory."""
+    host = np.asarray(stacked)                  # the array's own memory (read-only), not a copy
+    device = next(iter(stacked.devices()))
+    return [jax.device_put(host[i], device, may_alias=True) for i in range(len(host))]
+
+
+def _per_layer(layer_state) -> list:
+    """The stacked layer state of `nnx.split(model.layers)` as one state a layer, of views."""
+    leaves, treedef = jax.tree.flatten(layer_state)
+    views = [layer_views(leaf) for leaf in leaves]
+    return [treedef.unflatten([v[i] for v in views]) for i in range(len(views[0]))]
+
+
+class LayerByLayer:
+    """`Qwen3Model(ids, segments, at=ends)` as float32, one layer at a time (see the module's text)."""
+
+    def __init__(self, model: Qwen3Model):
+        graphdef, _ = nnx.split(model)
+        layer_graphdef, _ = nnx.split(model.layers)
+        self._inputs = jax.jit(lambda state, ids, segments: nnx.merge(graphdef, state).inputs(ids, segments))
+        self._layer = jax.jit(functools.partial(model.apply_layer, layer_graphdef))
+        self._outputs = jax.jit(lambda state, x, at: nnx.merge(graphdef, state).outputs(x, at).astype(jnp.float32))
+        self.use(model)
+
+    def use(self, model: Qwen3Model) -> None:
+        """Runs `model`'s parameter values from now on (the same architecture)."""
+        self._state = nnx.state(model)
+        self._layers = _per_layer(nnx.state(model.layers))
+
+    @property
+    def compiled_programs(self) -> int:
+        """How many batch shapes the jitted pass has compiled (its last program has one per shape)."""
+        return self._outputs._cache_size()
+
+    def __call__(self, ids: jax.Array, segments: jax.Array, ends: jax.Array) -> jax.Array:
+        return self._run(self._inputs, self._layer, self._outputs, ids, segments, ends)
+
+    def _run(self, inputs: Callable, layer: Callable, outputs: Callable, ids, segments, ends) -> jax.Array:
+        x, context = inputs(self._state, ids, segments)
+        for layer_state in self._layers:
+            x = layer(layer_state, x, context)
+        return outputs(self._state, x, ends)
+
+    def compile(self, ids: jax.ShapeDtypeStruct, segments: jax.ShapeDtypeStruct,
+                ends: jax.ShapeDtypeStruct) -> Callable:
+        """The pass compiled now for arrays of these shapes: a function of (ids, segments, ends)."""
+        inputs = self._inputs.lower(self._state, ids, segments).compile()
+        x, context = jax.eval_shape(self._inputs, self._state, ids, segments)
+        layer = self._layer.lower(self._layers[0], x, context).compile()
+        outputs = self._outputs.lower(self._state, x, ends).compile()
+        return functools.partial(self._run, inputs, layer, outputs)
