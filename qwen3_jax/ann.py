@@ -99,6 +99,7 @@ class ApproximateIndex:
     def __init__(self, folder: Path, record: dict, index):
         self.folder, self.record, self.index = folder, record, index
         self.settings = AnnSettings(**record["settings"])
+        self.starts: np.ndarray | None = None        # set by open_for
 
     @classmethod
     def load(cls, folder: Path) -> "ApproximateIndex | None":
@@ -113,7 +114,8 @@ class ApproximateIndex:
         return {int(k): v for k, v in self.record["shards"].items()}
 
     def candidates(self, queries: np.ndarray, k: int, *, ef: int | None = None) -> np.ndarray:
-        """Positions [n, c] (c >= k; -1 where fewer were found) of each query's candidates in `index`."""
+        """Positions [n, c] (c >= k; -1 where fewer were found) of each query's candidates in the corpus
+        this index was matched to (`open_for`)."""
         if self.settings.kind == "hnsw":
             _faiss().downcast_index(self.index.index).hnsw.efSearch = max(ef or self.settings.ef_search, k)
             wanted = k
@@ -121,16 +123,13 @@ class ApproximateIndex:
             self.index.nprobe = ef or self.settings.ef_search
             wanted = 4 * k                         # PQ scores are coarse: the exact rescoring picks among more
         _, keys = self.index.search(np.ascontiguousarray(queries, np.float32), wanted)
-        return keys
-
-    def positions(self, keys: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """Keys -> positions in the corpus (`starts[shard]`: the shard's first position); -1 stays -1."""
         shard, row = keys >> ROW_BITS, keys & ((1 << ROW_BITS) - 1)
-        return np.where(keys < 0, -1, starts[np.maximum(shard, 0)] + row)
+        return np.where(keys < 0, -1, self.starts[np.maximum(shard, 0)] + row)
 
 
-def open_for(index) -> "Searcher":
-    """The folder's approximate index, checked to hold exactly the corpus `index` lists."""
+def open_for(index) -> ApproximateIndex:
+    """The folder's approximate index, checked to hold exactly the corpus `index` lists, and matched to
+    it: `starts[shard]` is the shard's first position in the corpus."""
     found = ApproximateIndex.load(index.folder)
     if found is None:
         raise FileNotFoundError(f"{index.folder} has no approximate index; build one with "
@@ -138,20 +137,9 @@ def open_for(index) -> "Searcher":
     if {shard: held["digest"] for shard, held in found.holds().items()} != index.digest:
         raise ValueError(f"{index.folder}'s approximate index was built before its corpus changed; run "
                          f"qwen3-jax build-ann --index {index.folder} again (it adds only what changed)")
-    starts = np.full(max(index.shards, default=0) + 1, -1, np.int64)
-    starts[index.shards] = index.starts[:-1]
-    return Searcher(found, starts)
-
-
-@dataclasses.dataclass
-class Searcher:
-    """An approximate index matched to the corpus it was built from."""
-
-    found: ApproximateIndex
-    starts: np.ndarray          # each shard's first position in the corpus, by shard number
-
-    def candidates(self, queries: np.ndarray, k: int, *, ef: int | None = None) -> np.ndarray:
-        return self.found.positions(self.found.candidates(queries, k, ef=ef), self.starts)
+    found.starts = np.full(max(index.shards, default=0) + 1, -1, np.int64)
+    found.starts[index.shards] = index.starts[:-1]
+    return found
 
 
 def build_ann(index, settings: AnnSettings | None = None, *, quiet: bool = False) -> dict:
