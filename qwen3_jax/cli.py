@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--width", type=int, default=1024, help="with --search: the vectors' width")
     bench.add_argument("--ann-kinds", default="hnsw,ivf-pq", help="with --search: approximate indexes to build")
     bench.add_argument("--quantized", default="int8,binary", help="with --search: quantized storages to compare")
+    bench.add_argument("--ann-ef", default="", help="with --search: also search at these ef values (e.g. 128,256)")
     bench.add_argument("--serve", action="store_true",
                        help="load-test `qwen3-jax serve` (and Infinity, with --infinity) on loopback at --levels")
     bench.add_argument("--infinity", default=os.environ.get("QWEN3_JAX_INFINITY"),
@@ -455,7 +456,7 @@ def run_bench(args) -> None:
         from qwen3_jax.bench.search import run_search_benchmark
 
         result = run_search_benchmark(vectors=args.search, width=args.width, kinds=_listed(args.ann_kinds),
-                                      quantized=_listed(args.quantized))
+                                      quantized=_listed(args.quantized), efs=[int(ef) for ef in _listed(args.ann_ef)])
     elif args.suite == "mixes":
         result = run_mixes(tokenizer=args.tokenizer, layers=args.layers, dtype=args.dtype, texts=args.texts,
                            batch_size=args.batch_size, repeats=args.repeats, attention=args.attention)

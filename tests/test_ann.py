@@ -111,3 +111,16 @@ def test_quantized_shards_are_sentence_transformers_quantize_embeddings(embedder
     walked_scores, walked = Index.open(tmp_path / "q").search(queries, 10, approximate=True, ef=len(documents))
     assert walked == found and np.array_equal(walked_scores, scores)
     assert _recall(Index.open(tmp_path / "q").search(queries, 10, approximate=True)[1], found) >= 0.95
+
+
+def test_the_search_benchmark_prints_recall_and_speed_at_each_ef(tmp_path, capsys):
+    figures = tmp_path / "search.json"
+    assert main(["bench", "--search", "3000", "--width", "32", "--ann-kinds", "hnsw,ivf-pq", "--quantized", "int8",
+                 "--ann-ef", "64,1", "--json", str(figures)]) == 0
+    printed = capsys.readouterr().out
+    assert "hnsw ef=1: built in" in printed and "int8:" in printed
+    result = json.loads(figures.read_text())
+    assert result["exact_qps"] > 0 and result["vectors"] == 3000
+    assert result["hnsw ef=64"]["recall_at_10"] == result["hnsw"]["recall_at_10"] >= 0.9     # 64: the default
+    assert result["ivf-pq ef=1"]["recall_at_10"] < result["ivf-pq"]["recall_at_10"]         # one list probed
+    assert 0.9 <= result["int8"]["recall_at_10"] <= 1.0

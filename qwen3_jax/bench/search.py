@@ -61,9 +61,11 @@ def _size_mib(paths) -> float:
     return sum(p.stat().st_size for p in paths) / 2**20
 
 
-def run_search_benchmark(*, vectors: int, width: int, kinds: list[str], quantized: list[str], out=print) -> dict:
+def run_search_benchmark(*, vectors: int, width: int, kinds: list[str], quantized: list[str], efs: list[int] = (),
+                         out=print) -> dict:
     """Exact search of 1,000 queries over `vectors` float16 vectors of `width`; then each approximate
-    index kind (build, recall@10 against exact, queries/s) and each quantized storage (size, recall@10)."""
+    index kind (build, recall@10 against exact, queries/s at its default ef and at each of `efs`) and
+    each quantized storage (size, recall@10)."""
     from qwen3_jax.ann import AnnSettings, build_ann
     from qwen3_jax.index import Index
 
@@ -85,14 +87,16 @@ def run_search_benchmark(*, vectors: int, width: int, kinds: list[str], quantize
             built = time.perf_counter() - begun
             searched = Index.open(folder)
             searched.search(queries[:10], 10, approximate=True)          # reads the index once
-            begun = time.perf_counter()
-            _, found = searched.search(queries, 10, approximate=True)
-            seconds = time.perf_counter() - begun
-            row = {"build_s": built, "recall_at_10": _recall(found, exact), "qps": 1000 / seconds,
-                   "speedup": exact_s / seconds, "index_mib": _size_mib((folder / "ann").glob("index-*"))}
-            result[kind] = row
-            out(f"{kind}: built in {built:,.1f} s, recall@10 {row['recall_at_10']:.3f}, {row['qps']:,.0f} queries/s "
-                f"({row['speedup']:,.0f}x exact), index {row['index_mib']:,.0f} MiB")
+            for ef in [None, *efs]:
+                begun = time.perf_counter()
+                _, found = searched.search(queries, 10, approximate=True, ef=ef)
+                seconds = time.perf_counter() - begun
+                name = kind if ef is None else f"{kind} ef={ef}"
+                row = {"build_s": built, "recall_at_10": _recall(found, exact), "qps": 1000 / seconds,
+                       "speedup": exact_s / seconds, "index_mib": _size_mib((folder / "ann").glob("index-*"))}
+                result[name] = row
+                out(f"{name}: built in {built:,.1f} s, recall@10 {row['recall_at_10']:.3f}, {row['qps']:,.0f} "
+                    f"queries/s ({row['speedup']:,.0f}x exact), index {row['index_mib']:,.0f} MiB")
         for precision in quantized:
             other = Path(tmp) / precision
             other.mkdir()
