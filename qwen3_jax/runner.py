@@ -80,8 +80,8 @@ class LastTokenRunner:
     @property
     def compiled_programs(self) -> int:
         """How many batch shapes (rows, length, slots) have been compiled so far."""
-        jitted = self._layered.compiled_programs if self._layered else self._forward._cache_size()
-        return jitted + len(self._compiled)
+        on_call = self._layered.compiled_programs if self._layered else self._forward._cache_size()
+        return on_call + len(self._compiled)          # compiled when first called, and ahead of time
 
     def plan(self, lengths: Sequence[int], *, token_budget: int, fixed: bool = False) -> list[Batch]:
         """The batches for texts of these token counts (see layout.plan_batches), for this runner's

@@ -87,13 +87,14 @@ def run_search_benchmark(*, vectors: int, width: int, kinds: list[str], quantize
             built = time.perf_counter() - begun
             searched = Index.open(folder)
             searched.search(queries[:10], 10, approximate=True)          # reads the index once
+            index_mib = _size_mib((folder / "ann").glob("index-*"))
             for ef in [None, *efs]:
                 begun = time.perf_counter()
                 _, found = searched.search(queries, 10, approximate=True, ef=ef)
                 seconds = time.perf_counter() - begun
                 name = kind if ef is None else f"{kind} ef={ef}"
                 row = {"build_s": built, "recall_at_10": _recall(found, exact), "qps": 1000 / seconds,
-                       "speedup": exact_s / seconds, "index_mib": _size_mib((folder / "ann").glob("index-*"))}
+                       "speedup": exact_s / seconds, "index_mib": index_mib}
                 result[name] = row
                 out(f"{name}: built in {built:,.1f} s, recall@10 {row['recall_at_10']:.3f}, {row['qps']:,.0f} "
                     f"queries/s ({row['speedup']:,.0f}x exact), index {row['index_mib']:,.0f} MiB")
