@@ -10,6 +10,8 @@ float queries. Either way the candidates are then scored one by one, the same wa
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from qwen3_jax.quantize import dequantize
 
 BLOCK_ROWS = 65_536
 SPARE_CANDIDATES = 16            # candidates beyond k that the float32 blocks pass on (see Index.search)
+RESCORED_QUERIES = 16
 
 
 def _top_k_in_order(scores: np.ndarray, k: int) -> np.ndarray:
@@ -124,20 +127,24 @@ class Index:
                 best, where = scores[keep].reshape(n, k), positions[keep].reshape(n, k)
         return where
 
-    def _rescored(self, queries: np.ndarray, positions: np.ndarray, chunk: int = 256) -> np.ndarray:
-        """Each query's score against the vectors at `positions` [n, c], each summed in float64 in one
-        fixed order (equal vectors, equal scores), as float32 (-inf where a position is -1: fewer
-        candidates than asked); `chunk` queries at a time."""
-        starts = self.starts
+    def _rescored(self, queries: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Each query's float32 score against the vectors at `positions` [n, c] (-inf where a position is
+        -1: fewer candidates than asked). Each pair's products are summed by the same loop over the
+        dimensions (np.einsum), wherever the pair sits: equal vectors, equal scores. RESCORED_QUERIES
+        queries at a time (their rows stay in the caches), on every core."""
         scores = np.empty(positions.shape, np.float32)
-        for first in range(0, len(queries), chunk):
-            part = positions[first:first + chunk]
-            shard = np.searchsorted(starts, part, side="right") - 1
-            rows = np.zeros(part.shape + (self.dim,), np.float64)
-            for s, vectors in enumerate(self._vectors):
-                chosen = (shard == s) & (part >= 0)
-                if chosen.any():
-                    rows[chosen] = self._decoded(s, vectors[part[chosen] - starts[s]])
-            scores[first:first + chunk] = np.einsum("ND,NCD->NC", queries[first:first + chunk].astype(np.float64), rows)
+        shard = np.searchsorted(self.starts, positions, side="right") - 1
+
+        def score(first: int) -> None:
+            part, where = positions[first:first + RESCORED_QUERIES], shard[first:first + RESCORED_QUERIES]
+            rows = np.empty(part.shape + (self.dim,), np.float32)
+            rows[part < 0] = 0
+            for s in np.unique(where[part >= 0]):
+                chosen = (where == s) & (part >= 0)
+                rows[chosen] = self._decoded(s, self._vectors[s][part[chosen] - self.starts[s]])
+            scores[first:first + len(part)] = np.einsum("ND,NCD->NC", queries[first:first + len(part)], rows)
+
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(score, range(0, len(queries), RESCORED_QUERIES)))
         scores[positions < 0] = -np.inf
         return scores
