@@ -65,8 +65,8 @@ def _free_port() -> int:
 def _check_commands(code: str) -> None:
     """Every `qwen3-jax ...` (or `python3 -m qwen3_jax.cli ...`) in a bash block is accepted by the CLI's parser."""
     subprocess.run(["bash", "-n", "-c", code], check=True)
-    lexer = shlex.shlex(code.replace("\\\n", " "), posix=True, punctuation_chars=True)
-    lexer.whitespace_split, lexer.commenters = True, "#"
+    lexer = shlex.shlex(code.replace("\\\n", " "), posix=True, punctuation_chars="();<>|&\n")
+    lexer.whitespace_split, lexer.commenters, lexer.whitespace = True, "#", " \t\r"     # a line ends a command
     tokens, commands = list(lexer), []
     for i, token in enumerate(tokens):
         if token == "qwen3-jax" or (token == "qwen3_jax.cli" and tokens[i - 1] == "-m"):
