@@ -183,6 +183,13 @@ def test_search_is_exact_across_blocks_and_shards(embedder, checkpoint, corpus, 
     assert ids == [[corpus["documents"][i]["id"] for i in row] for row in order]
     assert np.abs(scores - np.take_along_axis(expected, order, axis=1)).max() <= 1e-6
     assert index.search(queries, k=1000)[0].shape == (3, 240)
+    many = np.random.default_rng(3).standard_normal((40, index.dim)).astype(np.float32)   # several blocks of queries
+    many /= np.linalg.norm(many, axis=1, keepdims=True)
+    many_scores, many_ids = index.search(many, k=5)
+    expected = many @ vectors.T
+    order = np.argsort(-expected, axis=1, kind="stable")[:, :5]
+    assert many_ids == [[corpus["documents"][i]["id"] for i in row] for row in order]
+    assert np.abs(many_scores - np.take_along_axis(expected, order, axis=1)).max() <= 1e-6
     with pytest.raises(ValueError, match="dimension 32; this index holds 64"):
         index.search(queries[:, :32])
 
