@@ -2,7 +2,9 @@
 same checkpoint folder, one after the other in the same run.
 
 Both servers are started here on loopback ports; before any timing, both embed the same sample of
-texts and must agree within 1e-4. Then, at each concurrency level C, C clients (threads, each with its
+texts and must agree within 1e-4. First lone queries of 5-30 tokens, one at a time, each sent to every
+server in turn (`lone_queries`: a latency of a few milliseconds is compared, so the machine's drift
+must fall on both alike). Then, at each concurrency level C, C clients (threads, each with its
 own keep-alive connection, stdlib HTTP only) send requests from one fixed mix, each the moment its last
 answer came: single queries of 5-30 tokens, and batches of 8-32 documents of 80-500 tokens. A level
 stops after its request budget or its time budget, whichever comes first. Reported per level and
@@ -183,11 +185,39 @@ def drive(target: Target, requests: list[Request], *, concurrency: int, max_requ
                             on_busy=lambda: busy.__setitem__(0, busy[0] + 1)) is not None
 
     done = clients(target.port, concurrency=concurrency, count=max_requests, max_seconds=max_seconds, send=send)
-    seconds = time.perf_counter() - started
-    answered = [requests[number % len(requests)] for number, _, _, ok in done if ok]
-    ordered = sorted(latency for _, _, latency, ok in done if ok) or [float("nan")]
-    return {"server": target.name, "concurrency": concurrency, "requests": len(answered),
-            "failures": len(done) - len(answered), "retried_429": busy[0], "seconds": seconds,
+    timed = [(requests[number % len(requests)], latency, ok) for number, _, latency, ok in done]
+    return _figures(target.name, concurrency, timed, busy[0], time.perf_counter() - started)
+
+
+def lone_queries(targets: list[Target], queries: list[Request], *, max_requests: int, max_seconds: float) -> list[dict]:
+    """Each query sent to every server in turn, one request at a time, the others paused meanwhile
+    (SIGSTOP), the order alternating: the machine's drift over the run falls on every server alike
+    (a few milliseconds matter here, and a shared 2-core machine drifts by more). A row per server."""
+    timed = {target.name: [] for target in targets}
+    connections = {target.name: http.client.HTTPConnection("127.0.0.1", target.port, timeout=600) for target in targets}
+    started = time.perf_counter()
+    for number in range(max_requests):
+        if time.perf_counter() - started > max_seconds:
+            break
+        query = queries[number % len(queries)]
+        for target in targets[::-1] if number % 2 else targets:
+            _signal_others(target, targets, signal.SIGSTOP)
+            begin = time.perf_counter()
+            ok = target.embed(query.texts, connections[target.name]) is not None
+            timed[target.name].append((query, time.perf_counter() - begin, ok))
+            _signal_others(target, targets, signal.SIGCONT)
+    for connection in connections.values():
+        connection.close()
+    return [_figures(name, 1, rows, 0, sum(latency for _, latency, _ in rows)) for name, rows in timed.items()]
+
+
+def _figures(server: str, concurrency: int, timed: list[tuple[Request, float, bool]], retried_429: int,
+             seconds: float) -> dict:
+    """A level's row from its (request, seconds, answered) triples over `seconds` of sending."""
+    answered = [request for request, _, ok in timed if ok]
+    ordered = sorted(latency for _, latency, ok in timed if ok) or [float("nan")]
+    return {"server": server, "concurrency": concurrency, "requests": len(answered),
+            "failures": len(timed) - len(answered), "retried_429": retried_429, "seconds": seconds,
             "texts_per_s": sum(len(r.texts) for r in answered) / seconds,
             "tokens_per_s": sum(r.tokens for r in answered) / seconds,
             "p50_s": statistics.median(ordered), "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
@@ -235,8 +265,11 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
         for target in started:
             _signal_others(target, started, signal.SIGSTOP)          # only the server under test has work
             drive(target, lone, concurrency=1, max_requests=5, max_seconds=60)          # warm
-            rows.append({**drive(target, lone, concurrency=1, max_requests=max(10, max_requests // 4),
-                                 max_seconds=max_seconds / 2), "mix": "lone query"})
+            _signal_others(target, started, signal.SIGCONT)
+        rows += [{**row, "mix": "lone query"}
+                 for row in lone_queries(started, lone, max_requests=max_requests, max_seconds=max_seconds)]
+        for target in started:
+            _signal_others(target, started, signal.SIGSTOP)
             for level in levels:
                 rows.append({**drive(target, requests, concurrency=level, max_requests=max_requests,
                                      max_seconds=max_seconds), "mix": "queries + documents"})
