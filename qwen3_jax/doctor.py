@@ -45,18 +45,23 @@ def difference_from_dense(impl: str, q, k, v, segments) -> dict:
     """How far `impl` is from dense attention on this device (a kernel of another platform runs
     interpreted): the largest |difference| of the outputs over real tokens, of the q, k, v gradients for
     one random output gradient, and the largest |gradient| for scale; each side's values and gradients
-    come from one vjp."""
+    come from one vjp, all of it one compiled program."""
     backend = Backend.resolve(impl)
     interpret = KERNEL_PLATFORMS.get(impl, backend.platform) != backend.platform
-    real = (segments > 0)[..., None, None]                        # padding outputs are unspecified
-    d_out = jnp.where(real, jax.random.normal(jax.random.PRNGKey(1), q.shape, q.dtype), 0)
-    got, got_backward = jax.vjp(lambda *x: attention(*x, segments, backend=backend, interpret=interpret), q, k, v)
-    want, want_backward = jax.vjp(lambda *x: dense_attention(*x, segments), q, k, v)
-    as32 = lambda x: x.astype(jnp.float32)
-    pairs = list(zip(got_backward(d_out), want_backward(d_out)))
-    return {"max_abs_value_diff": float(jnp.abs(jnp.where(real, as32(got) - as32(want), 0)).max()),
-            "max_abs_gradient_diff": max(float(jnp.abs(as32(a) - as32(b)).max()) for a, b in pairs),
-            "gradient_scale": max(float(jnp.abs(as32(b)).max()) for _, b in pairs)}
+
+    @jax.jit
+    def compare(q, k, v, segments):
+        real = (segments > 0)[..., None, None]                        # padding outputs are unspecified
+        d_out = jnp.where(real, jax.random.normal(jax.random.PRNGKey(1), q.shape, q.dtype), 0)
+        got, got_backward = jax.vjp(lambda *x: attention(*x, segments, backend=backend, interpret=interpret), q, k, v)
+        want, want_backward = jax.vjp(lambda *x: dense_attention(*x, segments), q, k, v)
+        as32 = lambda x: x.astype(jnp.float32)
+        pairs = list(zip(got_backward(d_out), want_backward(d_out)))
+        return {"max_abs_value_diff": jnp.abs(jnp.where(real, as32(got) - as32(want), 0)).max(),
+                "max_abs_gradient_diff": jnp.max(jnp.stack([jnp.abs(as32(a) - as32(b)).max() for a, b in pairs])),
+                "gradient_scale": jnp.max(jnp.stack([jnp.abs(as32(b)).max() for _, b in pairs]))}
+
+    return {name: float(value) for name, value in compare(q, k, v, segments).items()}
 
 
 def check_kernel(impl: str, dtype: str) -> tuple[float, float]:
