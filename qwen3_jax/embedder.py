@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -30,16 +31,19 @@ def pooled_vectors(hidden: np.ndarray, dim: int | None = None, normalize: bool =
 
 
 class Qwen3Embedder:
-    """Encodes texts into Qwen3-Embedding vectors: last-token pooling, MRL dims, L2 normalisation."""
+    """Encodes texts into Qwen3-Embedding vectors: last-token pooling, MRL dims, L2 normalisation.
+    `truncate_dim` is sentence-transformers': every `encode` keeps that many values unless told otherwise."""
 
     def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, prompts: dict[str, str] | None = None,
                  default_prompt_name: str | None = None, max_length: int | None = None, mesh: Mesh | None = None,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", truncate_dim: int | None = None):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
+        self.truncate_dim = None if truncate_dim is None else check_dim(truncate_dim, model.config.hidden_size,
+                                                                        name="truncate_dim=")
         self.max_length = check_max_length(max_length, self.config.max_position_embeddings)
         self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh,
                                       padding_side=padding_side)
@@ -61,7 +65,15 @@ class Qwen3Embedder:
 
     @property
     def dimension(self) -> int:
+        """The model's full width (hidden size), whatever truncate_dim is."""
         return self.config.hidden_size
+
+    def get_sentence_embedding_dimension(self) -> int:
+        """The width `encode` returns by default: truncate_dim when set, else the hidden size (as
+        sentence-transformers)."""
+        return self.truncate_dim or self.dimension
+
+    get_embedding_dimension = get_sentence_embedding_dimension     # sentence-transformers 5.2+'s name
 
     @property
     def tokens_embedded(self) -> int:
@@ -96,7 +108,9 @@ class Qwen3Embedder:
 
     def encode(self, texts: Sequence[str] | str, *, prompt_name: str | None = None, prompt: str | None = None,
                instruction: str | None = None, dim: int | None = None, batch_size: int = 32,
-               normalize: bool = True, max_length: int | None = None, show_progress_bar: bool = False) -> np.ndarray:
+               normalize: bool = True, max_length: int | None = None, show_progress_bar: bool = False,
+               truncate_dim: int | None = None, normalize_embeddings: bool = False, convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False):
         """Embeds texts: float32 [n, dim or hidden] (a single string gives [dim]).
 
         `instruction` formats queries as "Instruct: {instruction}\\nQuery:{text}"; `prompt_name`
@@ -104,15 +118,46 @@ class Qwen3Embedder:
         `batch_size` sizes one forward pass as batch_size x 512 tokens: that many texts of up to 512
         tokens, more shorter ones (packed several to a row), fewer longer ones. `show_progress_bar`
         shows texts/s, tokens/s and time left on stderr.
+
+        sentence-transformers' names, with its semantics: `truncate_dim` keeps the first values of the
+        normalised vector (not normalised again unless `normalize_embeddings`; the model's own
+        truncate_dim when not given); `convert_to_tensor` returns a jax.Array (this library's tensor);
+        `convert_to_numpy=False` a list of one jax.Array a text.
         """
+        if dim is not None and truncate_dim is not None:
+            raise UsageError("pass dim (truncate, then normalise) or truncate_dim (sentence-transformers': "
+                             "truncate the normalised vector), not both")
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
+        if dim is None and truncate_dim is None:
+            truncate_dim = self.truncate_dim
         dim = check_dim(dim, self.dimension)
+        truncate_dim = check_dim(truncate_dim, self.dimension, name="truncate_dim=")
         max_length = self.max_length if max_length is None else check_max_length(max_length)
         prefix = self.resolve_prefix(prompt_name, prompt, instruction)
         rows = self.tokenizer.encode([prefix + t for t in texts], max_length)
         out = pooled_vectors(self.runner(rows, batch_size=batch_size, progress=show_progress_bar), dim, normalize)
-        return out[0] if single else out
+        out = out[:, :truncate_dim]
+        if normalize_embeddings:
+            out = normalize_rows(out)
+        out = out[0] if single else out
+        if convert_to_tensor:
+            return jax.numpy.asarray(out)
+        return out if convert_to_numpy or single else [jax.numpy.asarray(row) for row in out]
+
+    def encode_query(self, texts: Sequence[str] | str, **kwargs):
+        """encode with the "query" prompt when the model has one and no prompt is given (sentence-transformers')."""
+        if not {"prompt_name", "prompt", "instruction"} & kwargs.keys() and "query" in self.prompts:
+            kwargs["prompt_name"] = "query"
+        return self.encode(texts, **kwargs)
+
+    def encode_document(self, texts: Sequence[str] | str, **kwargs):
+        """encode with the first of the "document", "passage" and "corpus" prompts the model has, when no
+        prompt is given (sentence-transformers')."""
+        if not {"prompt_name", "prompt", "instruction"} & kwargs.keys():
+            kwargs["prompt_name"] = next((name for name in ("document", "passage", "corpus") if name in self.prompts),
+                                         None)
+        return self.encode(texts, **kwargs)
 
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

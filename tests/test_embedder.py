@@ -49,6 +49,57 @@ def test_mrl_dims_truncate_then_normalise(embedder, sentence_transformer, dim):
     assert np.abs(ours - ref).max() <= 1e-4
 
 
+def test_sentence_transformers_truncate_dim_and_normalize_embeddings(embedder, sentence_transformer):
+    for normalize_embeddings in (False, True):
+        ref = sentence_transformer.encode(CORPUS, truncate_dim=40, normalize_embeddings=normalize_embeddings)
+        ours = embedder.encode(CORPUS, truncate_dim=40, normalize_embeddings=normalize_embeddings)
+        assert ours.shape == ref.shape == (len(CORPUS), 40)
+        assert np.abs(ours - ref).max() <= 1e-4
+    assert np.linalg.norm(ours, axis=1).min() > 0.999         # normalised again...
+    assert np.linalg.norm(embedder.encode(CORPUS, truncate_dim=40), axis=1).max() < 0.999   # ...only when asked
+    with pytest.raises(ValueError, match="not both"):
+        embedder.encode(CORPUS, dim=32, truncate_dim=32)
+
+
+def test_truncate_dim_of_the_model_as_sentence_transformers(checkpoint, embedder):
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(checkpoint), device="cpu", truncate_dim=48)
+    ours = Qwen3Embedder.from_pretrained(checkpoint, truncate_dim=48)
+    assert ours.get_sentence_embedding_dimension() == reference.get_sentence_embedding_dimension() == 48
+    assert embedder.get_sentence_embedding_dimension() == 64
+    assert np.abs(ours.encode(CORPUS) - reference.encode(CORPUS)).max() <= 1e-4
+    assert ours.encode(CORPUS, truncate_dim=32).shape == (len(CORPUS), 32)      # encode's own wins
+    assert ours.encode(CORPUS, dim=64).shape == (len(CORPUS), 64)
+    with pytest.raises(ValueError, match="truncate_dim=100 is outside 32..64"):
+        Qwen3Embedder.from_pretrained(checkpoint, truncate_dim=100)
+
+
+def test_encode_query_and_document_use_the_prompts_as_sentence_transformers(embedder, sentence_transformer):
+    queries = embedder.encode_query(CORPUS[:4])
+    assert np.abs(queries - sentence_transformer.encode_query(CORPUS[:4])).max() <= 1e-4
+    assert np.abs(queries - embedder.encode(CORPUS[:4], prompt_name="query")).max() == 0
+    assert np.abs(queries - embedder.encode(CORPUS[:4])).max() > 1e-3          # the prompt made a difference
+    documents = embedder.encode_document(CORPUS[:4], truncate_dim=32, normalize_embeddings=True)
+    ref = sentence_transformer.encode_document(CORPUS[:4], truncate_dim=32, normalize_embeddings=True)
+    assert np.abs(documents - ref).max() <= 1e-4
+    assert np.abs(embedder.encode_query(CORPUS[:2], instruction="Find it") -
+                  embedder.encode(CORPUS[:2], instruction="Find it")).max() == 0       # a given prompt wins
+
+
+def test_convert_to_tensor_gives_jax_arrays(embedder):
+    import jax
+
+    full = embedder.encode(CORPUS[:3])
+    tensor = embedder.encode(CORPUS[:3], convert_to_tensor=True)
+    assert isinstance(tensor, jax.Array) and tensor.shape == (3, 64)
+    assert np.abs(np.asarray(tensor) - full).max() == 0
+    rows = embedder.encode(CORPUS[:3], convert_to_numpy=False)
+    assert isinstance(rows, list) and len(rows) == 3 and all(isinstance(row, jax.Array) for row in rows)
+    assert np.abs(np.stack(rows) - full).max() == 0
+    assert isinstance(embedder.encode(CORPUS[0], convert_to_tensor=True), jax.Array)
+
+
 def test_left_padding_gives_the_same_embeddings(checkpoint, embedder):
     left = Qwen3Embedder.from_pretrained(checkpoint, padding_side="left")
     assert np.abs(left.encode(MIXED) - embedder.encode(MIXED)).max() <= 1e-5
