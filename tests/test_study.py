@@ -278,3 +278,182 @@ def test_hooks_key_the_compiled_program(hooked):
     assert np.array_equal(np.asarray(hooked.run_with_hooks(TEXTS[:2], fwd_hooks=[("blocks.1.hook_mlp_out", zero)])),
                           hooked_out)
     assert hooked._run._cache_size() == before + 1
+
+
+def _torch_layer_states(model, tokens):
+    """Each decoder layer's output at each input's last token through transformers' final norm, [B, L, D]."""
+    import torch
+
+    acts, _ = _torch_run(model, tokens)
+    decoder, last = _decoder(model), tokens.mask.sum(axis=1) - 1
+    with torch.no_grad():
+        return np.stack([decoder.norm(torch.as_tensor(acts[f"blocks.{l}.hook_resid_post"])).numpy()[np.arange(len(last)), last]
+                         for l in range(len(decoder.layers))], axis=1)
+
+
+def test_logit_lens_matches_transformers(hooked, torch_embedder):
+    import torch
+
+    lens = logit_lens(hooked, TEXTS, top_k=3)
+    acts, _ = _torch_run(torch_embedder, hooked.to_tokens(TEXTS))
+    table = torch_embedder.embed_tokens.weight                   # tied: an embedding model has no LM head
+    for l in range(hooked.cfg.num_hidden_layers):
+        with torch.no_grad():
+            logits = torch_embedder.norm(torch.as_tensor(acts[f"blocks.{l}.hook_resid_post"])) @ table.T
+        best, ids = logits.topk(3, dim=-1)
+        mask = lens.mask
+        assert np.array_equal(lens.ids[:, l][mask], ids.numpy()[mask]), f"layer {l}"
+        assert np.abs(lens.logits[:, l][mask] - best.numpy()[mask]).max() <= 1e-4
+        probs = torch.gather(logits.softmax(-1), -1, ids).numpy()
+        assert np.abs(lens.probs[:, l][mask] - probs[mask]).max() <= 1e-5
+
+
+def test_reranker_margin_per_layer_matches_transformers(hooked_reranker, torch_reranker):
+    margins = yes_no_margins(hooked_reranker, PAIRS)
+    states = _torch_layer_states(torch_reranker, hooked_reranker.to_tokens(PAIRS))
+    no, yes = hooked_reranker.answers
+    head = torch_reranker.lm_head.weight.detach().numpy()
+    assert np.abs(margins - states @ (head[yes] - head[no])).max() <= 1e-4
+    assert np.abs(margins[:, -1] - np.asarray(hooked_reranker(PAIRS))).max() <= 1e-5
+
+
+def test_embedder_layer_cosines_and_scores_match_transformers(hooked, torch_embedder):
+    instruction = "Given a web search query, retrieve relevant passages that answer the query"
+    queries, documents = TEXTS[1:], CORPUS[:2]
+    normed = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q = normed(_torch_layer_states(torch_embedder, hooked.to_tokens(queries, instruction=instruction)))
+    d = normed(_torch_layer_states(torch_embedder, hooked.to_tokens(documents)))
+    cosines = layer_cosines(hooked, documents)
+    assert np.abs(cosines - np.einsum("BLD,BD->BL", d, d[:, -1])).max() <= 1e-4
+    assert np.abs(cosines[:, -1] - 1).max() <= 1e-5
+    scores = layer_scores(hooked, queries, documents, instruction=instruction)
+    assert np.abs(scores - np.einsum("QLD,SLD->LQS", q, d)).max() <= 1e-4
+    assert np.abs(scores[-1] - Qwen3Embedder.similarity(np.asarray(hooked(queries, instruction=instruction)),
+                                                         np.asarray(hooked(documents)))).max() <= 1e-5
+
+
+def test_a_pattern_window_of_a_long_text(hooked, torch_embedder):
+    """pattern_window keeps the chosen query rows (equal to transformers'), changes nothing else, and the
+    compiled program of a 4,096-token text needs less memory than one head's whole pattern."""
+    from tests.conftest import long_text
+
+    text = [long_text(120)]
+    tokens = hooked.to_tokens(text)
+    length = tokens.ids.shape[1]
+    names = ["blocks.1.attn.hook_pattern", "ln_final.hook_normalized"]
+    out, cache = hooked.run_with_cache(text, names_filter=names, pattern_window=(length - 5, length))
+    reference, final = _torch_run(torch_embedder, tokens)
+    assert cache["pattern", 1].shape == (1, hooked.cfg.num_attention_heads, 5, length)
+    assert np.abs(np.asarray(cache["pattern", 1]) - reference["blocks.1.attn.hook_pattern"][:, :, -5:]).max() <= 1e-5
+    assert np.abs(np.asarray(out) - final).max() <= 1e-4
+    with pytest.raises(UsageError, match="whole pattern"):
+        hooked.run_with_cache(text, fwd_hooks=[(names[0], lambda x, hook: x)], pattern_window=(0, 4))
+    with pytest.raises(UsageError, match="pattern_window"):
+        hooked.run_with_cache(text, pattern_window=(5, length + 1))
+    long = 4096
+    ids, mask = jax.ShapeDtypeStruct((1, long), jnp.int32), jax.ShapeDtypeStruct((1, long), jnp.bool_)
+    patterns = frozenset(name for name in hooked.hook_names if name.endswith("pattern"))
+    program = hooked._run.lower(hooked._state, ids, mask, hooks=(), record=patterns,
+                                pattern_window=(long - 8, long), answers=None).compile()
+    memory = program.memory_analysis()
+    assert memory.temp_size_in_bytes + memory.output_size_in_bytes < long * long * 4
+
+
+def test_on_a_mesh_the_cache_equals_one_device(checkpoint, hooked):
+    assert len(jax.devices()) >= 8, "conftest asks XLA for 8 CPU devices"
+    sharded = HookedQwen3.from_pretrained(checkpoint, mesh=make_mesh(data=2, model=4, devices=jax.devices()[:8]))
+    assert len(sharded.model.layers.attn.wq[...].sharding.device_set) == 8
+    hooks = ablate_heads(sharded, [(1, 2)], "mean")
+    out, cache = sharded.run_with_cache(TEXTS, fwd_hooks=hooks)
+    one_out, one_cache = hooked.run_with_cache(TEXTS, fwd_hooks=hooks)
+    assert np.abs(np.asarray(out) - np.asarray(one_out)).max() <= 1e-5
+    for name in hooked.hook_names:
+        assert _compare(cache[name], np.asarray(one_cache[name]), cache.mask, name) <= 1e-5, name
+
+
+def test_the_embedders_program_is_unchanged_by_the_study(checkpoint):
+    """In a fresh process: the embedder's compiled program (its lowered text) and its vectors are the same
+    before the study package is imported and after a hooked run on the same model."""
+    script = textwrap.dedent(f"""
+        import sys
+        import jax, numpy as np
+        from qwen3_jax import Qwen3Embedder
+        embedder = Qwen3Embedder.from_pretrained({str(checkpoint)!r})
+        rows, ends = jax.ShapeDtypeStruct((2, 64), np.int32), jax.ShapeDtypeStruct((2, 4), np.int32)
+        program = lambda: embedder.runner._forward.lower(embedder.runner._state, rows, rows, ends).as_text()
+        before, vectors = program(), embedder.encode(["a b c", "d"])
+        assert "qwen3_jax.study" not in sys.modules
+        from qwen3_jax.study import HookedQwen3
+        hooked = HookedQwen3.from_loaded(embedder)
+        hooked.run_with_cache(["a b c"])
+        hooked.run_with_hooks(["d"], fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: 2 * x)])
+        assert program() == before, "the lowered program changed"
+        assert np.array_equal(embedder.encode(["a b c", "d"]), vectors), "the vectors changed"
+        print("unchanged")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-3000:]
+
+
+def test_bad_arguments_say_what_to_do(hooked, hooked_reranker):
+    with pytest.raises(UsageError, match="not a hook point"):
+        hooked.run_with_hooks(TEXTS, fwd_hooks=[("blocks.9.hook_resid_pre", lambda x, hook: x)])
+    with pytest.raises(UsageError, match="not a hook point"):
+        hooked.run_with_cache(TEXTS, names_filter=["resid_pre"])
+    with pytest.raises(UsageError, match="how="):
+        ablate_heads(hooked, [(0, 0)], "half")
+    with pytest.raises(UsageError, match="heads are numbered"):
+        ablate_heads(hooked, [(0, hooked.cfg.num_attention_heads)])
+    with pytest.raises(UsageError, match="same count"):
+        patching_sweep(hooked, TEXTS[0], TEXTS[1])
+    with pytest.raises(UsageError, match="pairs"):
+        hooked_reranker.to_tokens(TEXTS)
+    with pytest.raises(UsageError, match="needs a reranker"):
+        yes_no_margins(hooked, TEXTS)
+    assert hooked.to_str_tokens(TEXTS[0])[-1] == "<|endoftext|>"
+
+
+def _study_command(argv):
+    """`qwen3-jax study ...` through a parser built as build_parser builds it, and main's exit codes."""
+    from qwen3_jax.study.cli import add_study_parser, run_study
+
+    parser = argparse.ArgumentParser(prog="qwen3-jax")
+    add_study_parser(parser.add_subparsers(dest="command", required=True))
+    try:
+        return run_study(parser.parse_args(["study", *argv])) or 0
+    except UsageError:
+        return 2
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("picture, extra", [
+    ("attention", ["--layer", "0"]), ("lens", []), ("layers", ["--query", "Explain gravity"]),
+    ("patching", ["--corrupted", "The river of China is Beijing."]),
+])
+def test_study_command_writes_each_picture(checkpoint, tmp_path, picture, extra):
+    output = tmp_path / f"{picture}.png"
+    assert _study_command([picture, "--model", str(checkpoint), "--text", "The capital of China is Beijing.",
+                           *TEXTS[1:], "--output", str(output), *extra]) == 0
+    assert output.read_bytes().startswith(PNG) and output.stat().st_size > 5000
+
+
+def test_study_command_for_a_reranker(reranker_folder, tmp_path):
+    output = tmp_path / "margins.png"
+    assert _study_command(["layers", "--model", str(reranker_folder), "--reranker", "--query", PAIRS[0][0],
+                           "--text", *CORPUS[:2], "--output", str(output)]) == 0
+    assert output.read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize("argv", [
+    ["attention", "--text", "a", "--output", "x.jpg"],
+    ["attention", "--text", "a", "--output", "x.png", "--layer", "7"],
+    ["patching", "--text", "a", "--output", "x.png"],
+    ["layers", "--reranker", "--text", "a", "--output", "x.png"],
+    ["patching", "--text", "The capital of China is Beijing.", "--corrupted", "Gravity", "--output", "x.png"],
+])
+def test_study_command_bad_arguments_exit_2(checkpoint, tmp_path, argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _study_command([*argv, "--model", str(checkpoint)]) == 2
+    assert not (tmp_path / "x.png").exists()
