@@ -7,7 +7,7 @@ Same as `qwen3-jax convert SOURCE DESTINATION --to orbax`.
 
 import sys
 
-from qwen3_jax.cli import main
+from qwen3_jax.cli import convert_to
 
 if __name__ == "__main__":
-    sys.exit(main(["convert", *sys.argv[1:], "--to", "orbax"]))
+    sys.exit(convert_to("orbax", sys.argv[1:], "hf_to_orbax.py"))

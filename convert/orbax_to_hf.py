@@ -8,7 +8,7 @@ transformers, sentence-transformers and vLLM. Same as `qwen3-jax convert SOURCE 
 
 import sys
 
-from qwen3_jax.cli import main
+from qwen3_jax.cli import convert_to
 
 if __name__ == "__main__":
-    sys.exit(main(["convert", *sys.argv[1:], "--to", "hf"]))
+    sys.exit(convert_to("hf", sys.argv[1:], "orbax_to_hf.py"))

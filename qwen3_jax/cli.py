@@ -8,12 +8,18 @@ import os
 import sys
 import time
 import traceback
+from importlib.metadata import version
 from pathlib import Path
 
 from qwen3_jax.backend import IMPLEMENTATIONS as ATTENTION
 from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.compile_cache import enable_compilation_cache, use_default_compilation_cache
 from qwen3_jax.config import PRESETS
+
+
+def _counted(count: int, noun: str) -> str:
+    """"1 shard", "2 shards": a count with its noun in the right number."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _env_int(name: str) -> int | None:
@@ -114,6 +120,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3-jax", description="Qwen3-Embedding / Reranker in JAX")
+    parser.add_argument("--version", action="version", version=f"qwen3-jax {version('qwen3-jax')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     embed = commands.add_parser("embed", help="embed texts")
@@ -396,7 +403,8 @@ def run_embed(args) -> None:
         return
     if args.output:
         write_embeddings(args.output, ids, vectors)
-        print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {args.output}", file=sys.stderr)
+        print(f"wrote {_counted(len(texts), 'embedding')} of dimension {vectors.shape[1]} to {args.output}",
+              file=sys.stderr)
     else:
         for record_id, row in zip(ids, vectors):
             print(json.dumps({"id": record_id, "embedding": row.tolist()}))
@@ -495,10 +503,10 @@ def run_embed_corpus(args) -> None:
     import jax
 
     from qwen3_jax import Qwen3Embedder
-    from qwen3_jax.corpus import ANN_FOLDER, corpus_files, embed_corpus
+    from qwen3_jax.corpus import ANN_FOLDER, check_input, embed_corpus
     from qwen3_jax.sharding import mesh_of
 
-    corpus_files(args.input)              # a missing or unreadable input fails before the model loads
+    check_input(args.input, args.output, text_field=args.text_field, id_field=args.id_field)   # before the model loads
     model = engine = None
     if args.engine == "ray":
         from qwen3_jax.ray import RayEngine
@@ -518,7 +526,8 @@ def run_embed_corpus(args) -> None:
                             skip_bad=args.skip_bad, update=args.update, overwrite=args.overwrite, engine=engine,
                             model_name=args.model, dtype=args.dtype, out=lambda message: print(message, file=sys.stderr))
     count = sum(entry["count"] for entry in manifest["shards"])
-    print(f"{args.output}: {count} embeddings in {len(manifest['shards'])} shards (process {args.process_id})",
+    print(f"{args.output}: {_counted(count, 'embedding')} in {_counted(len(manifest['shards']), 'shard')} "
+          f"(process {args.process_id})",
           file=sys.stderr)
     if args.update and args.num_processes == 1 and (Path(args.output) / ANN_FOLDER).is_dir():
         from qwen3_jax.ann import build_ann
@@ -556,7 +565,7 @@ def run_search(args) -> None:
     ids, queries = read_texts(args.queries, skip_blank=True) if args.queries else (list(range(len(args.query))),
                                                                                    args.query)
     settings = index.settings
-    model = Qwen3Embedder.from_pretrained(args.model or settings["model"], dtype=settings["dtype"])
+    model = Qwen3Embedder.from_pretrained(index.query_model(args.model), dtype=settings["dtype"])
     vectors = model.encode(queries, instruction=args.instruction, prompt_name=args.prompt_name, dim=index.dim,
                            batch_size=args.batch_size)
     scores, hits = index.search(vectors, args.top_k, approximate=args.ann, ef=args.ef)
@@ -656,6 +665,18 @@ def run_verify(args) -> int:
 COMMANDS = {"embed": run_embed, "embed-corpus": run_embed_corpus, "build-ann": run_build_ann, "search": run_search,
             "rerank": run_rerank, "eval": run_eval, "train": run_train, "export": run_export, "bench": run_bench, "convert": run_convert,
             "verify": run_verify, "init-random": run_init_random, "serve": run_serve, "doctor": run_doctor}
+
+
+def convert_to(to: str, argv: list[str], script: str) -> int:
+    """`qwen3-jax convert ARGV --to TO` for the convert/ scripts, whose direction is their name: a --to
+    of the user's is refused (exit 2), never silently overridden."""
+    if any(arg == "--to" or arg.startswith("--to=") for arg in argv):
+        other = "orbax_to_hf.py" if to == "orbax" else "hf_to_orbax.py"
+        print(f"{script}: error: it always writes {'Orbax' if to == 'orbax' else 'a Hugging Face folder'}; "
+              f"drop --to (the other way is convert/{other}, or qwen3-jax convert SOURCE DESTINATION --to ...)",
+              file=sys.stderr)
+        return 2
+    return main(["convert", *argv, "--to", to])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,20 @@ def test_usage_errors_exit_2_through_the_console_script(checkpoint):
     assert record["id"] == 0 and len(record["embedding"]) == 32
 
 
+def test_version_is_the_installed_package_s():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    run = subprocess.run([sys.executable, "-m", "qwen3_jax.cli", "--version"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout == f"qwen3-jax {project['version']}\n"
+
+
+def test_one_embedding_is_counted_in_the_singular(checkpoint, tmp_path, capsys):
+    assert main(["embed", "--model", str(checkpoint), "--text", "a", "--output", str(tmp_path / "one.npy")]) == 0
+    assert f"wrote 1 embedding of dimension 64 to {tmp_path / 'one.npy'}" in capsys.readouterr().err
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["embed", "--model", str(tmp_path / "missing"), "--text", "a", "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err

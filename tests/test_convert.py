@@ -44,6 +44,21 @@ def test_hf_to_orbax_to_hf_is_bit_exact_and_sharded(checkpoint_bf16, tmp_path):
         assert (back / name).is_file(), name
 
 
+@pytest.mark.parametrize("script", ["hf_to_orbax.py", "orbax_to_hf.py"])
+def test_the_convert_scripts_refuse_another_direction(checkpoint_bf16, tmp_path, script):
+    """Each script's direction is its name: a --to of the user's is an error, never silently overridden."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "convert" / script
+    for flag in (["--to", "hf"], ["--to=orbax"]):
+        run = subprocess.run([sys.executable, str(path), str(checkpoint_bf16), str(tmp_path / "out"), *flag],
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and "drop --to" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_exported_folder_loads_in_transformers_and_sentence_transformers(checkpoint, tmp_path,
                                                                         sentence_transformer):
     from sentence_transformers import SentenceTransformer
