@@ -14,13 +14,20 @@ with what changed, unless it is an update: then exactly the shards whose records
 again, shards past the input's end are dropped, and new records fill new shards, so the folder equals
 a fresh run over the new input. Vectors may be stored quantized (int8 with per-dimension ranges kept in
 the manifest, or sign bits), as sentence-transformers' `quantize_embeddings` writes them.
+
+A manifest also records the fingerprint of the model's weights (`hub.weights_fingerprint`): a rerun
+with other weights at the model's path is refused. A job holds an advisory lock on the folder from
+start to end (one process exclusively; the processes of a split job share it, each holding its own
+process's lock), so a second job is refused at once and a killed job's lock goes with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -31,10 +38,10 @@ import numpy as np
 
 from qwen3_jax.checks import UsageError, check_dim, whole_number
 from qwen3_jax.extras import require
-from qwen3_jax.hub import model_identity
+from qwen3_jax.hub import model_identity, resolve_model, weights_fingerprint
 from qwen3_jax.progress import progress_bar
 from qwen3_jax.quantize import DEFAULT_CALIBRATION_TEXTS, calibration_ranges, quantize
-from qwen3_jax.textio import InputError, atomic_output, iter_lines_at, parse_record
+from qwen3_jax.textio import InputError, atomic_output, hold_lock, iter_lines_at, parse_record
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 MANIFEST_GLOB = "manifest-*.json"
@@ -42,6 +49,7 @@ REJECTS = "rejects.jsonl"
 OUTPUT_DTYPES = ("float32", "float16", "int8", "binary")
 ANN_FOLDER = "ann"                 # an approximate index over the shards (qwen3_jax.ann)
 CALIBRATION_RECORDS = 1000        # int8: the input's first records (and built-in texts) set each dimension's range
+LOCK, CLAIM_LOCK = ".lock", ".claim.lock"     # held by a job for its whole run; while reading and writing manifests
 
 
 class Item(NamedTuple):
@@ -65,6 +73,40 @@ def corpus_files(path: str | Path) -> list[Path]:
         if file.suffix not in CORPUS_SUFFIXES:
             raise UsageError(f"input {file} must be .txt (one text a line), .jsonl or .parquet")
     return files
+
+
+def check_input(path: str | Path, output: str | Path | None = None, *, text_field: str = "text",
+                id_field: str = "id") -> list[Path]:
+    """The input's files, once what can be checked before any work is: it exists, an output folder is
+    not inside it (its files would be read as input), and each Parquet file has a string column
+    `text_field` and, if any, an `id_field` column of strings or numbers."""
+    files = corpus_files(path)
+    root = Path(path).resolve()
+    if output is not None and root.is_dir() and Path(output).resolve().is_relative_to(root):
+        raise UsageError(f"--output {output} is inside --input {path}, whose files would then be read as input; "
+                         "write it elsewhere")
+    for file in files:
+        if file.suffix == ".parquet":
+            _check_parquet_columns(file, text_field, id_field)
+    return files
+
+
+def _check_parquet_columns(file: Path, text_field: str, id_field: str) -> None:
+    import pyarrow as pa
+
+    schema = _parquet_file(file).schema_arrow
+    if text_field not in schema.names:
+        raise UsageError(f"{file}: no column {text_field!r} (columns: {', '.join(schema.names)}); choose one "
+                         "with --text-field")
+    text = schema.field(text_field).type
+    if not (pa.types.is_string(text) or pa.types.is_large_string(text)):
+        raise UsageError(f"{file}: column {text_field!r} holds {text}, not strings; choose another with --text-field")
+    if id_field in schema.names:
+        kind = schema.field(id_field).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_string(kind)
+                or pa.types.is_large_string(kind)):
+            raise UsageError(f"{file}: column {id_field!r} holds {kind}; ids must be strings or numbers (choose "
+                             "another column with --id-field, or cast it)")
 
 
 def _name(file: Path, root: Path) -> str:
@@ -184,10 +226,21 @@ def clear_corpus(folder: Path) -> None:
         shutil.rmtree(folder / ANN_FOLDER)
 
 
-def new_manifest(settings: CorpusSettings, process: int) -> dict:
-    """A process's manifest before its first shard."""
+def written_by_corpus(path: Path) -> bool:
+    """Whether embed-corpus or build-ann writes a file of this name (hidden ones: locks, files being written)."""
+    return (path.name.startswith((".", "shard-")) or path.match(MANIFEST_GLOB)
+            or path.name in (REJECTS, ANN_FOLDER))
+
+
+def new_manifest(settings: CorpusSettings, process: int, weights: str | None = None) -> dict:
+    """A process's manifest before its first shard (`weights`: the model's `weights_fingerprint`)."""
     return {"format": "qwen3-jax corpus", "settings": json.loads(json.dumps(dataclasses.asdict(settings))),
-            "process": process, "dim": settings.dim, "shards": [], "complete": False}
+            "weights": weights, "process": process, "dim": settings.dim, "shards": [], "complete": False}
+
+
+def calibration_tag(calibration) -> str:
+    """What names an int8 calibration in the shard entries quantized with it."""
+    return hashlib.blake2b(json.dumps(calibration).encode(), digest_size=8).hexdigest()
 
 
 def write_shard(folder: Path, shard: int, vectors: np.ndarray, ids: list, *, start: int, records: int) -> dict:
@@ -218,6 +271,8 @@ def embed_shard(embedder, settings: CorpusSettings, calibration, output: Path, s
     entry = write_shard(output, shard, stored, [item.id for item in good], start=shard * settings.shard_size,
                         records=len(items))
     entry["digest"] = records_digest(items)
+    if settings.output_dtype == "int8":
+        entry["calibration"] = calibration_tag(calibration)
     rejects = output / f"{shard_name(shard)}.rejects.jsonl"
     if bad:
         with atomic_output(rejects) as handle:
@@ -286,8 +341,8 @@ class CorpusJob:
     interrupted folder."""
 
     def __init__(self, engine, settings: CorpusSettings, output: str | Path, *, process: int = 0,
-                 skip_bad: bool = False, update: bool = False, overwrite: bool = False, quiet: bool = False,
-                 out=print):
+                 weights: str | None = None, skip_bad: bool = False, update: bool = False, overwrite: bool = False,
+                 quiet: bool = False, out=print):
         settings.check()
         if not 0 <= process < settings.num_processes:
             raise UsageError(f"process {process} of {settings.num_processes}: expected 0..{settings.num_processes - 1}")
@@ -296,45 +351,94 @@ class CorpusJob:
         if overwrite and settings.num_processes > 1:
             raise UsageError("--overwrite clears the whole folder, which other processes of a split job are "
                              "writing: remove the folder before starting them")
-        self.engine, self.settings, self.process = engine, settings, process
+        self.engine, self.settings, self.process, self.weights = engine, settings, process, weights
         self.output = Path(output)
         self.skip_bad, self.update, self.quiet, self.out = skip_bad, update, quiet, out
         self.manifest_path = self.output / manifest_name(process, settings.num_processes)
-        if overwrite:
-            clear_corpus(self.output)
-        self.manifest = self._claim()
+        self.output.mkdir(parents=True, exist_ok=True)
+        self._locks = self._lock()
+        try:
+            with contextlib.closing(hold_lock(self.output / CLAIM_LOCK, "embed-corpus", wait=True)):
+                self._check_folder(overwrite)             # every refusal before anything is deleted
+                if overwrite:
+                    clear_corpus(self.output)
+                self.manifest = self._claim()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> list:
+        """The folder's lock for the whole job: exclusive for a one-process job, shared by a split job's
+        processes, each of which also holds its own process's lock."""
+        count = self.settings.num_processes
+        if count == 1:
+            return [hold_lock(self.output / LOCK, f"embed-corpus (pid {os.getpid()})")]
+        held = [hold_lock(self.output / LOCK, f"embed-corpus --num-processes {count}", shared=True)]
+        try:
+            held.append(hold_lock(self.output / f"{LOCK}-{self.process}-of-{count}",
+                                  f"embed-corpus --process-id {self.process} (pid {os.getpid()})"))
+        except BaseException:
+            held[0].close()
+            raise
+        return held
+
+    def close(self) -> None:
+        """Releases the folder's locks."""
+        for handle in self._locks:
+            handle.close()
+        self._locks = []
+
+    def _check_folder(self, overwrite: bool) -> None:
+        """Refuses a folder this job cannot write: another corpus (other settings or weights, unless
+        `overwrite`), or files that embed-corpus did not write (which --overwrite would leave beside a new corpus)."""
+        wanted = json.loads(json.dumps(dataclasses.asdict(self.settings)))
+        found = read_manifests(self.output)
+        for manifest in [] if overwrite else found:
+            if manifest["settings"] != wanted:
+                changed = sorted(k for k in wanted if manifest["settings"].get(k) != wanted[k])
+                raise FileExistsError(f"{self.output} holds embeddings made with other settings "
+                                      f"({', '.join(changed)}); use another --output, or --overwrite")
+            if manifest.get("weights") != self.weights:
+                raise FileExistsError(f"{self.output} was embedded with other weights than {self.settings.model or 'this model'}'s "
+                                      "now (its files changed since); use --overwrite to embed it again, or another --output")
+        strangers = sorted(p.name for p in self.output.iterdir() if not written_by_corpus(p))
+        if strangers and (overwrite or not found):
+            raise FileExistsError(f"{self.output} holds files embed-corpus did not write ({', '.join(strangers[:3])}); "
+                                  "use another --output")
 
     def _claim(self) -> dict:
-        """This process's manifest: the one on disk if its settings match (resume), else a new one."""
-        wanted = json.loads(json.dumps(dataclasses.asdict(self.settings)))
-        if self.output.is_dir():
-            for found in read_manifests(self.output):
-                if found["settings"] != wanted:
-                    changed = sorted(k for k in wanted if found["settings"].get(k) != wanted[k])
-                    raise FileExistsError(f"{self.output} holds embeddings made with other settings "
-                                          f"({', '.join(changed)}); use another --output, or --overwrite")
-            visible = [p for p in self.output.iterdir() if not p.name.startswith(".")]   # not files being written
-            if visible and not any(self.output.glob(MANIFEST_GLOB)):
-                raise FileExistsError(f"{self.output} is not empty and holds no corpus; use another --output")
-        self.output.mkdir(parents=True, exist_ok=True)
+        """This process's manifest: the one on disk (resume; _check_folder matched its settings), else a new one."""
         if self.manifest_path.is_file():
             return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        self.manifest = new_manifest(self.settings, self.process)
+        self.manifest = new_manifest(self.settings, self.process, self.weights)
         if self.settings.output_dtype == "int8":
-            self.manifest["calibration"] = self._calibration().tolist()
+            self.manifest["calibration"], self.manifest["calibration_texts"] = self._calibration()
         self._commit()                # the folder is claimed (and not complete) before any shard is written
         return self.manifest
 
-    def _calibration(self) -> np.ndarray:
-        """int8's per-dimension [min, max]: the embeddings of the input's first records and of the
-        built-in calibration texts (the same in every process of a split job)."""
+    def _calibration_texts(self) -> list[str]:
+        """The texts whose embeddings set int8's ranges: the built-in ones and the input's first records."""
         texts = list(DEFAULT_CALIBRATION_TEXTS)
         for item in iter_corpus(self.settings.input, text_field=self.settings.text_field, id_field=self.settings.id_field):
             if len(texts) >= CALIBRATION_RECORDS + len(DEFAULT_CALIBRATION_TEXTS):
                 break
             if item.error is None:
                 texts.append(item.text)
-        return calibration_ranges(self.engine.encode(self.settings, texts))
+        return texts
+
+    def _calibration(self, texts: list[str] | None = None) -> tuple[list, str]:
+        """int8's per-dimension [min, max] over the calibration texts' embeddings (the same in every
+        process of a split job), and the texts' digest, which tells whether the input changed them."""
+        texts = self._calibration_texts() if texts is None else texts
+        return calibration_ranges(self.engine.encode(self.settings, texts)).tolist(), _texts_digest(texts)
+
+    def _recalibrate(self) -> None:
+        """An update whose input's first records changed takes the ranges a fresh run would; every shard
+        quantized with the old ones is then embedded again (see run)."""
+        texts = self._calibration_texts()
+        if self.manifest.get("calibration_texts") != _texts_digest(texts):
+            self.manifest["calibration"], self.manifest["calibration_texts"] = self._calibration(texts)
+            self._commit()
 
     def _commit(self) -> None:
         with atomic_output(self.manifest_path) as handle:
@@ -360,6 +464,9 @@ class CorpusJob:
             self.out(f"{self.output}: updating ({changes})")
             self.manifest["complete"] = False
             self._commit()
+        if self.update and settings.output_dtype == "int8":
+            self._recalibrate()
+        tag = calibration_tag(self.manifest["calibration"]) if settings.output_dtype == "int8" else None
         state = input_state(settings.input)               # before reading: an edit during the run shows next time
         total = count_records(settings.input)
         size, count = settings.shard_size, settings.num_processes
@@ -369,7 +476,8 @@ class CorpusJob:
         done = {entry["shard"]: entry for entry in self.manifest["shards"]}
         for shard, items in self._shards():
             entry = done.get(shard)
-            if entry is None or (self.update and entry.get("digest") != records_digest(items)):
+            if entry is None or (self.update and entry.get("digest") != records_digest(items)) \
+                    or entry.get("calibration", tag) != tag:
                 bad = next((item for item in items if item.error is not None), None)
                 if bad and not self.skip_bad:
                     raise InputError(f"{bad.error} (pass --skip-bad to write such lines to {REJECTS} and go on)")
@@ -468,6 +576,10 @@ class CorpusJob:
                      "them by id, so make ids unique")
 
 
+def _texts_digest(texts: list[str]) -> str:
+    return hashlib.blake2b(json.dumps(texts).encode(), digest_size=16).hexdigest()
+
+
 def records_digest(items: list[Item]) -> str:
     """A hash of what a shard was made from (each record's source, line, id and text)."""
     digest = hashlib.blake2b(digest_size=16)
@@ -503,11 +615,18 @@ def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: s
                  max_length: int | None = None, process: int = 0, num_processes: int = 1, skip_bad: bool = False,
                  update: bool = False, overwrite: bool = False, quiet: bool = False, model_name: str | None = None,
                  dtype: str = "float32", engine=None, out=print) -> dict:
-    """Embeds (or finishes embedding) the corpus at `input` into the folder `output` with a
-    Qwen3Embedder `model`; returns this process's manifest. `model_name` is what the manifest records
-    (the hub id or folder the model came from) for `qwen3-jax search` to load. A finished folder whose
-    input changed is refused unless `update` (embed only what changed) or `overwrite` (start again).
-    `engine` embeds the shards instead of `model` (`qwen3_jax.ray.RayEngine`: a Ray cluster's workers)."""
+    """Embeds (or finishes embedding) the corpus at `input` into the folder `output` with `model`, a
+    Qwen3Embedder or the hub id or folder to load one from; returns this process's manifest. The
+    manifest records the model (`model_name`, or `model` when it is a name) and its weights'
+    fingerprint, for `qwen3-jax search` to load and check. A finished folder whose input changed is
+    refused unless `update` (embed only what changed) or `overwrite` (start again). `engine` embeds
+    the shards instead of `model` (`qwen3_jax.ray.RayEngine`: a Ray cluster's workers)."""
+    check_input(input, output, text_field=text_field, id_field=id_field)   # before the model loads or anything is written
+    if isinstance(model, (str, os.PathLike)):
+        from qwen3_jax.embedder import Qwen3Embedder
+
+        model_name = model_name or str(model)
+        model = Qwen3Embedder.from_pretrained(model, dtype=dtype, max_length=max_length)
     engine = engine or LocalEngine(model, batch_size)
     settings = CorpusSettings(model=model_identity(model_name) if model_name else "", input=str(Path(input).resolve()),
                               dim=check_dim(dim, engine.dimension),
@@ -515,6 +634,11 @@ def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: s
                               output_dtype=output_dtype, text_field=text_field, id_field=id_field,
                               shard_size=shard_size, max_length=engine.max_length if max_length is None else max_length,
                               num_processes=num_processes)
-    corpus_files(input)                           # a missing or unreadable input fails before anything is written
-    return CorpusJob(engine, settings, output, process=process, skip_bad=skip_bad,
-                     update=update, overwrite=overwrite, quiet=quiet, out=out).run()
+    settings.check()
+    weights = weights_fingerprint(resolve_model(model_name)) if model_name else None
+    job = CorpusJob(engine, settings, output, process=process, weights=weights, skip_bad=skip_bad,
+                    update=update, overwrite=overwrite, quiet=quiet, out=out)
+    try:
+        return job.run()
+    finally:
+        job.close()

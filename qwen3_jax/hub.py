@@ -1,9 +1,14 @@
-"""Turning a model name into a local folder: a folder is used as it is, a hub id is fetched once."""
+"""Turning a model name into a local folder: a folder is used as it is, a hub id is fetched once; and
+what identifies a model's weights cheaply, so a result made with other weights is noticed."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+FINGERPRINT_SAMPLES = 64          # bytes read from each file of a model folder: its head and this many spans
+FINGERPRINT_SPAN = 4096
 
 # Only what inference needs: configs, weights, tokenizer and sentence-transformers module files.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "1_Pooling/*", "merges.txt", "vocab.json"]
@@ -40,3 +45,20 @@ def resolve_model(name_or_path: str | os.PathLike, *, revision: str | None = Non
         raise FileNotFoundError(f"{text!r} is neither a local folder nor a model on the hub") from None
     except HfHubHTTPError as err:
         raise FileNotFoundError(f"could not fetch {text!r} from the hub ({err}); pass a local folder") from None
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str:
+    """A digest of a model folder's files that changes when they do: each file's path under the
+    folder, its size, its first 64 KiB (a safetensors header and the config whole) and
+    FINGERPRINT_SAMPLES spans of 4 KiB spread over it: about 320 KiB read a file, whatever its size."""
+    folder = Path(folder)
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(folder)}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(1 << 16))
+            for offset in range(0, size, max(1, size // FINGERPRINT_SAMPLES)):
+                handle.seek(offset)
+                digest.update(handle.read(FINGERPRINT_SPAN))
+    return digest.hexdigest()

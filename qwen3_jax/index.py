@@ -4,7 +4,11 @@ index built beside the shards (`qwen3_jax.ann`).
 Exact search memory-maps the shards and scores them in blocks of rows (a matrix product against the
 queries, in float32), keeping a running top-k, so memory is bounded by one block whatever the corpus
 size. Quantized shards (int8, binary) are read back as float32 block by block and scored against the
-float queries. Either way the candidates are then scored one by one, the same way wherever they sit.
+float queries. A matrix product rounds a pair's score by where the pair sits (its row in the block,
+the other queries beside it), so the products only choose candidates: every row that could still be
+among the best k once rounding is allowed for (ROUNDING_BOUND) is scored again alone, the same way
+wherever it sits, and those scores rank them: identical vectors score alike, and ties go to the lower
+position whatever k, the block size, the dtype or the other queries.
 """
 
 from __future__ import annotations
@@ -17,23 +21,32 @@ from pathlib import Path
 import numpy as np
 
 from qwen3_jax import ann
-from qwen3_jax.checks import whole_number
+from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.corpus import read_manifests, shard_name
+from qwen3_jax.hub import resolve_model, weights_fingerprint
 from qwen3_jax.quantize import dequantize
 
 BLOCK_ROWS = 65_536
-SPARE_CANDIDATES = 16            # candidates beyond k that the float32 blocks pass on (see Index.search)
+SPARE_CANDIDATES = 16            # candidates beyond k that an approximate index passes on (see Index.search)
 RESCORED_QUERIES = 16
+RESCORED_CANDIDATES = 1024       # candidates of a block scored again at a time (memory: 16 x this x dim floats)
+ROUNDING_BOUND = 2.0 ** -23      # twice float32's unit roundoff u: a D-term float32 dot product is within
+                                 # D u / (1 - D u) |q| |v| of the true one in any summation order, < D * this
 
 
-def _top_k_in_order(scores: np.ndarray, k: int) -> np.ndarray:
-    """A mask [n, m] of each row's k best scores, ties at the k-th score broken towards the lower column.
-    Columns run in index order (the kept best so far come first, in index order themselves), so
-    the lower column is the lower position."""
-    kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k, None]
-    above, at = scores > kth, scores == kth
-    wanted = k - above.sum(axis=1, keepdims=True)                 # how many of the ties fill the top k
-    return above | (at & (np.cumsum(at, axis=1) <= wanted))
+def _best_first(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best (scores, positions), best first, equal scores lower position first."""
+    order = np.lexsort((positions, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(positions, order, axis=1)
+
+
+def _padded(keep: np.ndarray, first: int) -> np.ndarray:
+    """The positions (first + column) of each row's True entries, in column order, padded with -1 [n, c]."""
+    rows, columns = np.nonzero(keep)
+    counts = keep.sum(axis=1)
+    padded = np.full((len(keep), counts.max(initial=0)), -1, np.int64)
+    padded[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = first + columns
+    return padded
 
 
 class Index:
@@ -42,6 +55,7 @@ class Index:
     def __init__(self, folder: Path, manifests: list[dict]):
         self.folder = folder
         self.settings = manifests[0]["settings"]
+        self._weights = manifests[0].get("weights")
         self.dim = int(manifests[0]["dim"])
         self.entries = sorted((entry for m in manifests for entry in m["shards"] if entry["count"]),
                               key=lambda entry: entry["shard"])
@@ -56,6 +70,7 @@ class Index:
 
     @classmethod
     def open(cls, folder: str | Path) -> "Index":
+        """A complete corpus folder: every process finished, over the same input state and weights."""
         folder = Path(folder)
         manifests = read_manifests(folder) if folder.is_dir() else []
         if not manifests:
@@ -64,7 +79,30 @@ class Index:
         if len(manifests) < expected or not all(m["complete"] for m in manifests):
             raise ValueError(f"{folder} is not complete ({sum(m['complete'] for m in manifests)} of {expected} "
                              "processes finished); run the same embed-corpus command again to finish it")
+        made_from = {json.dumps([m.get("input"), m.get("records"), m.get("weights")]) for m in manifests}
+        if len(made_from) > 1:
+            raise ValueError(f"{folder} is not complete: its processes finished over different inputs or weights "
+                             "(an --update finished in some of them only); run the same embed-corpus command in "
+                             "every process")
         return cls(folder, manifests)
+
+    @property
+    def weights(self) -> str | None:
+        """The fingerprint of the weights the corpus was embedded with (None when its model is unknown)."""
+        return self._weights
+
+    def query_model(self, given: str | None = None) -> str:
+        """The model to embed queries with: `given`, else the one the corpus records; refused when its
+        weights are not those the corpus was embedded with."""
+        name = given or self.settings["model"]
+        if not name:
+            raise UsageError(f"{self.folder} records no model (it was embedded from Python without model_name); "
+                             "pass --model")
+        if self.weights is not None and weights_fingerprint(resolve_model(name)) != self.weights:
+            raise ValueError(f"the weights at {name} are not those {self.folder} was embedded with (they changed "
+                             "since, or it is another model), so its vectors and the queries' would not compare; "
+                             "embed it again with embed-corpus --overwrite")
+        return name
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -86,46 +124,52 @@ class Index:
 
     def search(self, queries: np.ndarray, k: int = 10, *, block_rows: int = BLOCK_ROWS, approximate: bool = False,
                ef: int | None = None) -> tuple[np.ndarray, list]:
-        """(scores [n, k'], ids: n lists of k' ids), best first, k' = min(k, len(self)); scores are dot
-        products (cosines, as both sides are normalised). Equal scores come in index order (the lower
-        position first), whatever k and the block size: duplicate documents are common.
-
-        The blocks are scored with float32 matrix products, whose rounding depends on where a row sits in
-        its block (identical vectors can differ in the last bit). So the blocks only choose candidates
-        (the best k + SPARE_CANDIDATES); each candidate is then scored alone, the same way wherever it
-        sits, and those scores rank them. `approximate` takes the candidates from the folder's approximate
-        index instead (`qwen3-jax build-ann`; `ef`: how many it looks at per query, default its own)."""
+        """(scores [n, k'], ids: n lists of k' ids), best first, k' = min(k, len(self)) for every query;
+        scores are dot products (cosines, as both sides are normalised), each pair's summed the same way
+        wherever it sits. Equal scores come in index order (the lower position first), whatever k, the
+        block size, the stored dtype and the other queries: duplicate documents are common.
+        `approximate` takes the candidates (the best k + SPARE_CANDIDATES it finds) from the folder's
+        approximate index instead (`qwen3-jax build-ann`; `ef`: how many it looks at per query, default
+        its own) and scores them exactly; a query for which it finds fewer than k' is searched exactly."""
         queries = np.atleast_2d(np.asarray(queries, np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {queries.shape[1]}; this index holds {self.dim}-dim embeddings")
         whole_number(k, "k")
-        n, wanted = len(queries), min(int(k), len(self))
-        k = min(wanted + SPARE_CANDIDATES, len(self))
-        if approximate:
-            self._approximate = self._approximate or ann.open_for(self)
-            where = self._approximate.candidates(queries, k, ef=ef)
+        wanted = min(int(k), len(self))
+        if not approximate:
+            best, where = self._exact(queries, wanted, block_rows)
         else:
-            where = self._exact_candidates(queries, k, block_rows)
-        best = self._rescored(queries, where)
-        order = np.lexsort((where, -best), axis=1)[:, :wanted]     # best first; equal scores in index order
-        best, where = np.take_along_axis(best, order, axis=1), np.take_along_axis(where, order, axis=1)
+            self._approximate = self._approximate or ann.open_for(self)
+            where = self._approximate.candidates(queries, min(wanted + SPARE_CANDIDATES, len(self)), ef=ef)
+            best, where = _best_first(self._rescored(queries, where), where, wanted)
+            short = np.isneginf(best).any(axis=1)            # the walk found fewer than k': searched exactly
+            if short.any():
+                best[short], where[short] = self._exact(queries[short], wanted, block_rows)
         ids = self.ids
-        return best, [[ids[p] for p in row if p >= 0] for row in where]
+        return best, [[ids[p] for p in row] for row in where]
 
-    def _exact_candidates(self, queries: np.ndarray, k: int, block_rows: int) -> np.ndarray:
-        """The positions [n, k] of each query's k best scores over every row, block by block."""
+    def _exact(self, queries: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's k best (scores, positions) over every row, block by block: a block's float32
+        product keeps each row that rounding may have put below one of the best k (see the module
+        docstring), and those rows are scored again alone."""
         n = len(queries)
-        best = np.full((n, k), -np.inf, np.float32)
-        where = np.zeros((n, k), np.int64)
+        best, where = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+        if not k:
+            return best, where
+        norms = np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
         for s, vectors in enumerate(self._vectors):
             for start in range(0, len(vectors), block_rows):
                 block = self.rows(s, start, start + block_rows)
-                scores = np.concatenate([best, queries @ block.T], axis=1)
-                positions = np.concatenate([where, np.broadcast_to(self.starts[s] + start + np.arange(len(block)),
-                                                                   (n, len(block)))], axis=1)
-                keep = _top_k_in_order(scores, k)
-                best, where = scores[keep].reshape(n, k), positions[keep].reshape(n, k)
-        return where
+                rough = queries @ block.T
+                slack = self.dim * ROUNDING_BOUND * norms * np.linalg.norm(block, axis=1).max()   # one product's
+                kth = -np.partition(-rough, min(k, len(block)) - 1, axis=1)[:, min(k, len(block)) - 1, None]
+                keep = rough >= np.maximum(best[:, -1:] - 2 * slack, kth - 4 * slack)
+                kept = _padded(keep, int(self.starts[s]) + start)
+                for first in range(0, kept.shape[1], RESCORED_CANDIDATES):
+                    part = kept[:, first:first + RESCORED_CANDIDATES]
+                    best, where = _best_first(np.concatenate([best, self._rescored(queries, part)], axis=1),
+                                              np.concatenate([where, part], axis=1), k)
+        return best, where
 
     def _rescored(self, queries: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Each query's float32 score against the vectors at `positions` [n, c] (-inf where a position is

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +26,10 @@ OUTPUT_SUFFIXES = (".npy", ".jsonl")
 
 class InputError(ValueError):
     """A line of an input file that cannot be read as a text."""
+
+
+class FolderBusy(RuntimeError):
+    """A folder another job holds (see `hold_lock`)."""
 
 
 class Record(NamedTuple):
@@ -179,6 +184,27 @@ def atomic_output(path: str | Path, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def hold_lock(path: str | Path, holder: str, *, shared: bool = False, wait: bool = False):
+    """An advisory lock (fcntl.flock) on the file `path`: taken at once, or refused with FolderBusy naming
+    the holder (`wait`: waited for instead); returns the open file, whose closing, or the process's end
+    (kill -9 included: the kernel drops the lock), releases it. `holder` is written into the file for
+    that message (the processes sharing a lock all write the same)."""
+    path = Path(path)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.seek(0)
+        named = handle.read().strip()
+        handle.close()
+        raise FolderBusy(f"{path.parent} is in use by {named or 'another job'}; wait for it to finish, or "
+                         "use another folder") from None
+    handle.truncate(0)
+    handle.write(holder + "\n")
+    handle.flush()
+    return handle
 
 
 def write_embeddings(path: str | Path, ids: Sequence, embeddings: np.ndarray) -> None:

@@ -3,6 +3,7 @@ two processes, bad lines, then searched exactly."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,8 +63,9 @@ def test_corpus_shards_hold_what_encode_gives(embedder, checkpoint, corpus, tmp_
         with pytest.raises(FileExistsError, match="other settings"):
             embed_corpus(embedder, corpus["path"], tmp_path / "out", shard_size=64, **{"dim": 48, **other},
                          model_name=str(checkpoint), quiet=True)
+    another = shutil.copytree(checkpoint, tmp_path / "another-model")
     with pytest.raises(FileExistsError, match=r"other settings \(model\)"):
-        embed_corpus(embedder, corpus["path"], tmp_path / "out", shard_size=64, dim=48, model_name="another/model",
+        embed_corpus(embedder, corpus["path"], tmp_path / "out", shard_size=64, dim=48, model_name=str(another),
                      quiet=True)
 
 

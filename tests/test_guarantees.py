@@ -1,0 +1,186 @@
+"""What a corpus folder, an approximate index and a search promise at their edges (docs/corpus-and-search.md,
+"Guarantees"): tie order whatever the call, complete only when every process agrees, one writer at a
+time, the weights' fingerprint checked, every refusal before anything is deleted."""
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qwen3_jax.checks import UsageError
+from qwen3_jax.corpus import (CorpusSettings, LOCK, embed_corpus, manifest_name, new_manifest, read_manifests,
+                              write_shard)
+from qwen3_jax.embedder import normalize_rows
+from qwen3_jax.index import Index
+from qwen3_jax.quantize import calibration_ranges, quantize
+from qwen3_jax.textio import FolderBusy
+
+from tests.test_corpus import _documents, _write
+
+WIDTH = 64
+
+
+def _folder(folder, vectors: np.ndarray, output_dtype: str = "float32", *, processes: int = 1, shard: int = 50):
+    """A complete corpus folder holding `vectors` (ids: their positions), written as embed-corpus writes one."""
+    folder.mkdir(exist_ok=True)
+    settings = CorpusSettings(model="random", input="random", dim=vectors.shape[1], prefix="",
+                              output_dtype=output_dtype, shard_size=shard, num_processes=processes)
+    manifests = [new_manifest(settings, process=p) for p in range(processes)]
+    ranges = calibration_ranges(vectors) if output_dtype == "int8" else None
+    for m in manifests:
+        m["calibration"] = None if ranges is None else ranges.tolist()
+    for k, start in enumerate(range(0, len(vectors), shard)):
+        rows = vectors[start:start + shard]
+        stored = quantize(rows, output_dtype, ranges) if output_dtype in ("int8", "binary") else rows.astype(output_dtype)
+        entry = write_shard(folder, k, stored, list(range(start, start + len(rows))), start=start, records=len(rows))
+        manifests[k % processes]["shards"].append({**entry, "digest": f"random-{k}"})
+    for p, m in enumerate(manifests):
+        m.update(complete=True, records=len(vectors), input=[["random", len(vectors), 0]])
+        (folder / manifest_name(p, processes)).write_text(json.dumps(m))
+    return folder
+
+
+@pytest.mark.parametrize("output_dtype", ["float32", "float16", "int8", "binary"])
+def test_equal_scores_come_lower_position_first_whatever_the_call(tmp_path, output_dtype):
+    rng = np.random.default_rng(0)
+    vectors = normalize_rows(rng.standard_normal((400, WIDTH)).astype(np.float32))
+    duplicate = vectors[7].copy()
+    copies = np.arange(7, 400, 9)                          # 45 copies of one document, in every shard and block
+    vectors[copies] = duplicate
+    index = Index.open(_folder(tmp_path / "index", vectors, output_dtype))
+    near = normalize_rows(duplicate + rng.standard_normal(WIDTH).astype(np.float32) * 0.1)
+    others = normalize_rows(rng.standard_normal((40, WIDTH)).astype(np.float32))
+    for k in (1, 3, 20):
+        results = []
+        for block_rows in (13, 64, 1000):
+            for batch in (near[None], np.vstack([near, others]), np.vstack([others[:5], near, others])):
+                scores, ids = index.search(batch, k, block_rows=block_rows)
+                row = int(np.flatnonzero((batch == near).all(axis=1))[0])
+                results.append((scores[row].tolist(), ids[row]))
+        assert all(result == results[0] for result in results), (k, output_dtype)
+        scores, ids = results[0]
+        assert ids == copies[:k].tolist() and len(set(scores)) == 1   # every copy scores alike; the first ones win
+
+
+def test_a_split_folder_is_complete_only_when_every_process_agrees_on_the_input(tmp_path):
+    vectors = normalize_rows(np.random.default_rng(1).standard_normal((120, WIDTH)).astype(np.float32))
+    folder = _folder(tmp_path / "two", vectors, processes=2)
+    assert len(Index.open(folder)) == 120
+    second = folder / manifest_name(1, 2)
+    manifest = json.loads(second.read_text())
+    manifest.update(records=150, input=[["random", 150, 1]])    # process 1 finished an --update, process 0 not
+    second.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not complete: its processes finished over different inputs"):
+        Index.open(folder)
+
+
+# --- corpus jobs ---------------------------------------------------------------------------------------------
+
+
+def _quiet(**settings) -> dict:
+    return dict(quiet=True, out=lambda _: None, **settings)
+
+
+def test_a_second_job_is_refused_at_once_and_a_killed_jobs_lock_goes_with_it(embedder, checkpoint, tmp_path,
+                                                                               compile_cache):
+    path = _write(tmp_path / "docs.jsonl", _documents(1500, seed=2))
+    folder = tmp_path / "out"
+    command = [sys.executable, "-m", "qwen3_jax.cli", "embed-corpus", "--model", str(checkpoint), "--input", path,
+               "--output", str(folder), "--shard-size", "100", "--quiet", "--compile-cache", compile_cache]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (folder.is_dir() and read_manifests(folder) and read_manifests(folder)[0]["shards"]):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        for settings in ({}, {"dim": 32}, {"overwrite": True}, {"num_processes": 2, "process": 1}):
+            with pytest.raises(FolderBusy, match=rf"{re.escape(str(folder))} is in use by embed-corpus"):
+                embed_corpus(embedder, path, folder, shard_size=100, model_name=str(checkpoint), **_quiet(**settings))
+        assert first.poll() is None                       # it was never disturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    manifest = embed_corpus(embedder, path, folder, shard_size=100, model_name=str(checkpoint), **_quiet())
+    assert manifest["complete"] and len(Index.open(folder)) == 1500
+    assert (folder / LOCK).is_file()                      # kept: the lock is the kernel's, not the file's
+
+
+def test_other_weights_at_the_models_path_are_refused_with_overwrite_named(embedder, checkpoint, tokenizers_pair,
+                                                                           vocab_size, tmp_path, capsys):
+    from qwen3_jax.cli import main
+    from tests.conftest import build_checkpoint
+
+    model = shutil.copytree(checkpoint, tmp_path / "model")
+    path = _write(tmp_path / "docs.jsonl", _documents(30))
+    embed_corpus(embedder, path, tmp_path / "out", shard_size=10, model_name=str(model), **_quiet())
+    assert main(["search", "--index", str(tmp_path / "out"), "--query", "river", "--top-k", "1"]) == 0
+    build_checkpoint(model, tokenizer=tokenizers_pair[1], vocab_size=vocab_size, seed=1)   # `init-random --overwrite`
+    for update in (False, True):
+        with pytest.raises(FileExistsError, match=rf"other weights than {model}'s.*--overwrite"):
+            embed_corpus(embedder, path, tmp_path / "out", shard_size=10, model_name=str(model), update=update,
+                         **_quiet())
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "out"), "--query", "river", "--top-k", "1"]) == 1
+    assert f"the weights at {model} are not those {tmp_path / 'out'} was embedded with" in capsys.readouterr().err
+
+
+def test_overwrite_refuses_before_it_deletes_anything(embedder, checkpoint, tmp_path):
+    path = _write(tmp_path / "docs.jsonl", _documents(30))
+    folder = tmp_path / "out"
+    embed_corpus(embedder, path, folder, shard_size=10, model_name=str(checkpoint), **_quiet())
+    (folder / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files embed-corpus did not write \(notes.md\)"):
+        embed_corpus(embedder, path, folder, shard_size=20, model_name=str(checkpoint), overwrite=True, **_quiet())
+    assert len(Index.open(folder)) == 30                  # the old corpus is whole
+
+
+def test_settings_and_inputs_are_refused_before_anything_is_written(embedder, checkpoint, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.txt").write_text("one\ntwo\n")
+    with pytest.raises(UsageError, match="--output .* is inside --input"):
+        embed_corpus(embedder, root, root / "index", **_quiet())
+    for column, kind in (([b"x", b"y"], "binary"), ([[1], [2]], "list"), ([True, False], "bool")):
+        pq.write_table(pa.table({"text": ["a", "b"], "id": column}), root / "b.parquet")
+        with pytest.raises(UsageError, match=rf"b.parquet: column 'id' holds {kind}.*--id-field"):
+            embed_corpus(embedder, root, tmp_path / "out", **_quiet())
+    pq.write_table(pa.table({"text": [1, 2]}), root / "b.parquet")
+    with pytest.raises(UsageError, match="column 'text' holds int64, not strings"):
+        embed_corpus(embedder, root, tmp_path / "out", **_quiet())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corpus_embedded_from_python_records_its_model(checkpoint, tmp_path, capsys):
+    from qwen3_jax.cli import main
+    from qwen3_jax.hub import weights_fingerprint
+
+    path = _write(tmp_path / "docs.jsonl", _documents(12))
+    manifest = embed_corpus(str(checkpoint), path, tmp_path / "out", **_quiet())
+    assert manifest["settings"]["model"] == str(checkpoint.resolve())
+    assert manifest["weights"] == weights_fingerprint(checkpoint)
+    assert main(["search", "--index", str(tmp_path / "out"), "--query", "river", "--top-k", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 2
+
+
+def test_an_int8_update_equals_a_fresh_run_calibration_included(embedder, checkpoint, tmp_path):
+    documents = _documents(60, seed=4)
+    path = _write(tmp_path / "docs.jsonl", documents)
+    settings = dict(shard_size=20, output_dtype="int8", model_name=str(checkpoint), **_quiet())
+    embed_corpus(embedder, path, tmp_path / "updated", **settings)
+    documents[0]["text"] = "一 completely different first record, far from the others 🚀"   # moves the ranges
+    _write(tmp_path / "docs.jsonl", documents)
+    embed_corpus(embedder, path, tmp_path / "updated", update=True, **settings)
+    embed_corpus(embedder, path, tmp_path / "fresh", **settings)
+    updated, fresh = read_manifests(tmp_path / "updated")[0], read_manifests(tmp_path / "fresh")[0]
+    assert updated["calibration"] == fresh["calibration"]
+    for k in range(3):
+        name = f"shard-{k:06d}.npy"
+        assert np.array_equal(np.load(tmp_path / "updated" / name), np.load(tmp_path / "fresh" / name)), name
