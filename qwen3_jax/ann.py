@@ -5,9 +5,11 @@ Each vector is filed under a key that outlives updates: its shard number in the 
 in the low ones. The index records the digest of every shard it holds, so it knows which shards an
 `embed-corpus --update` changed: building again adds new shards to what is there (IVF-PQ also drops and
 re-adds changed or removed shards; an HNSW graph cannot drop vectors, so a changed shard rebuilds it),
-and a search over a folder that changed since is refused. Search returns candidates only: the caller
+and a search over a folder that changed since is refused; so is one over vectors of other weights
+(the record keeps the corpus's weights fingerprint). Search returns candidates only: the caller
 (`Index.search`) scores them exactly, so an approximate index changes which vectors are found, never
-their scores or order.
+their scores or order. A corpus too small for the kind (MIN_VECTORS) gets an exact-only index: a record
+and no faiss file, whose candidates are every vector.
 """
 
 from __future__ import annotations
@@ -15,22 +17,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from qwen3_jax.checks import UsageError
-from qwen3_jax.corpus import ANN_FOLDER
+from qwen3_jax.checks import UsageError, whole_number
+from qwen3_jax.corpus import ANN_FOLDER, LOCK
 from qwen3_jax.extras import require
-from qwen3_jax.textio import atomic_output
+from qwen3_jax.textio import atomic_output, hold_lock
 
 KINDS = ("hnsw", "ivf-pq")
 METRICS = ("ip", "l2")
 RECORD = "ann.json"
 ROW_BITS = 32
 TRAINING_ROWS = 100_000          # IVF-PQ learns its centroids and codebooks from at most this many vectors
+MIN_VECTORS = {"hnsw": 1, "ivf-pq": 16}     # fewer: an exact-only index (IVF-PQ's smallest codebooks have 16 codes)
+MAX_EF = 65_536                  # candidates kept while linking or searching (faiss allocates that many)
+BOUNDS = {"m": (2, 512), "ef_construction": (1, MAX_EF), "ef_search": (1, MAX_EF), "lists": (0, 1 << 20),
+          "code_bytes": (0, 1 << 16)}   # faiss aborts the process at m 0 and crashes at m 1; 0: the default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +57,10 @@ class AnnSettings:
             raise UsageError(f"--kind {self.kind!r}: choose one of {', '.join(KINDS)}")
         if self.metric not in METRICS:
             raise UsageError(f"--metric {self.metric!r}: choose one of {', '.join(METRICS)}")
+        for name, (low, high) in BOUNDS.items():
+            value = whole_number(getattr(self, name), f"--{name.replace('_', '-')}", minimum=low)
+            if value > high:
+                raise UsageError(f"--{name.replace('_', '-')}={value} is over {high}")
         if self.kind == "ivf-pq" and dim % self._code_bytes(dim):
             raise UsageError(f"ivf-pq: {self.code_bytes} code bytes do not divide the width {dim}")
 
@@ -107,7 +118,7 @@ class ApproximateIndex:
         if not path.is_file():
             return None
         record = json.loads(path.read_text(encoding="utf-8"))
-        return cls(folder, record, _faiss().read_index(str(folder / ANN_FOLDER / record["file"])))
+        return cls(folder, record, record["file"] and _faiss().read_index(str(folder / ANN_FOLDER / record["file"])))
 
     def holds(self) -> dict:
         """{shard: {"digest", "count"}} of the shards this index holds."""
@@ -115,7 +126,13 @@ class ApproximateIndex:
 
     def candidates(self, queries: np.ndarray, k: int, *, ef: int | None = None) -> np.ndarray:
         """Positions [n, c] (c >= k; -1 where fewer were found) of each query's candidates in the corpus
-        this index was matched to (`open_for`)."""
+        this index was matched to (`open_for`); every position for an exact-only index."""
+        if ef is not None:
+            whole_number(ef, "ef")
+            if ef > MAX_EF:
+                raise UsageError(f"ef={ef} is over {MAX_EF}")
+        if self.index is None:
+            return np.broadcast_to(np.arange(self.record["vectors"]), (len(queries), self.record["vectors"]))
         if self.settings.kind == "hnsw":
             _faiss().downcast_index(self.index.index).hnsw.efSearch = max(ef or self.settings.ef_search, k)
             wanted = k
@@ -134,7 +151,8 @@ def open_for(index) -> ApproximateIndex:
     if found is None:
         raise FileNotFoundError(f"{index.folder} has no approximate index; build one with "
                                 f"qwen3-jax build-ann --index {index.folder}")
-    if {shard: held["digest"] for shard, held in found.holds().items()} != index.digest:
+    if {shard: held["digest"] for shard, held in found.holds().items()} != index.digest \
+            or found.record.get("weights") != index.weights:
         raise ValueError(f"{index.folder}'s approximate index was built before its corpus changed; run "
                          f"qwen3-jax build-ann --index {index.folder} again (it adds only what changed)")
     found.starts = np.full(max(index.shards, default=0) + 1, -1, np.int64)
@@ -144,13 +162,25 @@ def open_for(index) -> ApproximateIndex:
 
 def build_ann(index, settings: AnnSettings | None = None, *, quiet: bool = False) -> dict:
     """Builds `index`'s approximate index, or brings an existing one up to date with the corpus (see
-    `_plan`). Other settings than the existing index's rebuild it. Returns the new record, whose
-    "added" counts the vectors added this time."""
+    `_plan`), holding the folder's lock meanwhile. Other settings, or weights, than the existing index's
+    rebuild it. Returns the new record, whose "added" counts the vectors added this time."""
     folder = index.folder
     existing = ApproximateIndex.load(folder)
     settings = settings or (existing.settings if existing else AnnSettings())
     settings.check(index.dim)
-    plan = _plan(existing, index) if existing and existing.settings == settings else None
+    with hold_lock(folder / LOCK, f"build-ann (pid {os.getpid()})"):
+        if len(index) < MIN_VECTORS[settings.kind]:
+            held = {shard: {"digest": index.digest[shard], "count": int(index.starts[s + 1] - index.starts[s])}
+                    for s, shard in enumerate(index.shards)}
+            return _save(folder, None, settings, held, existing, len(index), index)
+        return _build(index, settings, existing, quiet)
+
+
+def _build(index, settings: AnnSettings, existing: ApproximateIndex | None, quiet: bool) -> dict:
+    """build_ann's faiss index: new, or `existing` brought up to date."""
+    usable = existing and existing.index is not None and existing.settings == settings \
+        and existing.record.get("weights") == index.weights
+    plan = _plan(existing, index) if usable else None
     if plan is None:
         ann, held, plan = _new_index(settings, index.dim, len(index)), {}, {}
         ann.train(_training_sample(index, TRAINING_ROWS))
@@ -175,7 +205,7 @@ def build_ann(index, settings: AnnSettings | None = None, *, quiet: bool = False
                   end="", file=sys.stderr, flush=True)
     if todo and not quiet:
         print(file=sys.stderr)
-    return _save(folder, ann, settings, held, existing, added)
+    return _save(index.folder, ann, settings, held, existing, added, index)
 
 
 def _plan(existing: ApproximateIndex, index) -> dict | None:
@@ -211,17 +241,21 @@ def _quantization_step(ann) -> float:
     return float(trained[len(trained) // 2:].max() / 255)
 
 
-def _save(folder: Path, ann, settings: AnnSettings, held: dict, existing: ApproximateIndex | None, added: int) -> dict:
-    """Writes the index under a new name, then the record naming it (each renamed into place), then
-    deletes the old index: a kill at any moment leaves a record and the index it names."""
+def _save(folder: Path, ann, settings: AnnSettings, held: dict, existing: ApproximateIndex | None, added: int,
+          index) -> dict:
+    """Writes the index under a new name (none for an exact-only one), then the record naming it (each
+    renamed into place), then deletes the old index: a kill at any moment leaves a record and the index
+    it names."""
     where = folder / ANN_FOLDER
     where.mkdir(exist_ok=True)
     generation = existing.record["generation"] + 1 if existing else 0
-    name = f"index-{generation:06d}.faiss"
-    with atomic_output(where / name, "wb") as handle:
-        handle.write(_faiss().serialize_index(ann).tobytes())
+    name = f"index-{generation:06d}.faiss" if ann is not None else None
+    if ann is not None:
+        with atomic_output(where / name, "wb") as handle:
+            handle.write(_faiss().serialize_index(ann).tobytes())
     record = {"settings": dataclasses.asdict(settings), "file": name, "generation": generation,
-              "vectors": int(ann.ntotal), "added": added, "shards": {str(k): v for k, v in sorted(held.items())}}
+              "vectors": int(ann.ntotal) if ann is not None else len(index), "added": added,
+              "weights": index.weights, "shards": {str(k): v for k, v in sorted(held.items())}}
     with atomic_output(where / RECORD) as handle:
         json.dump(record, handle, indent=1)
     for old in where.glob("index-*.faiss"):

@@ -184,3 +184,72 @@ def test_an_int8_update_equals_a_fresh_run_calibration_included(embedder, checkp
     for k in range(3):
         name = f"shard-{k:06d}.npy"
         assert np.array_equal(np.load(tmp_path / "updated" / name), np.load(tmp_path / "fresh" / name)), name
+
+
+# --- approximate indexes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [{"m": 0}, {"m": 1}, {"m": 10**9}, {"ef_search": 0}, {"ef_search": -1},
+                                 {"ef_construction": 0}, {"ef_construction": 10**9}, {"lists": -1},
+                                 {"kind": "ivf-pq", "code_bytes": 7}, {"kind": "flat"}])
+def test_approximate_index_settings_are_checked_before_anything_is_built(tmp_path, bad):
+    from qwen3_jax.ann import AnnSettings, build_ann
+
+    pytest.importorskip("faiss")
+    vectors = normalize_rows(np.random.default_rng(2).standard_normal((100, WIDTH)).astype(np.float32))
+    index = Index.open(_folder(tmp_path / "index", vectors))
+    with pytest.raises(UsageError, match=r"--(m|ef-search|ef-construction|lists|kind)|code bytes"):
+        build_ann(index, AnnSettings(**bad), quiet=True)
+    assert not (tmp_path / "index" / "ann").exists()
+    build_ann(index, quiet=True)
+    for ef in (0, -3, 10**9):
+        with pytest.raises(UsageError, match="ef="):
+            index.search(vectors[:2], 3, approximate=True, ef=ef)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-pq"])
+@pytest.mark.parametrize("count", [0, 1, 5, 15, 40])
+def test_empty_and_tiny_corpora_get_a_valid_index(tmp_path, kind, count):
+    from qwen3_jax.ann import AnnSettings, build_ann
+
+    pytest.importorskip("faiss")
+    vectors = normalize_rows(np.random.default_rng(count).standard_normal((count, WIDTH)).astype(np.float32))
+    index = Index.open(_folder(tmp_path / "index", vectors, shard=16))
+    record = build_ann(index, AnnSettings(kind=kind), quiet=True)
+    assert record["vectors"] == count
+    queries = normalize_rows(np.random.default_rng(9).standard_normal((3, WIDTH)).astype(np.float32))
+    exact_scores, exact = index.search(queries, 10)
+    scores, found = Index.open(tmp_path / "index").search(queries, 10, approximate=True, ef=64)
+    assert found == exact and np.array_equal(scores, exact_scores)
+
+
+def test_approximate_results_have_as_many_ids_as_scores(tmp_path):
+    from qwen3_jax.ann import AnnSettings, build_ann
+
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    vectors = normalize_rows(rng.standard_normal((400, WIDTH)).astype(np.float32))
+    index = Index.open(_folder(tmp_path / "index", vectors))
+    build_ann(index, AnnSettings(kind="ivf-pq"), quiet=True)
+    queries = normalize_rows(rng.standard_normal((6, WIDTH)).astype(np.float32))
+    scores, found = index.search(queries, 60, approximate=True, ef=1)   # one list probed: fewer than 60 found
+    assert scores.shape == (6, 60) and [len(row) for row in found] == [60] * 6
+    exact_scores, exact = index.search(queries, 60)
+    assert found == exact and np.array_equal(scores, exact_scores)      # those queries were searched exactly
+
+
+def test_an_approximate_index_over_other_weights_is_refused_and_rebuilt(tmp_path):
+    from qwen3_jax.ann import build_ann
+
+    pytest.importorskip("faiss")
+    vectors = normalize_rows(np.random.default_rng(4).standard_normal((100, WIDTH)).astype(np.float32))
+    folder = _folder(tmp_path / "index", vectors)
+    build_ann(Index.open(folder), quiet=True)
+    manifest = read_manifests(folder)[0]
+    manifest["weights"] = "re-embedded with other weights"     # the same records, so the same shard digests
+    (folder / manifest_name(0, 1)).write_text(json.dumps(manifest))
+    index = Index.open(folder)
+    with pytest.raises(ValueError, match="build-ann --index"):
+        index.search(vectors[:2], 3, approximate=True)
+    assert build_ann(index, quiet=True)["added"] == 100                 # rebuilt whole
+    assert index.search(vectors[:2], 1, approximate=True)[1] == [[0], [1]]
