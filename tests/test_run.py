@@ -317,3 +317,28 @@ def test_two_processes_train_like_one(checkpoint, data, tmp_path, compile_cache,
 
     a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two"))
     assert a.keys() == b.keys() and max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
+
+
+def test_other_weights_at_the_models_path_cannot_resume(checkpoint, data, tokenizers_pair, vocab_size, tmp_path):
+    import shutil
+
+    from tests.conftest import build_checkpoint
+
+    model = shutil.copytree(checkpoint, tmp_path / "base")
+    train(_config(model, data, tmp_path / "out", steps=1), out=lambda _: None)
+    build_checkpoint(model, tokenizer=tokenizers_pair[1], vocab_size=vocab_size, seed=1)   # `init-random --overwrite`
+    with pytest.raises(FileExistsError, match=rf"cannot resume: the weights at {model} changed since the run began"
+                                              r".*--overwrite"):
+        Run(_config(model, data, tmp_path / "out", steps=1))
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint_1").is_dir()
+
+
+def test_a_second_run_on_a_folder_is_refused_at_once(checkpoint, data, tmp_path):
+    from qwen3_jax.textio import FolderBusy
+
+    first = Run(_config(checkpoint, data, tmp_path / "out", steps=1))
+    for overwrite in (False, True):
+        with pytest.raises(FolderBusy, match=r"out is in use by qwen3-jax train \(pid \d+\)"):
+            Run(_config(checkpoint, data, tmp_path / "out", steps=1, overwrite=overwrite))
+    first.run()                                       # the lock ends with the run
+    assert Run(_config(checkpoint, data, tmp_path / "out", steps=1)).total_steps == 1

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from qwen3_jax.checks import UsageError, whole_number
-from qwen3_jax.hub import model_identity
+from qwen3_jax.hub import model_identity, resolve_model, weights_fingerprint
 from qwen3_jax.textio import file_identity
 
 # Settings that do not change what a run computes, so a resumed run may differ in them.
@@ -78,16 +78,19 @@ class TrainConfig:
 
     def fingerprint(self) -> dict:
         """What the run computes, as run.json stores it (JSON types). Inputs are named by what they are,
-        not how they were spelled: the model's resolved folder (or hub id), the data file's resolved
-        path, size and hash, so `--model ./emb` resumes a run started with `--model emb` from another
-        folder, and a data file edited since cannot resume (its examples would shift)."""
+        not how they were spelled: the model's resolved folder (or hub id) and its weights' fingerprint,
+        the data file's resolved path, size and hash, so `--model ./emb` resumes a run started with
+        `--model emb` from another folder, while other weights at the model's path, or a data file
+        edited since, cannot resume (it would go on from other weights, or its examples would shift)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
         fields.update(model=model_identity(self.model), data=file_identity(self.data),
+                      weights=weights_fingerprint(resolve_model(self.model)),
                       eval_data=self.eval_data and str(Path(self.eval_data).resolve()))
         return json.loads(json.dumps(fields))
 
     @classmethod
     def from_fingerprint(cls, fields: dict, **settings) -> "TrainConfig":
         """The config a run.json describes (with settings that are not fingerprinted)."""
+        fields = {k: v for k, v in fields.items() if k != "weights"}
         return cls(**{**fields, "data": fields["data"]["path"], "matryoshka_dims": tuple(fields["matryoshka_dims"]),
                       **settings})

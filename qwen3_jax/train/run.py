@@ -1,7 +1,9 @@
 """A training run: the loop around the step, with progress, checkpoints that survive kill -9, and resume.
 `train(TrainConfig(...))` from Python; `qwen3-jax train` from the shell.
 
-DIR (the output folder) holds run.json (what the run is; another run's folder is refused), metrics.jsonl
+DIR (the output folder) holds run.json (what the run is, its base weights' fingerprint included; another
+run's folder, or other weights at the model's path, is refused), .lock (held by the run from start to
+end, so a second run on the folder is refused at once; the kernel drops it with a killed run), metrics.jsonl
 (every logged step and evaluation), checkpoints/checkpoint_N (Orbax, each committed atomically: the
 trained parameters, the optimizer state, the step, which is also the data position and the RNG key),
 and at the end final/ (a merged Hugging Face folder) and, for LoRA, adapter/ (a peft folder).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -19,13 +22,14 @@ from pathlib import Path
 import jax
 
 from qwen3_jax.progress import progress_bar
-from qwen3_jax.textio import atomic_output
+from qwen3_jax.textio import atomic_output, hold_lock
 from qwen3_jax.train.checkpoints import Checkpoints
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.train.data import ExampleStream, JsonlSource
 from qwen3_jax.train.trainer import Trainer
 
 RUN_FILE = "run.json"
+LOCK = ".lock"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS, FINAL, ADAPTER = "checkpoints", "final", "adapter"
 
@@ -45,6 +49,9 @@ def _refusal(output: Path, found: dict, wanted: dict) -> str:
     if changed == ["data"] and isinstance(was, dict) and was.get("path") == now["path"]:
         reason = (f"{output} cannot resume: its data file {now['path']} changed since the run began ({was.get('bytes')} -> {now['bytes']} "
                   "bytes, another SHA-256), so a resumed run would read other examples; restore the file, or")
+    elif changed == ["weights"]:
+        reason = (f"{output} cannot resume: the weights at {wanted['model']} changed since the run began, so a "
+                  "resumed run would go on from other weights; restore them, or")
     else:
         reason = f"{output} holds another run (it differs in {', '.join(changed)});"
     return (f"{reason} use another --output, or pass --overwrite to delete that run, its checkpoints included, "
@@ -63,6 +70,9 @@ class Run:
     def __init__(self, config: TrainConfig, *, mesh=None, out=print):
         self.config, self.out = config, out
         self.output = Path(config.output)
+        self._lock = None
+        if self.output.is_dir():
+            self._hold()              # a second run on the folder is refused before any work
         self.source = JsonlSource(config.data, config.loss)
         self.stream = ExampleStream(self.source, batch_size=config.batch_size, seed=config.seed)
         eval_source = JsonlSource(config.eval_data, config.loss) if config.eval_data else None
@@ -73,21 +83,38 @@ class Run:
         self._claim_output()          # after every setting is checked: a bad one leaves no folder behind
         self.checkpoints = Checkpoints(self.output / CHECKPOINTS, keep=config.keep)
 
-    def _claim_output(self) -> None:
-        """Refuses a folder that holds another run, unless overwrite; records this run in run.json."""
+    def _hold(self) -> None:
+        """The run folder's lock, held until the run ends (process 0's: the processes share one folder)."""
+        if self._lock is None and jax.process_index() == 0:
+            self._lock = hold_lock(self.output / LOCK, f"qwen3-jax train (pid {os.getpid()})")
+
+    def _check_output(self, wanted: dict) -> dict | None:
+        """The run.json found in the folder; refuses a folder that holds another run (unless overwrite)
+        or files of something else."""
         run_file = self.output / RUN_FILE
-        wanted = self.config.fingerprint()
         found = json.loads(run_file.read_text()) if run_file.is_file() else None
-        if found is None and self.output.is_dir() and any(self.output.iterdir()):
+        if found is None and self.output.is_dir() and any(p.name != LOCK for p in self.output.iterdir()):
             raise FileExistsError(f"{self.output} is not empty and holds no training run; use another --output")
         if found is not None and found != wanted and not self.config.overwrite:
             raise FileExistsError(_refusal(self.output, found, wanted))
+        return found
+
+    def _claim_output(self) -> None:
+        """Refuses a folder that holds another run, unless overwrite; records this run in run.json."""
+        wanted = self.config.fingerprint()
+        self._check_output(wanted)
         _all_processes_reach("checked the output folder")     # before any process writes to it
         if jax.process_index() == 0:
-            if found is not None and found != wanted:
-                shutil.rmtree(self.output)
             self.output.mkdir(parents=True, exist_ok=True)
-            with atomic_output(run_file) as handle:
+            self._hold()
+            found = self._check_output(wanted)            # again, now that no other run can write the folder
+            if found is not None and found != wanted:
+                for path in self.output.iterdir():
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.name != LOCK:
+                        path.unlink()
+            with atomic_output(self.output / RUN_FILE) as handle:
                 json.dump(wanted, handle, indent=2)
         _all_processes_reach("claimed the output folder")
 
@@ -134,6 +161,8 @@ class Run:
                                       adapter=self.output / ADAPTER if self.trainer.lora else None)
         for name, folder in written.items():
             _log(self.out, f"wrote {name}: {folder}")
+        if self._lock is not None:
+            self._lock.close()                            # the run is over: the folder is free
         return {"steps": self.total_steps, "output": str(self.output), **written}
 
     def _append(self, record: dict) -> None:
