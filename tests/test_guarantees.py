@@ -253,3 +253,32 @@ def test_an_approximate_index_over_other_weights_is_refused_and_rebuilt(tmp_path
         index.search(vectors[:2], 3, approximate=True)
     assert build_ann(index, quiet=True)["added"] == 100                 # rebuilt whole
     assert index.search(vectors[:2], 1, approximate=True)[1] == [[0], [1]]
+
+
+# --- the server's gate -------------------------------------------------------------------------------------------
+
+
+def test_the_gates_refusals_are_counted_under_the_endpoint_asked_for():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from qwen3_jax.serve.gate import Gate
+    from qwen3_jax.serve.metrics import Metrics
+
+    app, metrics = FastAPI(), Metrics()
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> dict:
+        return {}
+
+    app.add_middleware(Gate, metrics=metrics, api_key="secret", payload_limit=100, read_timeout_s=5)
+    client = TestClient(app)
+    assert client.post("/v1/embeddings", json={}).status_code == 401                      # no key
+    assert client.post("/v1/embeddings", content=b"x" * 200,
+                       headers={"authorization": "Bearer secret"}).status_code == 413     # over the limit
+    assert client.post("/v1/embeddings", json={}, headers={"authorization": "Bearer secret"}).status_code == 200
+    assert client.post("/nowhere", json={}).status_code == 401
+    counted = {(s.labels["endpoint"], s.labels["status"]): s.value for family in metrics.registry.collect()
+               if family.name == "qwen3_requests" for s in family.samples if s.name == "qwen3_requests_total"}
+    assert counted == {("/v1/embeddings", "401"): 1, ("/v1/embeddings", "413"): 1, ("/v1/embeddings", "200"): 1,
+                       ("unknown", "401"): 1}

@@ -4,7 +4,9 @@ One ASGI middleware, outside FastAPI's routing: it names the request (`x-request
 new one, on every response), checks the API key before a byte of the body is read, reads the body
 itself under `--payload-limit` (a larger Content-Length is refused unread; a chunked body is cut off at
 the limit) and `--read-timeout-s` (a body not whole by then is answered 408), holds at most
-BODIES_IN_FLIGHT bodies' worth of bytes at once (429 beyond), counts every status in the metrics, and
+BODIES_IN_FLIGHT bodies' worth of bytes at once (429 beyond), counts every status in the metrics under
+the endpoint asked for (the route FastAPI chose, or for a request the gate refused, the one its path
+and method name), and
 answers any exception that escapes an endpoint with a 500 that names the request id and nothing of the
 server's internals (the traceback goes to the log under that id).
 """
@@ -18,6 +20,8 @@ import re
 import secrets
 import time
 import uuid
+
+from starlette.routing import Match
 
 from qwen3_jax.serve.errors import error_body
 from qwen3_jax.serve.metrics import Metrics
@@ -80,8 +84,7 @@ class Gate:
                                   f"names it as request {request_id}", "internal_error")
             finally:
                 self.bytes_held -= held[0]
-                route = scope.get("route")
-                endpoint = route.path if route is not None else "unknown"
+                endpoint = _endpoint(scope)
                 self.metrics.requests.labels(endpoint, str(status[0] or 499)).inc()
                 self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
@@ -128,6 +131,17 @@ class Gate:
                           f"{self.body_budget}); retry in 1 s", "queue_full", {"retry-after": "1"})
         self.bytes_held += count
         held[0] += count
+
+
+def _endpoint(scope) -> str:
+    """The path of the route a request was for: the one FastAPI routed it to, else (refused before
+    routing) the app's route that its path and method match; "unknown" for a path the app has not."""
+    route = scope.get("route")
+    if route is None:
+        routes = scope["app"].router.routes if "app" in scope else []
+        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None) \
+            or next((r for r in routes if r.matches(scope)[0] == Match.PARTIAL), None)
+    return route.path if route is not None else "unknown"
 
 
 def _header(scope, name: bytes) -> str | None:
