@@ -341,3 +341,53 @@ def test_sigterm_during_load_answers_every_accepted_request_and_exits_0(checkpoi
         assert "every accepted request was answered" in server.log.read_text()
     finally:
         server.kill()
+
+
+def _serve_fails_at_once(*args: str) -> tuple[int, str, float]:
+    """(exit status, stderr, seconds) of a `qwen3-jax serve` that must end before loading anything."""
+    import subprocess
+    import sys
+    import time
+
+    began = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "qwen3_jax.cli", "serve", *args], capture_output=True, text=True,
+                         timeout=120)
+    return run.returncode, run.stderr, time.perf_counter() - began
+
+
+def test_a_port_out_of_range_or_taken_is_one_line_and_exit_2_before_any_loading(checkpoint):
+    import socket
+
+    status, stderr, _ = _serve_fails_at_once("--model", str(checkpoint), "--port", "80000")
+    assert status == 2 and stderr == "qwen3-jax: error: --port=80000 is not a port: give one of 1..65535\n"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, stderr, seconds = _serve_fails_at_once("--model", str(checkpoint), "--port", str(port))
+    assert status == 2, stderr
+    assert stderr == f"qwen3-jax: error: port {port} on 127.0.0.1 is in use by another program: stop it, or give " \
+                     "another --port\n"
+
+
+def test_start_up_says_what_it_compiled_and_what_it_loaded_from_the_cache(checkpoint, tmp_path):
+    """Progress from the start (the port held, loading, compiling), and a ready line whose counts are true:
+    the first start compiles exactly the programs it writes to an empty cache, the second loads them all."""
+    import re
+
+    cache = tmp_path / "cache"
+    counts = []
+    for start in range(2):
+        log = tmp_path / f"server{start}.log"
+        with serving("--model", str(checkpoint), *LIMITS, "--compile-cache", str(cache), log=log) as running:
+            assert httpx.get(running.url + "/health").status_code == 200
+        lines = log.read_text().splitlines()
+        assert lines[0] == f"port {running.port} on 127.0.0.1 held; loading {checkpoint}"
+        assert lines[1].startswith("loaded in ") and "compiling every batch shape" in lines[1]
+        ready = next(line for line in lines if line.startswith("ready in "))
+        compiled, loaded = map(int, re.search(r"\((\d+) programs? compiled, (\d+) loaded from the compilation "
+                                              r"cache\)", ready).groups())
+        counts.append((compiled, loaded, len(list(cache.glob("*-cache")))))
+    (compiled, loaded, written), (again_compiled, again_loaded, written_after) = counts
+    assert compiled > 0 and loaded == 0 and compiled == written
+    assert again_compiled == 0 and again_loaded == compiled and written_after == written

@@ -45,7 +45,9 @@ class ServeSettings:
     def check(self) -> None:
         if not self.model and not self.reranker:
             raise UsageError("give --model (an embedding model), --reranker, or both")
-        whole_number(self.port, "--port", minimum=0)
+        whole_number(self.port, "--port")
+        if self.port > 65535:
+            raise UsageError(f"--port={self.port} is not a port: give one of 1..65535")
         for name in ("max_batch_tokens", "max_queue_tokens", "max_client_batch_size", "max_input_chars",
                      "payload_limit"):
             if getattr(self, name) is not None:
