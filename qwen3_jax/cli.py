@@ -503,10 +503,11 @@ def run_embed_corpus(args) -> None:
     import jax
 
     from qwen3_jax import Qwen3Embedder
-    from qwen3_jax.corpus import ANN_FOLDER, check_input, embed_corpus
+    from qwen3_jax.corpus import ANN_FOLDER, check_folder_free, check_input, embed_corpus
     from qwen3_jax.sharding import mesh_of
 
     check_input(args.input, args.output, text_field=args.text_field, id_field=args.id_field)   # before the model loads
+    check_folder_free(args.output, args.process_id, args.num_processes)   # another job's: refused at once
     model = engine = None
     if args.engine == "ray":
         from qwen3_jax.ray import RayEngine

@@ -317,6 +317,29 @@ class LocalEngine:
         return []
 
 
+def lock_folder(folder: Path, process: int = 0, processes: int = 1) -> list:
+    """A corpus job's locks on `folder` (see the module docstring), or FolderBusy: exclusive for a
+    one-process job, shared by a split job's processes, each of which also holds its own process's."""
+    if processes == 1:
+        return [hold_lock(folder / LOCK, f"embed-corpus (pid {os.getpid()})")]
+    held = [hold_lock(folder / LOCK, f"embed-corpus --num-processes {processes}", shared=True)]
+    try:
+        held.append(hold_lock(folder / f"{LOCK}-{process}-of-{processes}",
+                              f"embed-corpus --process-id {process} (pid {os.getpid()})"))
+    except BaseException:
+        held[0].close()
+        raise
+    return held
+
+
+def check_folder_free(folder: str | Path, process: int = 0, processes: int = 1) -> None:
+    """FolderBusy now, before the model loads, if another job holds the folder (the job takes its
+    locks for good later)."""
+    if Path(folder).is_dir():
+        for handle in lock_folder(Path(folder), process, processes):
+            handle.close()
+
+
 class Changes(NamedTuple):
     """How the input differs from what a folder's shards were made from (this process's shards)."""
 
@@ -356,7 +379,7 @@ class CorpusJob:
         self.skip_bad, self.update, self.quiet, self.out = skip_bad, update, quiet, out
         self.manifest_path = self.output / manifest_name(process, settings.num_processes)
         self.output.mkdir(parents=True, exist_ok=True)
-        self._locks = self._lock()
+        self._locks = lock_folder(self.output, process, settings.num_processes)
         try:
             with contextlib.closing(hold_lock(self.output / CLAIM_LOCK, "embed-corpus", wait=True)):
                 self._check_folder(overwrite)             # every refusal before anything is deleted
@@ -366,21 +389,6 @@ class CorpusJob:
         except BaseException:
             self.close()
             raise
-
-    def _lock(self) -> list:
-        """The folder's lock for the whole job: exclusive for a one-process job, shared by a split job's
-        processes, each of which also holds its own process's lock."""
-        count = self.settings.num_processes
-        if count == 1:
-            return [hold_lock(self.output / LOCK, f"embed-corpus (pid {os.getpid()})")]
-        held = [hold_lock(self.output / LOCK, f"embed-corpus --num-processes {count}", shared=True)]
-        try:
-            held.append(hold_lock(self.output / f"{LOCK}-{self.process}-of-{count}",
-                                  f"embed-corpus --process-id {self.process} (pid {os.getpid()})"))
-        except BaseException:
-            held[0].close()
-            raise
-        return held
 
     def close(self) -> None:
         """Releases the folder's locks."""

@@ -88,7 +88,10 @@ def _quiet(**settings) -> dict:
 
 
 def test_a_second_job_is_refused_at_once_and_a_killed_jobs_lock_goes_with_it(embedder, checkpoint, tmp_path,
-                                                                               compile_cache):
+                                                                               compile_cache, monkeypatch, capsys):
+    from qwen3_jax import Qwen3Embedder
+    from qwen3_jax.cli import main
+
     path = _write(tmp_path / "docs.jsonl", _documents(1500, seed=2))
     folder = tmp_path / "out"
     command = [sys.executable, "-m", "qwen3_jax.cli", "embed-corpus", "--model", str(checkpoint), "--input", path,
@@ -101,6 +104,11 @@ def test_a_second_job_is_refused_at_once_and_a_killed_jobs_lock_goes_with_it(emb
         for settings in ({}, {"dim": 32}, {"overwrite": True}, {"num_processes": 2, "process": 1}):
             with pytest.raises(FolderBusy, match=rf"{re.escape(str(folder))} is in use by embed-corpus"):
                 embed_corpus(embedder, path, folder, shard_size=100, model_name=str(checkpoint), **_quiet(**settings))
+        with monkeypatch.context() as patched:            # the command line refuses before it loads the model
+            patched.setattr(Qwen3Embedder, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+            assert main(["embed-corpus", "--model", str(checkpoint), "--input", path, "--output", str(folder),
+                         "--shard-size", "100", "--quiet"]) == 1
+            assert f"{folder} is in use by embed-corpus (pid {first.pid})" in capsys.readouterr().err
         assert first.poll() is None                       # it was never disturbed
     finally:
         first.send_signal(signal.SIGKILL)
