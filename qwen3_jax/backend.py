@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import sys
+from pathlib import Path
 
 import jax
 
@@ -22,6 +25,10 @@ KERNEL_PLATFORMS = {"pallas": "gpu", "cudnn": "gpu", "splash": "tpu"}      # ker
 # row may hold a whole batch. cuDNN's kernel takes one text a row (see `Backend.packs_rows`).
 PACKED_ROW_LIMIT = {"dense": 2048, "splash": 2048, "blockwise": None, "pallas": None}
 ACCELERATOR_BLOCK = 256          # the blockwise kernel's query block off the CPU
+# CPU features with which XLA multiplies bfloat16 several times faster than float32: Intel's AMX (Sapphire
+# Rapids on) and AVX-512 BF16 (Intel Cooper Lake, AMD Zen 4 on). docs/design/numerics.md has the rates.
+FAST_BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 def resolve_implementation(impl: str, dtype=None, platform: str | None = None) -> str:
@@ -34,6 +41,36 @@ def resolve_implementation(impl: str, dtype=None, platform: str | None = None) -
     if impl != "auto":
         return impl
     return AUTO.get(platform or jax.default_backend(), "blockwise")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The feature flags of this machine's CPU as Linux lists them (none elsewhere)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), ()))
+
+
+def resolve_dtype(dtype: str, platform: str | None = None, flags: frozenset[str] | None = None) -> str:
+    """A compute dtype's name, "auto" resolved: bfloat16 on GPUs and TPUs and on CPUs whose matrix units
+    multiply it fast (FAST_BFLOAT16_CPU_FLAGS), float32 on other CPUs. The choice is said once on stderr."""
+    if dtype != "auto":
+        return dtype
+    platform = platform or jax.default_backend()
+    fast = [flag for flag in FAST_BFLOAT16_CPU_FLAGS if flag in (cpu_flags() if flags is None else flags)]
+    if platform != "cpu" or fast:
+        why = f"on {platform}" if platform != "cpu" else f"this CPU multiplies it fast ({', '.join(fast)})"
+        _say_once(f"qwen3-jax: dtype auto: bfloat16, {why}; --dtype float32 gives results equal to transformers' "
+                  "float32")
+        return "bfloat16"
+    _say_once("qwen3-jax: dtype auto: float32, this CPU has no fast bfloat16 products (AMX or AVX-512 BF16)")
+    return "float32"
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclasses.dataclass(frozen=True)

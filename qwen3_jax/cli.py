@@ -11,15 +11,21 @@ import traceback
 from importlib.metadata import version
 from pathlib import Path
 
+from qwen3_jax.backend import COMPUTE_DTYPES, resolve_dtype
 from qwen3_jax.backend import IMPLEMENTATIONS as ATTENTION
 from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.compile_cache import enable_compilation_cache, use_default_compilation_cache
 from qwen3_jax.config import PRESETS
+from qwen3_jax.study.cli import add_study_parser, run_study
 
 
 def _counted(count: int, noun: str) -> str:
     """"1 shard", "2 shards": a count with its noun in the right number."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+DTYPE_HELP = ("compute dtype (default float32, results equal to transformers'); auto: bfloat16 on GPUs, TPUs and "
+              "CPUs with fast bfloat16 products (AMX, AVX-512 BF16), float32 on other CPUs")
 
 
 def _env_int(name: str) -> int | None:
@@ -29,7 +35,7 @@ def _env_int(name: str) -> int | None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--attention", default="auto", choices=ATTENTION)
@@ -103,8 +109,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     length.add_argument("--epochs", type=float, help="passes over the data")
     parser.add_argument("--remat", default="off", choices=["off", "full", "dots"],
                         help="recompute each layer in the backward pass (dots: keep the matrix products)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="compute dtype; weights and optimizer stay float32")
+    parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
+                        help="compute dtype (auto: bfloat16 where its products are fast); weights and optimizer "
+                             "stay float32")
     _mesh_options(parser)
     parser.add_argument("--eval", default=None, help="held-out .jsonl in the same format: recall@1/@10, nDCG@10")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: --save-every)")
@@ -155,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=int, default=None, help="with --random: fewer layers")
     bench.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
                        help="with --random: folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR)")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
     bench.add_argument("--input", help="a .txt or .jsonl of your own texts to time (instead of synthetic ones)")
     bench.add_argument("--texts", type=int, default=None, help="how many texts (default: 32, or all of --input)")
     bench.add_argument("--tokens", default="80-185",
@@ -176,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ann-kinds", default="hnsw,ivf-pq", help="with --search: approximate indexes to build")
     bench.add_argument("--quantized", default="int8,binary", help="with --search: quantized storages to compare")
     bench.add_argument("--ann-ef", default="", help="with --search: also search at these ef values (e.g. 128,256)")
+    bench.add_argument("--profile", action="store_true",
+                       help="where one decoder layer's time goes, stage by stage, from XLA's profiler (one batch "
+                            "of the --tokens mix, at --dtype)")
     bench.add_argument("--serve", action="store_true",
                        help="load-test `qwen3-jax serve` (and Infinity, with --infinity) on loopback at --levels")
     bench.add_argument("--infinity", default=os.environ.get("QWEN3_JAX_INFINITY"),
@@ -213,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--instruction", help="task instruction (for a corpus of queries; documents take none)")
     prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json")
     corpus.add_argument("--dim", type=int, default=None, help="MRL output dimension")
-    corpus.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    corpus.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
     corpus.add_argument("--output-dtype", default="float32", choices=["float32", "float16", "int8", "binary"],
                         help="how vectors are stored: int8 (ranges calibrated on the input) or binary (sign bits) "
                              "as sentence-transformers' quantize_embeddings writes them")
@@ -282,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--top-k", type=int, default=100, help="documents retrieved per query")
     evaluation.add_argument("--rerank", type=int, default=0, help="rescore each query's first R hits with --reranker")
     evaluation.add_argument("--reranker", default=None, help="Qwen3-Reranker folder or hub id (with --rerank)")
-    evaluation.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    evaluation.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
     evaluation.add_argument("--batch-size", type=int, default=32)
     evaluation.add_argument("--output", default=None, help="also write the figures to this .json file")
     _compile_cache(evaluation)
@@ -303,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reranker", default=None, help="Qwen3-Reranker folder or hub id (also, or instead)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
     serve.add_argument("--dim", type=int, default=None, help="MRL dimension of embeddings a request does not size")
     serve.add_argument("--attention", default="auto", choices=ATTENTION)
     _mesh_options(serve)
@@ -357,9 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="compare one checkpoint in transformers and in qwen3-jax")
     verify.add_argument("--model", required=True, help="checkpoint folder or hub id")
-    verify.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    verify.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
     verify.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error")
     verify.add_argument("--debug", action="store_true")
+
+    add_study_parser(commands)
     return parser
 
 
@@ -367,12 +379,19 @@ def _mesh(args):
     """Joins the multi-process job first when asked, then builds the --mesh over all its devices."""
     from qwen3_jax.sharding import initialize_distributed, make_mesh, mesh_of
 
-    distributed = bool(args.coordinator or args.distributed)
+    distributed = _joins_job(args)
     if distributed:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        if getattr(args, "dtype", None) == "auto":
+            args.dtype = resolve_dtype("auto")
     if args.mesh:
         return mesh_of(args.mesh)
     return make_mesh() if distributed else None
+
+
+def _joins_job(args) -> bool:
+    """Whether this command joins a multi-process JAX job (which must happen before JAX picks its platform)."""
+    return bool(getattr(args, "coordinator", None) or getattr(args, "distributed", False))
 
 
 def _shows_progress(args) -> bool:
@@ -448,6 +467,12 @@ def run_bench(args) -> None:
                 result = run_serve_benchmark(Path(folder), infinity=args.infinity, dtype=args.dtype, levels=levels,
                                              max_requests=args.requests, max_seconds=args.seconds,
                                              max_batch_tokens=args.max_batch_tokens, scratch=Path(scratch))
+    elif args.profile:
+        from qwen3_jax.bench.profile import run_profile
+
+        result = run_profile(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
+                             dtype=args.dtype, texts=args.texts, tokens=args.tokens, long_tail=args.long_tail,
+                             batch_size=args.batch_size, repeats=args.repeats, attention=args.attention)
     elif args.train:
         from qwen3_jax.bench.train import run_train_benchmark
 
@@ -665,7 +690,8 @@ def run_verify(args) -> int:
 
 COMMANDS = {"embed": run_embed, "embed-corpus": run_embed_corpus, "build-ann": run_build_ann, "search": run_search,
             "rerank": run_rerank, "eval": run_eval, "train": run_train, "export": run_export, "bench": run_bench, "convert": run_convert,
-            "verify": run_verify, "init-random": run_init_random, "serve": run_serve, "doctor": run_doctor}
+            "verify": run_verify, "init-random": run_init_random, "serve": run_serve, "doctor": run_doctor,
+            "study": run_study}
 
 
 def convert_to(to: str, argv: list[str], script: str) -> int:
@@ -686,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         print("qwen3-jax: error: --batch-size must be at least 1", file=sys.stderr)
         return 2
     try:
+        if getattr(args, "dtype", None) == "auto" and not _joins_job(args):
+            args.dtype = resolve_dtype("auto")     # a job's processes resolve it once they have joined (_mesh)
         if getattr(args, "compile_cache", None):
             enable_compilation_cache(args.compile_cache)
         elif args.command == "bench":

@@ -16,6 +16,7 @@ EXTRAS = {
     "parquet": ("pyarrow",),
     "ann": ("faiss",),
     "ray": ("ray",),
+    "study": ("matplotlib", "treescope"),      # the study toolkit's pictures and notebook views
 }
 
 

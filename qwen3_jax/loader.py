@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from qwen3_jax.backend import resolve_dtype
 from qwen3_jax.checks import UsageError
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.model import Qwen3Model
@@ -24,10 +25,12 @@ ORBAX_PARAMS = "params"
 
 
 def parse_dtype(dtype) -> jnp.dtype:
-    """"float32" | "bfloat16" | "float16" (or a jnp dtype) -> jnp.dtype, with a clear error otherwise."""
+    """"float32" | "bfloat16" | "float16" | "auto" (see backend.resolve_dtype), or a jnp dtype -> jnp.dtype,
+    with a clear error otherwise."""
     if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
         if dtype not in DTYPES:
-            raise UsageError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+            raise UsageError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}, auto")
         return jnp.dtype(DTYPES[dtype])
     return jnp.dtype(dtype)
 

@@ -3,6 +3,9 @@
 Dimension letters: B batch, T tokens, D model width, N query heads, K kv heads, G query heads
 per kv head, H head dim, F MLP width, V vocab, L layers.
 
+Each stage of a layer runs under a `jax.named_scope` (LAYER_STAGES), so a profile of the compiled
+program reads by stage (`qwen3-jax bench --profile`).
+
 The operations with hand-written gradients live in `ops/` and `attention/`, and the choices that
 differ by platform in the `Backend` the model is built with; this file holds only the model's arithmetic.
 """
@@ -26,6 +29,11 @@ _init = nnx.initializers.normal(stddev=0.02)
 # its matrix products too ("dots": the projections, not attention).
 REMAT_POLICIES = {"off": None, "full": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.save_only_these_names(PROJECTION)}
+
+
+# The named scopes of a decoder layer, as they nest: what a profile is grouped by.
+LAYER_STAGES = ("input_norm", "attention/qkv", "attention/qk_norm_rotary", "attention/kernel", "attention/out",
+                "post_norm", "mlp/gate_up", "mlp/activation", "mlp/down")
 
 
 def check_remat(remat: str) -> str:
@@ -78,13 +86,17 @@ class Attention(nnx.Module):
         """[B, T, D] -> [B, T, D], or only at the positions `at` [B, S]: then only those positions
         ask (their queries alone are projected and attend), while every token is still a key."""
         q_x, q_sin, q_cos = (x, sin, cos) if at is None else (gather_tokens(a, at) for a in (x, sin, cos))
-        q = linear(self, "wq", "BTD,DNH->BTNH", q_x, backend, _fold(rng, 0))
-        k = linear(self, "wk", "BTD,DKH->BTKH", x, backend, _fold(rng, 1))
-        v = linear(self, "wv", "BTD,DKH->BTKH", x, backend, _fold(rng, 2))
-        q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), q_sin, q_cos)
-        k = apply_rotary(rms_norm(k, self.k_norm[...], self.eps), sin, cos)
-        out = attention(q, k, v, segments, backend=backend) if at is None else attention_at(q, k, v, segments, at)
-        return linear(self, "wo", "BTNH,NHD->BTD", out, backend, _fold(rng, 3))
+        with jax.named_scope("qkv"):
+            q = linear(self, "wq", "BTD,DNH->BTNH", q_x, backend, _fold(rng, 0))
+            k = linear(self, "wk", "BTD,DKH->BTKH", x, backend, _fold(rng, 1))
+            v = linear(self, "wv", "BTD,DKH->BTKH", x, backend, _fold(rng, 2))
+        with jax.named_scope("qk_norm_rotary"):
+            q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), q_sin, q_cos)
+            k = apply_rotary(rms_norm(k, self.k_norm[...], self.eps), sin, cos)
+        with jax.named_scope("kernel"):
+            out = attention(q, k, v, segments, backend=backend) if at is None else attention_at(q, k, v, segments, at)
+        with jax.named_scope("out"):
+            return linear(self, "wo", "BTNH,NHD->BTD", out, backend, _fold(rng, 3))
 
 
 class MLP(nnx.Module):
@@ -97,9 +109,13 @@ class MLP(nnx.Module):
         self.w_down = nnx.Param(_init(rngs.params(), (f, d), param_dtype))
 
     def __call__(self, x, *, backend: Backend, rng=None):
-        gate = linear(self, "w_gate", "BTD,DF->BTF", x, backend, _fold(rng, 4))
-        up = linear(self, "w_up", "BTD,DF->BTF", x, backend, _fold(rng, 5))
-        return linear(self, "w_down", "BTF,FD->BTD", jax.nn.silu(gate) * up, backend, _fold(rng, 6))
+        with jax.named_scope("gate_up"):
+            gate = linear(self, "w_gate", "BTD,DF->BTF", x, backend, _fold(rng, 4))
+            up = linear(self, "w_up", "BTD,DF->BTF", x, backend, _fold(rng, 5))
+        with jax.named_scope("activation"):
+            hidden = jax.nn.silu(gate) * up
+        with jax.named_scope("down"):
+            return linear(self, "w_down", "BTF,FD->BTD", hidden, backend, _fold(rng, 6))
 
 
 class DecoderLayer(nnx.Module):
@@ -115,9 +131,14 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, sin, cos, segments, *, backend: Backend, rng=None, at=None):
         """[B, T, D] -> [B, T, D], or [B, S, D] at the positions `at` [B, S] only."""
         residual = x if at is None else gather_tokens(x, at)
-        x = residual + self.attn(rms_norm(x, self.input_norm[...], self.eps), sin, cos, segments, backend=backend,
-                                 rng=rng, at=at)
-        return x + self.mlp(rms_norm(x, self.post_norm[...], self.eps), backend=backend, rng=rng)
+        with jax.named_scope("input_norm"):
+            normed = rms_norm(x, self.input_norm[...], self.eps)
+        with jax.named_scope("attention"):
+            x = residual + self.attn(normed, sin, cos, segments, backend=backend, rng=rng, at=at)
+        with jax.named_scope("post_norm"):
+            normed = rms_norm(x, self.post_norm[...], self.eps)
+        with jax.named_scope("mlp"):
+            return x + self.mlp(normed, backend=backend, rng=rng)
 
 
 class Qwen3Model(nnx.Module):

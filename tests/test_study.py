@@ -2,7 +2,6 @@
 every cache entry, each intervention, the lenses; the hooked pass against Qwen3Model; meshes, long texts,
 the pictures."""
 
-import argparse
 import subprocess
 import sys
 import textwrap
@@ -407,15 +406,10 @@ def test_bad_arguments_say_what_to_do(hooked, hooked_reranker):
 
 
 def _study_command(argv):
-    """`qwen3-jax study ...` through a parser built as build_parser builds it, and main's exit codes."""
-    from qwen3_jax.study.cli import add_study_parser, run_study
+    """`qwen3-jax study ...` as a user types it, through the command's own main."""
+    from qwen3_jax.cli import main
 
-    parser = argparse.ArgumentParser(prog="qwen3-jax")
-    add_study_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        return run_study(parser.parse_args(["study", *argv])) or 0
-    except UsageError:
-        return 2
+    return main(["study", *argv])
 
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -450,3 +444,9 @@ def test_study_command_bad_arguments_exit_2(checkpoint, tmp_path, argv, monkeypa
     monkeypatch.chdir(tmp_path)
     assert _study_command([*argv, "--model", str(checkpoint)]) == 2
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_model_and_a_cache_render_with_treescope(hooked):
+    _, cache = hooked.run_with_cache(TEXTS[:1], names_filter="blocks.0.hook_resid_pre")
+    assert "wq" in hooked.display()                      # the attention's query projection, by its name
+    assert hooked.display(cache).startswith("<") and len(hooked.display(cache)) > 1000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -15,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen3_jax.checks import UsageError
 from qwen3_jax.embedder import Qwen3Embedder
+from qwen3_jax.extras import require
 from qwen3_jax.model import Qwen3Model, gather_tokens
 from qwen3_jax.reranker import Qwen3Reranker, RerankerPrompts
 from qwen3_jax.study.forward import EMBED, FINAL, HOOK_SHAPES, HookFn, hook_names, run_hooked
@@ -108,6 +110,18 @@ class HookedQwen3:
             return cls(loaded.model, loaded.tokenizer, reranker=loaded.prompts, max_length=loaded.max_length,
                        mesh=loaded.runner.mesh)
         return cls(loaded.model, loaded.tokenizer, max_length=loaded.max_length, mesh=loaded.runner.mesh)
+
+    def display(self, cache: ActivationCache | None = None) -> str:
+        """The model's modules and parameters (or a cache of `run_with_cache`) rendered by treescope (the
+        `study` extra): shown in a notebook, and returned as HTML anywhere."""
+        require("study", "HookedQwen3.display")
+        import treescope
+
+        target = self.model if cache is None else dict(cache)
+        shell = sys.modules.get("IPython")
+        if shell is not None and shell.get_ipython() is not None:
+            treescope.show(target)
+        return treescope.render_to_html(target)
 
     def to_tokens(self, inputs, *, instruction: str | None = None) -> Tokens:
         """Tokens of texts (an embedder's; `instruction` formats them as queries) or (query, document)

@@ -9,14 +9,13 @@ from typing import Sequence
 
 import numpy as np
 
+from qwen3_jax.extras import require
 from qwen3_jax.textio import atomic_output
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError('the pictures need matplotlib, which is not installed: pip install "qwen3-jax[study]"') from None
+    require("study", "the study pictures")
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
