@@ -153,6 +153,18 @@ def test_verify_passes_on_a_faithful_model(checkpoint, capsys):
     assert "ours: bfloat16" in out and "PASS: min cosine >= 0.99" in out
 
 
+def test_verify_checks_a_reranker_by_its_scores_in_the_official_prompt(reranker_checkpoint, capsys, monkeypatch):
+    import qwen3_jax.model
+
+    assert main(["verify", "--model", str(reranker_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "P(yes) of 10 pairs in the official prompt" in out and "final" in out
+    assert "PASS: P(yes) max |diff| <= 0.0001" in out
+    monkeypatch.setattr(qwen3_jax.model, "apply_rotary", lambda x, sin, cos: x)
+    assert main(["verify", "--model", str(reranker_checkpoint)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_verify_fails_when_our_model_is_wrong(checkpoint, capsys, monkeypatch):
     import qwen3_jax.model
 
