@@ -14,6 +14,7 @@ from tests.conftest import CORPUS, long_text
 from tests.servers import Server, serving
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
+CARD_QUERY = f"Instruct: {TASK}\nQuery:"          # the published "query" prompt, from the model card
 LIMITS = ["--max-length", "256", "--max-batch-tokens", "512"]
 ROOMY = [*LIMITS, "--max-queue-tokens", "1048576"]         # for the tests that must not meet a full queue
 
@@ -111,6 +112,46 @@ def test_huggingface_hubs_inference_client_gets_what_encode_and_sentence_transfo
     reference.tokenizer.truncation_side = "left"
     assert np.abs(left - reference.encode(long, normalize_embeddings=True)).max() <= 1e-4
     assert np.abs(left - right).max() > 1e-2                          # the two ends really differ
+
+
+def test_tei_embed_all_similarity_and_predict_through_huggingface_hub_and_transformers(server, checkpoint,
+                                                                                     reranker_folder,
+                                                                                     sentence_transformer):
+    """/embed_all: every token's state as transformers computes it; /similarity (InferenceClient's
+    sentence_similarity, posted to the bare URL): sentence-transformers' cosines; /predict: the model card's
+    P("yes") of each [query, document] pair."""
+    from huggingface_hub import InferenceClient
+
+    from tests.reference import official_rerank_scores, transformers_hidden_states
+
+    text = "Gravity is a force that attracts two bodies towards each other."
+    states = InferenceClient(model=server.url + "/embed_all").feature_extraction(text, prompt_name="query")
+    ids = np.asarray(sentence_transformer.tokenize([CARD_QUERY + text])["input_ids"])
+    _, reference = transformers_hidden_states(checkpoint, ids, np.ones_like(ids))
+    assert states.shape == reference.shape and np.abs(states - reference).max() <= 1e-4
+    several = httpx.post(server.url + "/embed_all", json={"inputs": [text, "Beijing"]}).json()
+    for got, each in zip(several, (text, "Beijing")):            # lengths that are no power of two
+        ids = np.asarray(sentence_transformer.tokenize([each])["input_ids"])
+        assert np.abs(np.asarray(got) - transformers_hidden_states(checkpoint, ids, np.ones_like(ids))[1][0]).max() \
+            <= 1e-4
+
+    source, others = "What is the capital of China?", CORPUS[:4]
+    scores = InferenceClient(model=server.url).sentence_similarity(source, other_sentences=others)
+    expected = sentence_transformer.similarity(sentence_transformer.encode([source]),
+                                               sentence_transformer.encode(others)).numpy()[0]
+    assert np.abs(np.asarray(scores) - expected).max() <= 1e-4
+    direct = httpx.post(server.url + "/similarity", json={"inputs": {"source_sentence": source, "sentences": others}})
+    assert np.abs(np.asarray(direct.json()) - expected).max() <= 1e-4
+
+    pairs = [[source, document] for document in CORPUS[:3]]
+    card = official_rerank_scores(reranker_folder, source, CORPUS[:3])
+    batch = httpx.post(server.url + "/predict", json={"inputs": pairs}).json()
+    assert [[item["label"] for item in answer] for answer in batch] == [["yes"]] * 3
+    assert np.abs(np.array([answer[0]["score"] for answer in batch]) - card).max() <= 1e-5
+    one = httpx.post(server.url + "/predict", json={"inputs": pairs[0], "raw_scores": True}).json()
+    assert abs(1 / (1 + np.exp(-one[0]["score"])) - card[0]) <= 1e-5
+    lone = httpx.post(server.url + "/predict", json={"inputs": "just a text"})
+    assert lone.status_code == 422 and "[query, document] pair" in lone.json()["error"]["message"]
 
 
 def test_the_cohere_client_embeds_and_reranks_as_the_models_and_sentence_transformers_quantize(

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 from fastapi import Request
+from flax import nnx
 
 from qwen3_jax.checks import check_dim
 from qwen3_jax.embedder import Qwen3Embedder, pooled_vectors
@@ -22,7 +23,7 @@ from qwen3_jax.serve.errors import APIError
 from qwen3_jax.serve.metrics import Metrics
 from qwen3_jax.serve.scheduler import BatchFailed, Overloaded, Scheduler, ShuttingDown
 from qwen3_jax.serve.settings import ServeSettings
-from qwen3_jax.tokenize import TooLong
+from qwen3_jax.tokenize import TooLong, pad_batch
 
 MIN_TOKENS_PER_TEXT = 2                   # a text's own token and <|endoftext|>: the least a text can cost
 
@@ -48,6 +49,7 @@ class Service:
         self.tokenizing = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="qwen3-jax-tokenize")
         self.calibration_texts = calibration_texts
         self._calibration_states: np.ndarray | None = None
+        self._every_token = None                 # /embed_all's jitted forward pass and its weights, made on first use
         self.schedulers: dict[str, Scheduler] = {}
         if embedder is not None:
             self.dim = check_dim(settings.dim, embedder.dimension)
@@ -215,6 +217,26 @@ class Service:
         rows = await self.host(self.embedding_rows, texts, prompt_name=prompt_name, instruction=instruction,
                                truncate=truncate, side=side, status=status)
         return await self.run("embedding", request, rows)
+
+    async def embed_tokens(self, texts: list[str], *, prompt_name: str | None, instruction: str | None,
+                           truncate: bool, side: str, status: int, param: str) -> list[np.ndarray]:
+        """Every token's final hidden state of each text [tokens, D] (/embed_all), one text at a time on
+        the host threads, beside the queue."""
+        self.check_count(len(texts), param)
+        texts = self.bounded("embedding", texts, truncate=truncate, side=side, status=status, param=param)
+        rows = await self.host(self.embedding_rows, texts, prompt_name=prompt_name, instruction=instruction,
+                               truncate=truncate, side=side, status=status)
+        return await self.host(lambda: [self._token_states(row) for row in rows])
+
+    def _token_states(self, row: list[int]) -> np.ndarray:
+        """[len(row), D]: the row padded to a power of two (at least 16) tokens, one program per length."""
+        if self._every_token is None:
+            graphdef, state = nnx.split(self.embedder.model)
+            self._every_token = jax.jit(lambda state, ids, segments: nnx.merge(graphdef, state)(ids, segments)), state
+        forward, state = self._every_token
+        length = max(16, 1 << (len(row) - 1).bit_length())
+        ids, valid = pad_batch([row], length, 1, self.embedder.tokenizer.end_of_text_id)
+        return np.asarray(forward(state, ids, valid.astype(np.int32))[0, :len(row)], np.float32)
 
     async def rerank_margins(self, request: Request, queries: list[str], documents: list[str], *,
                              instruction: str | None, truncate: bool, side: str = "right",

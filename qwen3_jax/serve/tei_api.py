@@ -1,5 +1,6 @@
-"""Text Embeddings Inference's API: POST /embed, /rerank, /tokenize, /decode, GET /info, and TEI's
-catch-all routes POST / and POST /invocations (huggingface_hub's InferenceClient posts to the bare URL).
+"""Text Embeddings Inference's API: POST /embed, /embed_all, /similarity, /rerank, /predict, /tokenize,
+/decode, GET /info, and TEI's catch-all routes POST / and POST /invocations (huggingface_hub's
+InferenceClient posts to the bare URL).
 
 /embed takes `inputs` (a string or strings), `normalize` (true), `truncate` (false: an over-long text
 is refused with 413), `truncation_direction` (right or left), `prompt_name`, `dimensions`, and our
@@ -7,7 +8,14 @@ is refused with 413), `truncation_direction` (right or left), `prompt_name`, `di
 P("yes"); true: the yes-no logit margin), `return_text`, `truncate`, `truncation_direction`, and our
 `instruction`; it answers [{"index", "score", "text"?}], best first. POST / and /invocations embed
 on a server with an embedding model and rerank on one with only a reranker (or when the body has a
-`query`). /tokenize answers each text's tokens as the model reads them, /decode the text of token ids.
+`query`); a body whose `inputs` is {"source_sentence", "sentences"} is /similarity's. /tokenize answers
+each text's tokens as the model reads them, /decode the text of token ids.
+
+/embed_all answers every token's final hidden state of each text ([texts][tokens][hidden], the prompt's
+tokens and <|endoftext|> included, not normalised); its texts run one at a time beside the queue, padded to
+a power of two (a program per such length, compiled on its first use). /similarity answers the cosine of
+`source_sentence` with each of `sentences`. /predict scores a reranker's [query, document] pairs:
+[{"label": "yes", "score": P("yes")}] a pair (the yes-no logit margin with `raw_scores`).
 """
 
 from __future__ import annotations
@@ -39,6 +47,41 @@ class EmbedRequest(BaseModel):
     prompt_name: Text | None = None
     dimensions: StrictInt | None = None
     encoding_format: Text = "float"
+    instruction: Text | None = None
+
+
+class EmbedAllRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: Text | list[Text]
+    truncate: StrictBool | None = False
+    truncation_direction: Direction = "right"
+    prompt_name: Text | None = None
+    instruction: Text | None = None
+
+
+class Sentences(BaseModel):
+    source_sentence: Text
+    sentences: list[Text]
+
+
+class SimilarityRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: Sentences
+    truncate: StrictBool | None = False
+    truncation_direction: Direction = "right"
+    prompt_name: Text | None = None
+    instruction: Text | None = None
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: Text | list[Text] | list[Text | list[Text]]
+    raw_scores: StrictBool = False
+    truncate: StrictBool | None = False
+    truncation_direction: Direction = "right"
     instruction: Text | None = None
 
 
@@ -83,6 +126,48 @@ async def embed(body: EmbedRequest, request: Request, service: Service = Depends
     return await run_in_threadpool(lambda: JSONResponse(pooled_vectors(hidden, dim, body.normalize).tolist()))
 
 
+@router.post("/embed_all")
+async def embed_all(body: EmbedAllRequest, request: Request, service: Service = Depends(service_of)) -> JSONResponse:
+    service.require("embedding")
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    states = await service.embed_tokens(texts, prompt_name=body.prompt_name, instruction=body.instruction,
+                                        truncate=bool(body.truncate), side=body.truncation_direction, status=413,
+                                        param="inputs")
+    return await run_in_threadpool(lambda: JSONResponse([state.tolist() for state in states]))
+
+
+@router.post("/similarity")
+async def similarity(body: SimilarityRequest, request: Request, service: Service = Depends(service_of)) -> list[float]:
+    service.require("embedding")
+    texts = [body.inputs.source_sentence, *body.inputs.sentences]
+    if not body.inputs.sentences:
+        raise APIError(400, "inputs.sentences is empty: give at least one sentence to compare with",
+                       code="empty_input", param="inputs.sentences")
+    hidden, _ = await service.embed(request, texts, prompt_name=body.prompt_name, instruction=body.instruction,
+                                    truncate=bool(body.truncate), side=body.truncation_direction, status=413,
+                                    param="inputs")
+    vectors = pooled_vectors(hidden)
+    return [float(score) for score in vectors[1:] @ vectors[0]]
+
+
+@router.post("/predict")
+async def predict_pairs(body: PredictRequest, request: Request, service: Service = Depends(service_of)) -> list:
+    """A reranker's score of each [query, document] pair: one pair gives one list, several a list of them."""
+    service.require("rerank")
+    single = bool(body.inputs) and all(isinstance(item, str) for item in body.inputs)
+    pairs = [body.inputs] if single or isinstance(body.inputs, str) else body.inputs
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, str) or len(pair) != 2:
+            raise APIError(422, f"inputs[{i}] is not a [query, document] pair: a reranker scores pairs",
+                           code="invalid_request", param="inputs")
+    margins, _ = await service.rerank_margins(request, [q for q, _ in pairs], [d for _, d in pairs],
+                                              instruction=body.instruction, truncate=bool(body.truncate),
+                                              side=body.truncation_direction, status=413)
+    scores = margins if body.raw_scores else yes_probability(margins)
+    answers = [[{"label": "yes", "score": float(score)}] for score in scores]
+    return answers[0] if single else answers
+
+
 @router.post("/rerank")
 async def rerank(body: RerankRequest, request: Request, service: Service = Depends(service_of)) -> list[dict]:
     service.require("rerank")
@@ -102,6 +187,8 @@ async def predict(request: Request, payload: Any = Body(...), service: Service =
                        code="invalid_request")
     reranks = service.reranker is not None and (service.embedder is None or "query" in payload)
     schema, endpoint = (RerankRequest, rerank) if reranks else (EmbedRequest, embed)
+    if isinstance(payload.get("inputs"), dict):
+        schema, endpoint = SimilarityRequest, similarity
     try:
         body = schema.model_validate(payload)
     except ValidationError as error:
