@@ -644,6 +644,9 @@ def embed_corpus(model, input: str | Path, output: str | Path, *, instruction: s
                               num_processes=num_processes)
     settings.check()
     weights = weights_fingerprint(resolve_model(model_name)) if model_name else None
+    if not model_name:
+        out(f"{output} will record no model: pass model_name= (or the model's name instead of the embedder) for "
+            "search to load it and for reruns to check its weights")
     job = CorpusJob(engine, settings, output, process=process, weights=weights, skip_bad=skip_bad,
                     update=update, overwrite=overwrite, quiet=quiet, out=out)
     try:

@@ -167,6 +167,7 @@ def test_settings_and_inputs_are_refused_before_anything_is_written(embedder, ch
 
 
 def test_a_corpus_embedded_from_python_records_its_model(checkpoint, tmp_path, capsys):
+    from qwen3_jax import Qwen3Embedder
     from qwen3_jax.cli import main
     from qwen3_jax.hub import weights_fingerprint
 
@@ -176,6 +177,11 @@ def test_a_corpus_embedded_from_python_records_its_model(checkpoint, tmp_path, c
     assert manifest["weights"] == weights_fingerprint(checkpoint)
     assert main(["search", "--index", str(tmp_path / "out"), "--query", "river", "--top-k", "2"]) == 0
     assert len(json.loads(capsys.readouterr().out)["hits"]) == 2
+    said = []                                             # an embedder alone cannot name its model: it is said
+    embed_corpus(Qwen3Embedder.from_pretrained(checkpoint), path, tmp_path / "unnamed", quiet=True, out=said.append)
+    assert any("will record no model: pass model_name=" in line for line in said)
+    assert main(["search", "--index", str(tmp_path / "unnamed"), "--query", "river"]) == 2
+    assert "records no model (it was embedded from Python without model_name); pass --model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("output_dtype", ["float16", "int8", "binary"])
