@@ -406,7 +406,7 @@ class CorpusJob:
                 changed = sorted(k for k in wanted if manifest["settings"].get(k) != wanted[k])
                 raise FileExistsError(f"{self.output} holds embeddings made with other settings "
                                       f"({', '.join(changed)}); use another --output, or --overwrite")
-            if manifest.get("weights") != self.weights:
+            if manifest.get("weights", self.weights) != self.weights:    # a folder older than the record: unknown
                 raise FileExistsError(f"{self.output} was embedded with other weights than {self.settings.model or 'this model'}'s "
                                       "now (its files changed since); use --overwrite to embed it again, or another --output")
         strangers = sorted(p.name for p in self.output.iterdir() if not written_by_corpus(p))

@@ -135,6 +135,10 @@ def test_other_weights_at_the_models_path_are_refused_with_overwrite_named(embed
     capsys.readouterr()
     assert main(["search", "--index", str(tmp_path / "out"), "--query", "river", "--top-k", "1"]) == 1
     assert f"the weights at {model} are not those {tmp_path / 'out'} was embedded with" in capsys.readouterr().err
+    manifest = read_manifests(tmp_path / "out")[0]
+    del manifest["weights"]                               # a folder made before manifests kept them resumes
+    (tmp_path / "out" / manifest_name(0, 1)).write_text(json.dumps(manifest))
+    assert embed_corpus(embedder, path, tmp_path / "out", shard_size=10, model_name=str(model), **_quiet())["complete"]
 
 
 def test_overwrite_refuses_before_it_deletes_anything(embedder, checkpoint, tmp_path):

@@ -93,6 +93,8 @@ class Run:
         or files of something else."""
         run_file = self.output / RUN_FILE
         found = json.loads(run_file.read_text()) if run_file.is_file() else None
+        if found is not None and "weights" not in found:
+            found["weights"] = wanted["weights"]           # a run begun before run.json kept them: not known
         if found is None and self.output.is_dir() and any(p.name != LOCK for p in self.output.iterdir()):
             raise FileExistsError(f"{self.output} is not empty and holds no training run; use another --output")
         if found is not None and found != wanted and not self.config.overwrite:
