@@ -2,6 +2,7 @@
 split back per request, a full queue refused, a cancelled request's texts never computed, close() drains."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -121,6 +122,52 @@ class FlakyRunner:
         if self.lost is not None:
             raise self.lost
         return self.runner.collect(dispatched)
+
+
+class OrderedRunner(FlakyRunner):
+    """FlakyRunner that records the token counts of each batch it dispatches, in order, and whose collect()
+    of a batch longer than `budget` tokens waits for `release_long` (a long pass still on the device)."""
+
+    def __init__(self, runner, budget: int, release_long: threading.Event):
+        super().__init__(runner)
+        self.budget, self.release_long = budget, release_long
+        self.order: list[list[int]] = []
+
+    def dispatch(self, batch, texts):
+        self.order.append(sorted(len(texts[i]) for row in batch.rows for i in row))
+        return super().dispatch(batch, texts)
+
+    def collect(self, dispatched):
+        if dispatched.batch.length > self.budget:
+            assert self.release_long.wait(60)
+        return super().collect(dispatched)
+
+
+def _until(condition, seconds: float = 30) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def test_a_long_text_on_the_device_holds_no_short_request_and_long_texts_go_one_at_a_time(embedder):
+    """A long text (over the batch budget) in its lane: short texts queued after it are computed and
+    answered while its pass is still running, a second long text waits for the first; results unchanged."""
+    release_long = threading.Event()
+    runner = OrderedRunner(embedder.runner, 64, release_long)
+    scheduler = Scheduler(runner, max_batch_tokens=64, max_queue_tokens=100_000).start()
+    requests = [[[5] * 100], [[6] * 120], [[7] * 10, [8] * 12]]
+    first = scheduler.submit(requests[0])
+    _until(lambda: len(runner.order) == 1)
+    second, short = (scheduler.submit(rows) for rows in requests[1:])
+    answer = short.future.result(timeout=60)                  # while the first long pass is held
+    assert np.abs(answer - embedder.runner(requests[2], batch_size=1)).max() <= 1e-5
+    assert runner.order == [[100], [10, 12]] and not first.future.done()     # the second long text waits
+    release_long.set()
+    for rows, ticket in zip(requests[:2], [first, second]):
+        assert np.abs(ticket.future.result(timeout=120) - embedder.runner(rows, batch_size=1)).max() <= 1e-5
+    assert runner.order == [[100], [10, 12], [120]]
+    scheduler.close(timeout=60)
 
 
 def test_a_failing_batch_fails_its_requests_alone_and_repeated_failures_are_unhealthy(embedder, caplog):

@@ -1,9 +1,11 @@
 """One queue, a token budget, batches formed from whatever is waiting: the server's scheduler, no HTTP in it.
 
 Requests (lists of token-id rows) wait in one first-come-first-served queue, counted in tokens. A
-scheduling thread takes texts from its head until the next would pass the batch's token budget (a
-text longer than the budget goes alone), lays them out with the runner's fixed shapes and starts the
-forward pass; a collecting thread waits for each batch's result and hands every request its rows once
+scheduling thread takes texts from its head until the next would pass the batch's token budget, lays
+them out with the runner's fixed shapes and starts the forward pass. A text longer than the budget is
+long: it goes alone, one at a time, in a lane of its own (a thread that starts its pass and waits for it),
+and short texts queued behind it overtake it: the long pass's layers and the short batches reach the device
+in turn, so a short request waits for a few of the long text's layers, not for all of it; a collecting thread waits for each batch's result and hands every request its rows once
 all of them are done. While the device computes one batch, the next one is formed and laid out: at most
 `in_flight` batches are started and not yet collected, so texts arriving meanwhile merge into the next.
 
@@ -114,7 +116,8 @@ class Scheduler:
         self.failures_in_a_row = 0
         self.died: BaseException | None = None
         self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=f"qwen3-jax-{name}", daemon=True)
-                         for loop, name in ((self._schedule, "scheduler"), (self._collect, "collector"))]
+                         for loop, name in ((self._schedule, "scheduler"), (self._collect, "collector"),
+                                            (self._long_lane, "long-lane"))]
 
     # --- the request side ---------------------------------------------------------------------------
 
@@ -183,32 +186,56 @@ class Scheduler:
 
     # --- the device side ----------------------------------------------------------------------------
 
+    def _long(self, item: tuple[Ticket, int]) -> bool:
+        return len(item[0].rows[item[1]]) > self.max_batch_tokens
+
     def _next_batch(self) -> list[tuple[Ticket, int]] | None:
-        """The texts of the next batch, first come first served, within the token budget; None once
-        closing with nothing left. While another batch is computing, a short queue waits up to max_wait
-        for company; an idle device starts at once (a lone query waits for nothing)."""
+        """The short texts of the next batch, first come first served within the token budget (past any
+        long text queued before them); None once closing with no short text left. While another batch is
+        computing, a short queue waits up to max_wait for company; an idle device starts at once (a lone
+        query waits for nothing)."""
         with self._lock:
-            while not self._waiting and not self._closing:
+            while not any(not self._long(item) for item in self._waiting):
+                if self._closing:
+                    return None
                 self._lock.wait()
-            if not self._waiting:
-                return None
             deadline = time.perf_counter() + self.max_wait
             while self._in_flight and self._queued_tokens < self.max_batch_tokens and not self._closing:
                 left = deadline - time.perf_counter()
                 if left <= 0 or not self._lock.wait(left):
                     break
-            taken, tokens = [], 0
-            while self._waiting:
-                ticket, i = self._waiting[0]
-                size = len(ticket.rows[i])
-                if taken and tokens + size > self.max_batch_tokens:
-                    break
-                self._waiting.popleft()
-                taken.append((ticket, i))
-                tokens += size
+            taken, kept, tokens = [], collections.deque(), 0
+            for item in self._waiting:
+                size = len(item[0].rows[item[1]])
+                if self._long(item) or tokens + size > self.max_batch_tokens:
+                    kept.append(item)
+                else:
+                    taken.append(item)
+                    tokens += size
+            self._waiting = kept
             self._queued_tokens -= tokens
             self._in_flight += 1
             return taken
+
+    def _long_lane(self) -> None:
+        """Long texts, one at a time, each pass started and waited for here (beside the short batches)."""
+        while True:
+            with self._lock:
+                while not any(self._long(item) for item in self._waiting):
+                    if self._closing:
+                        return
+                    self._lock.wait()
+                item = next(item for item in self._waiting if self._long(item))
+                self._waiting.remove(item)
+                self._queued_tokens -= len(item[0].rows[item[1]])
+            row = item[0].rows[item[1]]
+            try:
+                began = time.perf_counter()
+                started = [self.runner.dispatch(batch, [row])
+                           for batch in self.runner.plan([len(row)], token_budget=self.max_batch_tokens, fixed=True)]
+                self._deliver([item], started, began)
+            except Exception as error:  # noqa: BLE001 - the request gets the error, the server goes on
+                self._fail([item], error)
 
     def _schedule(self) -> None:
         while True:
@@ -226,9 +253,7 @@ class Scheduler:
                                                          fixed=True)]
             except Exception as error:  # noqa: BLE001 - the requests get the error, the server goes on
                 self._fail(items, error)
-                with self._lock:
-                    self._in_flight -= 1
-                self._slots.release()
+                self._finished()
                 continue
             with self._started_ready:
                 self._started.append((items, started, time.perf_counter()))
@@ -248,9 +273,13 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001
                 self._fail(items, error)
             finally:
-                with self._lock:
-                    self._in_flight -= 1
-                self._slots.release()
+                self._finished()
+
+    def _finished(self) -> None:
+        """A batch was collected (or failed to start): its slot is free."""
+        with self._lock:
+            self._in_flight -= 1
+        self._slots.release()
 
     def _deliver(self, items: list[tuple[Ticket, int]], started: list[Dispatched], began: float) -> None:
         done = [result for dispatched in started for result in self.runner.collect(dispatched)]
