@@ -192,6 +192,40 @@ def test_length_mix_suite_prints_a_row_per_mix(monkeypatch, capsys):
     assert all(float(row[-2]) <= 1e-4 and int(row[-3]) >= 1 for row in rows)     # max abs diff, programs
 
 
+@pytest.mark.parametrize("texts", [None, 8])
+def test_the_device_suite_sizes_every_part_by_texts(monkeypatch, tmp_path, texts):
+    """`bench --suite device --texts N` (the CPU rehearsal) sizes the mixes, the suite, training and the
+    server by N; without it, the device run's sizes. Each part is replaced by a recorder of what it is asked."""
+    import contextlib
+    import json
+
+    import qwen3_jax.bench.device as device
+
+    asked = {}
+
+    def recorder(name):
+        return lambda **kwargs: asked.setdefault(name, []).append(kwargs) or {"ran": name}
+
+    for name in ("run_mixes", "run_suite", "run_benchmark", "run_train_benchmark"):
+        monkeypatch.setattr(device, name, recorder(name))
+    monkeypatch.setattr(device, "check_packed_kernel", lambda out: {"ran": "kernel"})
+    monkeypatch.setattr(device, "run_serve_benchmark", lambda folder, **kwargs: recorder("serve")(**kwargs))
+    monkeypatch.setattr(device, "bench_checkpoint", lambda **_: contextlib.nullcontext(str(tmp_path)))
+    sized = ["--texts", str(texts)] if texts else []
+    assert main(["bench", "--suite", "device", "--repeats", "1", *sized, "--json", str(tmp_path / "d.json")]) == 0
+    assert [call["texts"] for call in asked["run_mixes"]] == [texts or 512, min(texts or 512, 32)]
+    assert [call["queries"] for call in asked["run_train_benchmark"]] == [2 if texts else 8] * 2
+    serve = asked["serve"][0]
+    if texts:
+        assert "run_suite" not in asked and [(c["random"], c["texts"], c["batch_size"]) for c in
+                                             asked["run_benchmark"]] == [("0.6B", 8, 8), ("4B", 8, 8)]
+        assert serve["levels"] == [8] and serve["max_requests"] == 8
+    else:
+        assert len(asked["run_suite"]) == 1 and "run_benchmark" not in asked
+        assert serve["levels"] == [16, 64] and serve["max_requests"] == 200
+    assert set(json.loads((tmp_path / "d.json").read_text())["seconds"]) >= {"kernel", "suite", "serve"}
+
+
 def test_a_missing_optional_stack_names_the_extra_that_installs_it(checkpoint, monkeypatch, capsys):
     """In the base install `verify` (and bench's torch side, mteb_encoder, serve) stop at once with the
     command that installs what they need, not with a bare "No module named 'torch'"."""

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3_jax.bench.common import bench_checkpoint
-from qwen3_jax.bench.encode import run_mixes, run_suite
+from qwen3_jax.bench.encode import GPU_SUITE, SUITE_TOKENS, run_benchmark, run_mixes, run_suite
 from qwen3_jax.bench.serve_load import run_serve_benchmark
 from qwen3_jax.bench.train import run_train_benchmark
 
@@ -48,31 +48,44 @@ def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int,
     first compile; the 512-token suite; training steps of the 0.6B (and 4B LoRA) shape against torch; the
     server against encode. Each part's figures (or its error) and seconds are written to `json_path`
     as soon as the part ends, so a run cut short keeps what it measured; a failing part does not stop
-    the others."""
+    the others. `texts` sizes every part (a rehearsal on a CPU: a few): the mixes' texts, the suite's batch,
+    a training step's queries (a quarter of it, 2 to 8) and the server's requests a level (and its one
+    level); None: the device run's sizes."""
 
+    rehearsal = texts is not None
     texts = texts or 512
     figures: dict = {"device": jax.devices()[0].device_kind, "budget_s": DEVICE_BUDGET_S, "seconds": {}}
 
     def serve() -> list[dict]:
         with bench_checkpoint(model=None, random="0.6B", layers=layers, tokenizer=tokenizer, out=out) as folder, \
                 tempfile.TemporaryDirectory(prefix="qwen3-jax-serve-") as scratch:
-            return run_serve_benchmark(Path(folder), infinity=None, dtype="bfloat16", levels=[16, 64], max_requests=200,
-                                       max_seconds=60, max_batch_tokens=None, scratch=Path(scratch), out=out)
+            return run_serve_benchmark(Path(folder), infinity=None, dtype="bfloat16",
+                                       levels=[min(16, texts)] if rehearsal else [16, 64],
+                                       max_requests=texts if rehearsal else 200, max_seconds=60,
+                                       max_batch_tokens=None, scratch=Path(scratch), out=out)
+
+    def suite() -> list[dict] | dict:
+        if not rehearsal:
+            return run_suite(tokenizer=tokenizer, layers=layers, repeats=repeats, out=out)
+        return {size: run_benchmark(model=None, random=size, layers=layers, tokenizer=tokenizer, dtype="bfloat16",
+                                    texts=texts, tokens=str(SUITE_TOKENS), long_tail=False, input=None,
+                                    batch_size=texts, repeats=repeats, attention="auto", reference=True, out=out)
+                for size in GPU_SUITE}
 
     mixes = lambda dtype, count, batch, runs, attention="auto": lambda: run_mixes(
         tokenizer=tokenizer, layers=layers, dtype=dtype, texts=count, batch_size=batch, repeats=runs,
         attention=attention, out=out)
+    queries = max(2, min(8, texts // 4)) if rehearsal else 8
     train = lambda shape, configs: lambda: run_train_benchmark(model=None, random=shape, layers=layers,
-                                                               tokenizer=tokenizer, repeats=repeats, dtype="bfloat16",
-                                                               configs=configs, out=out)
+                                                               tokenizer=tokenizer, queries=queries, repeats=repeats,
+                                                               dtype="bfloat16", configs=configs, out=out)
     parts = [("kernel", "the packed kernel against dense attention", lambda: check_packed_kernel(out)),
              ("mixes_bf16_auto", f"mixes, bf16, {texts} texts, batch 64, attention auto",
               mixes("bfloat16", texts, 64, repeats)),
              ("mixes_bf16_cudnn", f"mixes, bf16, {texts} texts, batch 64, attention cudnn",
               mixes("bfloat16", texts, 64, repeats, "cudnn")),
              ("mixes_float32", "mixes, float32, 32 texts (its first compile)", mixes("float32", min(texts, 32), 32, 1)),
-             ("suite", "512-token suite, bf16", lambda: run_suite(tokenizer=tokenizer, layers=layers, repeats=repeats,
-                                                                  out=out)),
+             ("suite", "512-token suite, bf16", suite),
              ("train_0.6B", "training, 0.6B, bf16", train("0.6B", ["full", "full, remat", "LoRA r=16"])),
              ("train_4B", "training, 4B LoRA, bf16", train("4B", ["LoRA r=16, remat"])),
              ("serve", "qwen3-jax serve, 0.6B, bf16, against encode", serve)]
