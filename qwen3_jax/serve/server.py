@@ -43,8 +43,9 @@ def build_service(settings: ServeSettings, *, mesh=None):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port and held (not yet listening: a client meanwhile is refused, not left
-    hanging) until uvicorn takes it; a taken port or an unknown host is a UsageError, before any work."""
+    """A socket bound to host:port and listening (so that a second server is refused the port even while
+    this one compiles; connections wait in its backlog until uvicorn takes it); a taken port or an unknown
+    host is a UsageError, before any work."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -61,7 +62,7 @@ def bind(host: str, port: int) -> socket.socket:
             raise UsageError(f"port {port} on {host} is in use by another program: stop it, or give another "
                              "--port") from None
         raise UsageError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    sock.set_inheritable(True)
+    sock.listen(2048)                               # uvicorn's default backlog
     return sock
 
 
