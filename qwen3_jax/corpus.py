@@ -92,9 +92,9 @@ def check_input(path: str | Path, output: str | Path | None = None, *, text_fiel
 
 
 def _check_parquet_columns(file: Path, text_field: str, id_field: str) -> None:
+    schema = _parquet_file(file).schema_arrow             # (pyarrow, the parquet extra, is there from here on)
     import pyarrow as pa
 
-    schema = _parquet_file(file).schema_arrow
     if text_field not in schema.names:
         raise UsageError(f"{file}: no column {text_field!r} (columns: {', '.join(schema.names)}); choose one "
                          "with --text-field")
