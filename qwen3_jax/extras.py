@@ -17,6 +17,7 @@ EXTRAS = {
     "ann": ("faiss",),
     "ray": ("ray",),
     "study": ("matplotlib", "treescope"),      # the study toolkit's pictures and notebook views
+    "tensorboard": ("tensorboardX",),          # train --tensorboard DIR
 }
 
 

@@ -342,3 +342,105 @@ def test_a_second_run_on_a_folder_is_refused_at_once(checkpoint, data, tmp_path)
             Run(_config(checkpoint, data, tmp_path / "out", steps=1, overwrite=overwrite))
     first.run()                                       # the lock ends with the run
     assert Run(_config(checkpoint, data, tmp_path / "out", steps=1)).total_steps == 1
+
+
+# --- a run you can watch and continue ------------------------------------------------------------------
+
+def test_a_finished_run_continues_when_its_steps_are_raised(checkpoint, data, tmp_path, compile_cache, capsys):
+    """The same command with more --steps goes on from the finished run's last checkpoint (no --overwrite)
+    and its losses equal an uninterrupted longer run's; the same command again does nothing and says so;
+    fewer steps than were trained is refused."""
+    from qwen3_jax.cli import main
+
+    args = lambda output, steps: [*_cli_args(checkpoint, data, output, compile_cache, steps=steps),
+                                  "--schedule", "constant"]
+    assert main(args(tmp_path / "whole", 6)) == 0
+    assert main(args(tmp_path / "run", 4)) == 0
+    final = tmp_path / "run" / "final" / "model.safetensors"
+    exported = final.stat().st_mtime_ns
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    assert main(args(tmp_path / "run", 4)) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already finished its 4 steps" in err and "nothing to do" in err, err
+    assert final.stat().st_mtime_ns == exported and (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+    assert main(args(tmp_path / "run", 6)) == 0
+    assert "continuing the finished run from step 4 to step 6" in capsys.readouterr().err
+    whole, continued = _losses(tmp_path / "whole"), _losses(tmp_path / "run")
+    assert sorted(continued) == [1, 2, 3, 4, 5, 6]
+    assert max(abs(continued[s] - whole[s]) for s in whole) <= 1e-6
+    assert final.stat().st_mtime_ns != exported
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["final_step"] == 6
+
+    assert main(args(tmp_path / "run", 5)) == 2
+    assert "has trained 6 steps, more than the 5 asked for" in capsys.readouterr().err
+
+
+def test_implausible_settings_warn_on_stderr_before_any_work(checkpoint, data, tmp_path, capsys):
+    # a Matryoshka dim wider than the model is found once the model is loaded: the warnings come first
+    unbuildable = {"matryoshka_dims": (16,)}
+    with pytest.raises(ValueError, match="matryoshka dim 16 is outside"):
+        Run(_config(checkpoint, data, tmp_path / "out", learning_rate=10.0, temperature=2.0, warmup_steps=2,
+                    weight_decay=0.9, **unbuildable))
+    out, err = capsys.readouterr()
+    warnings = err.splitlines()
+    assert out == "" and len(warnings) == 4 and all(line.startswith("warning: ") for line in warnings), err
+    for found in ("--lr 10 is far above what LoRA uses", "--temperature 2 is above 1",
+                  "--warmup 2 is not shorter than the run (2 steps)", "--weight-decay 0.9 is above 0.5"):
+        assert found in err
+    with pytest.raises(ValueError, match="matryoshka dim 16"):
+        Run(_config(checkpoint, data, tmp_path / "out", lora_rank=None, learning_rate=2e-3, **unbuildable))
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --lr 0.002 is far above what full fine-tuning uses (ms-swift's default is 1e-05; above 0.001 a "
+        "run usually diverges)"]
+    with pytest.raises(ValueError, match="matryoshka dim 16"):       # the defaults are plausible
+        Run(_config(checkpoint, data, tmp_path / "out", **unbuildable))
+    assert capsys.readouterr().err == ""
+
+
+def _tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
+    """Every scalar of the TensorBoard event files in `folder`, read with TensorBoard's own record format
+    (length, CRC, an Event protobuf, CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_metrics_are_plotted_and_written_for_tensorboard(checkpoint, data, tmp_path):
+    from matplotlib.image import imread
+
+    _trained(checkpoint, data, tmp_path / "run", steps=4, save_every=2, eval_every=2, batch_size=8,
+             tensorboard=str(tmp_path / "board"))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    picture = imread(tmp_path / "run" / "metrics.png")
+    assert picture.shape[2] == 4 and picture.shape[1] > picture.shape[0]        # loss and recall side by side
+    assert picture[..., :3].std() > 0.05                                       # something is drawn
+    scalars = _tensorboard_scalars(tmp_path / "board")
+    assert scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in records if "loss" in r}, abs=1e-6)
+    assert sorted(scalars["eval/recall_at_1"]) == [2, 4]
+    assert scalars["eval/recall_at_1"] == pytest.approx({r["step"]: r["eval_recall@1"] for r in records
+                                                      if "eval_recall@1" in r}, abs=1e-6)
+
+
+def test_without_matplotlib_the_run_notes_it_and_draws_no_plot(checkpoint, data, tmp_path, monkeypatch, capsys):
+    from qwen3_jax import extras
+
+    monkeypatch.setitem(extras.EXTRAS, "study", ("matplotlib_is_not_installed",))
+    train(_config(checkpoint, data, tmp_path / "out", steps=1), out=lambda _: None)
+    assert capsys.readouterr().err.splitlines() == [
+        "note: no metrics.png: the loss plot (metrics.png) needs matplotlib_is_not_installed, which is not "
+        "installed: pip install \"qwen3-jax[study]\""]
+    assert (tmp_path / "out" / "final").is_dir() and not (tmp_path / "out" / "metrics.png").exists()

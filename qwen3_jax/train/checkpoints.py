@@ -9,6 +9,16 @@ from flax import nnx
 
 from qwen3_jax.train.step import TrainState
 
+PREFIX = "checkpoint"
+
+
+def last_committed(directory: Path) -> int | None:
+    """The step of the newest complete checkpoint in `directory`, read from the folder names alone
+    (nothing is created; Orbax's unfinished ones carry a suffix), or None."""
+    steps = [int(step) for path in Path(directory).glob(f"{PREFIX}_*")
+             if (step := path.name.partition("_")[2]).isdigit() and path.is_dir()]
+    return max(steps, default=None)
+
 
 class Checkpoints:
     """Orbax checkpoints of the TrainState, one folder per step, the last `keep` kept; Orbax writes
@@ -20,13 +30,13 @@ class Checkpoints:
         self.ocp = ocp
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, step_prefix="checkpoint", create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, step_prefix=PREFIX, create=True))
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
     def path(self, step: int) -> Path:
-        return Path(self.manager.directory) / f"checkpoint_{step}"
+        return Path(self.manager.directory) / f"{PREFIX}_{step}"
 
     def save(self, step: int, state: TrainState) -> None:
         self.manager.save(step, args=self.ocp.args.StandardSave(_pure(state)))

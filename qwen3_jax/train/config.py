@@ -13,7 +13,14 @@ from qwen3_jax.textio import file_identity
 # Settings that do not change what a run computes, so a resumed run may differ in them.
 # (--row-length only pads the rows.)
 NOT_FINGERPRINTED = ("output", "overwrite", "quiet", "save_every", "keep", "log_every", "eval_every",
-                     "row_length")
+                     "row_length", "tensorboard")
+# How long a run is: run.json records it, but a run that differs only in it is the same run, longer or
+# shorter, so raising --steps (or --epochs) continues a finished run.
+RUN_LENGTH = ("steps", "epochs")
+
+# Learning rates above these are far past what LoRA and full fine-tuning use (ms-swift's defaults are 1e-4
+# and 1e-5, sentence-transformers' 2e-5): such a run usually diverges.
+HIGHEST_PLAUSIBLE_LR = {"lora": 1e-2, "full": 1e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     overwrite: bool = False
     quiet: bool = False
+    tensorboard: str | None = None
 
     def __post_init__(self):
         if self.loss not in ("infonce", "reranker"):
@@ -76,6 +84,28 @@ class TrainConfig:
         if self.loss == "reranker" and self.mini_batch_size:
             raise UsageError("--mini-batch-size (GradCache) serves the contrastive loss, not the reranker's")
 
+    def implausible(self, total_steps: int) -> list[str]:
+        """One line for each setting that is allowed but seldom what anyone means (a run of `total_steps`)."""
+        kind = "lora" if self.lora_rank else "full"
+        found = []
+        if self.learning_rate > HIGHEST_PLAUSIBLE_LR[kind]:
+            found.append(f"--lr {self.learning_rate:g} is far above what {'LoRA' if self.lora_rank else 'full fine-tuning'} "
+                         f"uses (ms-swift's default is {1e-4 if self.lora_rank else 1e-5:g}; above "
+                         f"{HIGHEST_PLAUSIBLE_LR[kind]:g} a run usually diverges)")
+        if self.loss == "infonce" and self.temperature > 1:
+            found.append(f"--temperature {self.temperature:g} is above 1: the similarities barely separate "
+                         "(sentence-transformers uses 0.05, ms-swift 0.1)")
+        if self.warmup_steps >= total_steps:
+            found.append(f"--warmup {self.warmup_steps} is not shorter than the run ({total_steps} steps): the "
+                         "learning rate never reaches --lr (sentence-transformers warms up for 10% of a run)")
+        if self.weight_decay > 0.5:
+            found.append(f"--weight-decay {self.weight_decay:g} is above 0.5: it pulls the weights to zero faster "
+                         "than the loss trains them (ms-swift uses 0.1, sentence-transformers 0.01)")
+        if self.loss == "infonce" and self.batch_size == 1 and self.hard_negatives == 0:
+            found.append("--batch-size 1 with --hard-negatives 0: each query has only its positive, so the "
+                         "contrastive loss is 0 and nothing trains")
+        return found
+
     def fingerprint(self) -> dict:
         """What the run computes, as run.json stores it (JSON types). Inputs are named by what they are,
         not how they were spelled: the model's resolved folder (or hub id) and its weights' fingerprint,
@@ -91,6 +121,7 @@ class TrainConfig:
     @classmethod
     def from_fingerprint(cls, fields: dict, **settings) -> "TrainConfig":
         """The config a run.json describes (with settings that are not fingerprinted)."""
-        fields = {k: v for k, v in fields.items() if k != "weights"}
+        known = {field.name for field in dataclasses.fields(cls)}        # not weights, nor final_step
+        fields = {k: v for k, v in fields.items() if k in known}
         return cls(**{**fields, "data": fields["data"]["path"], "matryoshka_dims": tuple(fields["matryoshka_dims"]),
                       **settings})
