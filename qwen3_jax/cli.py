@@ -105,8 +105,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     length = parser.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help="passes over the data")
+    length.add_argument("--steps", type=int, help="optimizer steps (raised on a finished run: it continues)")
+    length.add_argument("--epochs", type=float, help="passes over the data (raised on a finished run: it continues)")
     parser.add_argument("--remat", default="off", choices=["off", "full", "dots"],
                         help="recompute each layer in the backward pass (dots: keep the matrix products)")
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
@@ -115,6 +115,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _mesh_options(parser)
     parser.add_argument("--eval", default=None, help="held-out .jsonl in the same format: recall@1/@10, nDCG@10")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: --save-every)")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="also write the metrics as TensorBoard events in DIR (pip install \"qwen3-jax[tensorboard]\")")
     parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     parser.add_argument("--seed", type=int, default=0)
@@ -637,7 +639,7 @@ def run_train(args) -> None:
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, steps=args.steps, epochs=args.epochs,
         remat=args.remat, dtype=args.dtype,
         fsdp=args.fsdp, eval_data=args.eval, eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
-        seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
+        seed=args.seed, overwrite=args.overwrite, quiet=args.quiet, tensorboard=args.tensorboard)
     train(config, mesh=_mesh(args), out=lambda message: print(message, file=sys.stderr))
 
 
