@@ -355,22 +355,24 @@ def test_a_finished_run_continues_when_its_steps_are_raised(checkpoint, data, tm
     args = lambda output, steps: [*_cli_args(checkpoint, data, output, compile_cache, steps=steps),
                                   "--schedule", "constant"]
     assert main(args(tmp_path / "whole", 6)) == 0
-    assert main(args(tmp_path / "run", 4)) == 0
+    watched = lambda steps: [*args(tmp_path / "run", steps), "--tensorboard", str(tmp_path / "board")]
+    assert main(watched(4)) == 0
     final = tmp_path / "run" / "final" / "model.safetensors"
     exported = final.stat().st_mtime_ns
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     capsys.readouterr()
 
-    assert main(args(tmp_path / "run", 4)) == 0
+    assert main(watched(4)) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already finished its 4 steps" in err and "nothing to do" in err, err
     assert final.stat().st_mtime_ns == exported and (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
 
-    assert main(args(tmp_path / "run", 6)) == 0
+    assert main(watched(6)) == 0
     assert "continuing the finished run from step 4 to step 6" in capsys.readouterr().err
     whole, continued = _losses(tmp_path / "whole"), _losses(tmp_path / "run")
     assert sorted(continued) == [1, 2, 3, 4, 5, 6]
     assert max(abs(continued[s] - whole[s]) for s in whole) <= 1e-6
+    assert _tensorboard_scalars(tmp_path / "board")["train/loss"] == pytest.approx(continued, abs=1e-6)
     assert final.stat().st_mtime_ns != exported
     assert json.loads((tmp_path / "run" / "run.json").read_text())["final_step"] == 6
 
