@@ -11,17 +11,14 @@ import traceback
 from importlib.metadata import version
 from pathlib import Path
 
+from qwen3_jax.arguments import Parser
 from qwen3_jax.backend import COMPUTE_DTYPES, resolve_dtype
 from qwen3_jax.backend import IMPLEMENTATIONS as ATTENTION
 from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.compile_cache import enable_compilation_cache, use_default_compilation_cache
 from qwen3_jax.config import PRESETS
 from qwen3_jax.study.cli import add_study_parser, run_study
-
-
-def _counted(count: int, noun: str) -> str:
-    """"1 shard", "2 shards": a count with its noun in the right number."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+from qwen3_jax.textio import counted as _counted
 
 
 DTYPE_HELP = ("compute dtype (default float32, results equal to transformers'); auto: bfloat16 on GPUs, TPUs and "
@@ -73,12 +70,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id to start from")
     parser.add_argument("--data", required=True, help="training .jsonl (docs/fine-tuning.md has the line formats)")
     parser.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, final/, adapter/")
-    parser.add_argument("--loss", default="infonce", choices=["infonce", "reranker"])
+    parser.add_argument("--loss", default="infonce", choices=["infonce", "reranker"],
+                        help="infonce: an embedding model, contrastive; reranker: a Qwen3-Reranker's yes/no")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
     how.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    parser.add_argument("--lora-alpha", type=float, default=32.0)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator (alpha / rank)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch")
     parser.add_argument("--lora-targets", default="all-linear",
                         help="all-linear or some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     parser.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
@@ -101,9 +99,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                              "share one compiled program (each new row length compiles the step again)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=0, help="warm-up steps")
-    parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"],
+                        help="learning-rate decay after the warm-up")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this global norm")
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, help="optimizer steps (raised on a finished run: it continues)")
     length.add_argument("--epochs", type=float, help="passes over the data (raised on a finished run: it continues)")
@@ -128,7 +127,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen3-jax", description="Qwen3-Embedding / Reranker in JAX")
+    parser = Parser(prog="qwen3-jax", description="Qwen3-Embedding / Reranker in JAX")
     parser.add_argument("--version", action="version", version=f"qwen3-jax {version('qwen3-jax')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -136,18 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(embed)
     source = embed.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", nargs="+", help="texts to embed")
-    source.add_argument("--input", help=".txt (one text a line) or .jsonl with a text field")
+    source.add_argument("--input", help=".txt (one text a line), .jsonl, .parquet, a folder of them, or - (stdin, "
+                        "one text a line), read as embed-corpus reads it: blank lines skipped, ids NAME:LINE")
     embed.add_argument("--output", help=".npy or .jsonl; default: JSON lines on stdout")
     prompt = embed.add_mutually_exclusive_group()
     prompt.add_argument("--instruction", help="task instruction for queries")
     prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json, e.g. query")
     embed.add_argument("--dim", type=int, default=None, help="MRL output dimension")
+    embed.add_argument("--text-field", default="text", help=".jsonl / Parquet: the text's field")
+    embed.add_argument("--id-field", default="id", help=".jsonl / Parquet: the id's field (none: NAME:LINE)")
 
     rerank = commands.add_parser("rerank", help="score documents against a query with a Qwen3-Reranker")
     _common(rerank)
-    rerank.add_argument("--query", required=True)
-    rerank.add_argument("--input", required=True, help=".txt or .jsonl of documents")
-    rerank.add_argument("--top-k", type=int, default=None)
+    rerank.add_argument("--query", required=True, help="the query the documents are scored against")
+    rerank.add_argument("--input", required=True, help=".txt, .jsonl, .parquet, a folder of them, or - (stdin): the "
+                        "documents, read as embed-corpus reads them (blank lines skipped, ids NAME:LINE)")
+    rerank.add_argument("--top-k", type=int, default=None, help="print only the K best documents (default: all)")
     rerank.add_argument("--instruction", default=None, help="task instruction (default: web search)")
 
     bench = commands.add_parser("bench", help="time our encode against sentence-transformers")
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="synthetic texts of N or MIN-MAX tokens each, <|endoftext|> included")
     bench.add_argument("--long-tail", action="store_true", help="log-uniform lengths over --tokens (many short, few long)")
     bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement")
     bench.add_argument("--attention", default="auto", choices=ATTENTION)
     bench.add_argument("--train", action="store_true",
                        help="time training steps (8 queries x 1+3 documents of 256 tokens) against sentence-transformers")
@@ -206,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="Hugging Face safetensors <-> Orbax checkpoints")
     convert.add_argument("source", help="Hugging Face folder, hub id, or Orbax folder made by this command")
     convert.add_argument("destination", help="output folder (written elsewhere first, renamed at the end)")
-    convert.add_argument("--to", required=True, choices=["orbax", "hf"])
+    convert.add_argument("--to", required=True, choices=["orbax", "hf"], help="the format to write")
     convert.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                          help="stored dtype (default: keep the source's)")
     convert.add_argument("--max-shard-size", default="5GB", help="--to hf: split files above this size")
@@ -255,16 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--index", required=True, help="folder written by embed-corpus")
     asked = search.add_mutually_exclusive_group(required=True)
     asked.add_argument("--query", nargs="+", help="query texts")
-    asked.add_argument("--queries", help=".txt or .jsonl of queries")
+    asked.add_argument("--queries", help=".txt, .jsonl, .parquet or - (stdin) of queries, read as embed-corpus "
+                       "reads them (blank lines skipped, ids NAME:LINE; --query texts: query:N)")
     prompt = search.add_mutually_exclusive_group()
     prompt.add_argument("--instruction", help="task instruction for the queries")
     prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json, e.g. query")
-    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--top-k", type=int, default=10, help="hits per query")
     search.add_argument("--ann", action="store_true", help="take the candidates from the approximate index "
                         "(qwen3-jax build-ann), then score them exactly")
     search.add_argument("--ef", type=int, default=None,
                         help="--ann: candidates looked at per query (hnsw) or lists probed (ivf-pq)")
     search.add_argument("--model", default=None, help="embed the queries with this model (default: the index's)")
+    search.add_argument("--show-text", action="store_true",
+                        help="give each hit its text, read back from the corpus's input (refused if it changed since)")
     search.add_argument("--batch-size", type=int, default=32)
     _compile_cache(search)
     search.add_argument("--debug", action="store_true")
@@ -314,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="embedding checkpoint folder or hub id")
     serve.add_argument("--reranker", default=None, help="Qwen3-Reranker folder or hub id (also, or instead)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     serve.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
     serve.add_argument("--dim", type=int, default=None, help="MRL dimension of embeddings a request does not size")
     serve.add_argument("--attention", default="auto", choices=ATTENTION)
@@ -410,11 +416,13 @@ def _is_writer() -> bool:
 
 def run_embed(args) -> None:
     from qwen3_jax import Qwen3Embedder
-    from qwen3_jax.textio import check_output_path, read_texts, write_embeddings
+    from qwen3_jax.corpus import given_texts, read_corpus
+    from qwen3_jax.textio import check_output_path, write_embeddings
 
     if args.output:
         check_output_path(args.output)
-    ids, texts = read_texts(args.input) if args.input else (list(range(len(args.text))), args.text)
+    ids, texts = read_corpus(args.input, text_field=args.text_field, id_field=args.id_field) if args.input \
+        else given_texts(args.text, "text")
     model = Qwen3Embedder.from_pretrained(args.model, dtype=args.dtype, attention=args.attention,
                                           mesh=_mesh(args), fsdp=args.fsdp, max_length=args.max_length,
                                           strict=args.strict)
@@ -433,9 +441,9 @@ def run_embed(args) -> None:
 
 def run_rerank(args) -> None:
     from qwen3_jax.reranker import Qwen3Reranker
-    from qwen3_jax.textio import read_texts
+    from qwen3_jax.corpus import read_corpus
 
-    ids, documents = read_texts(args.input, skip_blank=True)
+    ids, documents = read_corpus(args.input)
     kwargs = {"max_length": args.max_length} if args.max_length else {}
     model = Qwen3Reranker.from_pretrained(args.model, dtype=args.dtype, attention=args.attention,
                                           mesh=_mesh(args), fsdp=args.fsdp, strict=args.strict, **kwargs)
@@ -562,7 +570,8 @@ def run_embed_corpus(args) -> None:
         from qwen3_jax.index import Index
 
         record = build_ann(Index.open(args.output), quiet=args.quiet)
-        print(f"{args.output}: approximate index brought up to date ({record['vectors']} vectors)", file=sys.stderr)
+        print(f"{args.output}: approximate index brought up to date ({_counted(record['vectors'], 'vector')})",
+              file=sys.stderr)
 
 
 def run_build_ann(args) -> None:
@@ -580,26 +589,29 @@ def run_build_ann(args) -> None:
                                    **{name: value for name, value in given.items() if value is not None})
     begun = time.perf_counter()
     record = build_ann(index, settings, quiet=args.quiet)
-    print(f"{args.index}: {settings.kind} index of {record['vectors']} vectors in {time.perf_counter() - begun:.1f} s",
-          file=sys.stderr)
+    print(f"{args.index}: {settings.kind} index of {_counted(record['vectors'], 'vector')} in "
+          f"{time.perf_counter() - begun:.1f} s", file=sys.stderr)
 
 
 def run_search(args) -> None:
     from qwen3_jax import Qwen3Embedder
+    from qwen3_jax.corpus import given_texts, read_corpus
     from qwen3_jax.index import Index
-    from qwen3_jax.textio import read_texts
 
     index = Index.open(args.index)
-    ids, queries = read_texts(args.queries, skip_blank=True) if args.queries else (list(range(len(args.query))),
-                                                                                   args.query)
+    if args.show_text:
+        index.check_texts()                        # before any work
+    ids, queries = read_corpus(args.queries) if args.queries else given_texts(args.query, "query")
     settings = index.settings
     model = Qwen3Embedder.from_pretrained(index.query_model(args.model), dtype=settings["dtype"])
     vectors = model.encode(queries, instruction=args.instruction, prompt_name=args.prompt_name, dim=index.dim,
                            batch_size=args.batch_size)
     scores, hits = index.search(vectors, args.top_k, approximate=args.ann, ef=args.ef)
+    texts = index.texts({i for row in hits for i in row}) if args.show_text else {}
     for query_id, query, row_scores, row_ids in zip(ids, queries, scores, hits):
         print(json.dumps({"id": query_id, "query": query,
-                          "hits": [{"id": i, "score": float(s)} for i, s in zip(row_ids, row_scores)]},
+                          "hits": [{"id": i, "score": float(s), **({"text": texts[i]} if texts else {})}
+                                   for i, s in zip(row_ids, row_scores)]},
                          ensure_ascii=False))
 
 

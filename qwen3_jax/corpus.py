@@ -41,9 +41,11 @@ from qwen3_jax.extras import require
 from qwen3_jax.hub import model_identity, resolve_model, weights_fingerprint
 from qwen3_jax.progress import progress_bar
 from qwen3_jax.quantize import DEFAULT_CALIBRATION_TEXTS, calibration_ranges, quantize
-from qwen3_jax.textio import InputError, atomic_output, hold_lock, iter_lines_at, parse_record
+from qwen3_jax.textio import (InputError, NoSuchInput, OutputTaken, atomic_output, counted, hold_lock, iter_lines_at,
+                             iter_stream_lines, parse_record)
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
+STDIN = "-"                       # an --input of texts read from stdin, one a line (named "stdin" in ids)
 MANIFEST_GLOB = "manifest-*.json"
 REJECTS = "rejects.jsonl"
 OUTPUT_DTYPES = ("float32", "float16", "int8", "binary")
@@ -66,7 +68,7 @@ def corpus_files(path: str | Path) -> list[Path]:
     """The input file, or the .txt / .jsonl / .parquet files under a folder in sorted order."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"input {path} does not exist")
+        raise NoSuchInput(f"input {path} does not exist")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES) \
         if path.is_dir() else [path]
     for file in files:
@@ -80,6 +82,11 @@ def check_input(path: str | Path, output: str | Path | None = None, *, text_fiel
     """The input's files, once what can be checked before any work is: it exists, an output folder is
     not inside it (its files would be read as input), and each Parquet file has a string column
     `text_field` and, if any, an `id_field` column of strings or numbers."""
+    if str(path) == STDIN:
+        if output is not None:
+            raise UsageError("--input - (stdin) cannot be read again to resume or update a corpus folder; save it "
+                             "to a .txt file first")
+        return []
     files = corpus_files(path)
     root = Path(path).resolve()
     if output is not None and root.is_dir() and Path(output).resolve().is_relative_to(root):
@@ -116,7 +123,12 @@ def _name(file: Path, root: Path) -> str:
 def iter_corpus(path: str | Path, *, text_field: str = "text", id_field: str = "id") -> Iterator[Item]:
     """Every record of the input, in order: a .txt line (blank ones skipped), a .jsonl object, a
     Parquet row. A record without an id gets "NAME:LINE" (the file's name under the input, its 1-based
-    line or row). A malformed line is yielded with its error; invalid UTF-8 raises at once."""
+    line or row; "stdin:LINE" for STDIN, read as .txt). A malformed line is yielded with its error;
+    invalid UTF-8 raises at once."""
+    if str(path) == STDIN:
+        yield from (Item("stdin", number, f"stdin:{number}", line)
+                    for number, _, line in iter_stream_lines(sys.stdin.buffer, "stdin") if line.strip())
+        return
     root = Path(path)
     for file in corpus_files(root):
         name = _name(file, root)
@@ -135,6 +147,32 @@ def iter_corpus(path: str | Path, *, text_field: str = "text", id_field: str = "
                 yield Item(name, number, None, None, str(err))
                 continue
             yield Item(name, number, f"{name}:{number}" if record.id is None else record.id, record.text)
+
+
+def read_corpus(path: str | Path, *, text_field: str = "text", id_field: str = "id") -> tuple[list, list[str]]:
+    """(ids, texts) of an input as embed-corpus reads it (iter_corpus: blank lines skipped, ids NAME:LINE
+    where the input gives none), for the commands that take all of it at once; a malformed line or a
+    repeated id is an error."""
+    check_input(path, text_field=text_field, id_field=id_field)
+    first: dict = {}
+    for item in iter_corpus(path, text_field=text_field, id_field=id_field):
+        if item.error is not None:
+            raise InputError(item.error)
+        if item.id in first:
+            raise InputError(f"{item.source}:{item.line}: id {item.id!r} repeats {first[item.id][0]}; ids must be "
+                             "unique")
+        first[item.id] = (f"{item.source}:{item.line}", item.text)
+    return list(first), [text for _, text in first.values()]
+
+
+def given_texts(texts: list[str], flag: str) -> tuple[list, list[str]]:
+    """(ids, texts) of texts given on the command line: ids FLAG:N (N from 1), as a file's are NAME:LINE;
+    a blank one is refused (a file's blank lines are skipped; one typed out is a mistake)."""
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise UsageError(f"--{flag} number {number} is blank; give a text (blank lines of an --input file "
+                             "are skipped)")
+    return [f"{flag}:{number}" for number in range(1, len(texts) + 1)], list(texts)
 
 
 def _parquet_file(file: Path):
@@ -352,10 +390,11 @@ class Changes(NamedTuple):
         return bool(self.changed or self.added or self.removed)
 
     def __str__(self) -> str:
-        said = [f"shards {what}: {', '.join(map(str, shards[:5]))}{f' and {len(shards) - 5} more' if len(shards) > 5 else ''}"
+        said = [f"{counted(len(shards), 'shard')} {what} ({', '.join(map(str, shards[:5]))}"
+                f"{f' and {len(shards) - 5} more' if len(shards) > 5 else ''})"
                 for what, shards in (("changed", self.changed), ("added", self.added), ("removed", self.removed))
                 if shards]
-        return "; ".join(said) + f"; {self.records} records now"
+        return "; ".join(said) + f"; {counted(self.records, 'record')} now"
 
 
 class CorpusJob:
@@ -404,14 +443,14 @@ class CorpusJob:
         for manifest in [] if overwrite else found:
             if manifest["settings"] != wanted:
                 changed = sorted(k for k in wanted if manifest["settings"].get(k) != wanted[k])
-                raise FileExistsError(f"{self.output} holds embeddings made with other settings "
+                raise OutputTaken(f"{self.output} holds embeddings made with other settings "
                                       f"({', '.join(changed)}); use another --output, or --overwrite")
             if manifest.get("weights", self.weights) != self.weights:    # a folder older than the record: unknown
-                raise FileExistsError(f"{self.output} was embedded with other weights than {self.settings.model or 'this model'}'s "
+                raise OutputTaken(f"{self.output} was embedded with other weights than {self.settings.model or 'this model'}'s "
                                       "now (its files changed since); use --overwrite to embed it again, or another --output")
         strangers = sorted(p.name for p in self.output.iterdir() if not written_by_corpus(p))
         if strangers and (overwrite or not found):
-            raise FileExistsError(f"{self.output} holds files embed-corpus did not write ({', '.join(strangers[:3])}); "
+            raise OutputTaken(f"{self.output} holds files embed-corpus did not write ({', '.join(strangers[:3])}); "
                                   "use another --output")
 
     def _claim(self) -> dict:
@@ -458,7 +497,7 @@ class CorpusJob:
         settings = self.settings
         if self.manifest["complete"]:
             if self.manifest.get("input") == input_state(settings.input):
-                self.out(f"{self.output}: this process's shards are complete ({self._count()} records)")
+                self.out(f"{self.output}: this process's shards are complete ({counted(self._count(), 'record')})")
                 return self.manifest
             changes = self.changes()
             if not changes:                               # the files were touched, not changed
@@ -576,11 +615,11 @@ class CorpusJob:
         if rejects:
             with atomic_output(self.output / REJECTS) as handle:
                 handle.write("".join(line + "\n" for line in rejects))
-            self.out(f"{len(rejects)} lines could not be read; see {self.output / REJECTS}")
+            self.out(f"{counted(len(rejects), 'line')} could not be read; see {self.output / REJECTS}")
         repeated = repeated_ids(self.output / f"{name}.ids.json" for name in listed)
         if repeated:
             shown = ", ".join(json.dumps(i) for i in repeated[:5])
-            self.out(f"warning: {len(repeated)} ids occur more than once (e.g. {shown}); search results name "
+            self.out(f"warning: {counted(len(repeated), 'id')} {'occurs' if len(repeated) == 1 else 'occur'} more than once (e.g. {shown}); search results name "
                      "them by id, so make ids unique")
 
 

@@ -22,9 +22,10 @@ import numpy as np
 
 from qwen3_jax import ann
 from qwen3_jax.checks import UsageError, whole_number
-from qwen3_jax.corpus import read_manifests, shard_name
+from qwen3_jax.corpus import input_state, iter_corpus, read_manifests, shard_name
 from qwen3_jax.hub import resolve_model, weights_fingerprint
 from qwen3_jax.quantize import dequantize
+from qwen3_jax.textio import NoSuchInput
 
 BLOCK_ROWS = 65_536
 SPARE_CANDIDATES = 16            # candidates beyond k that an approximate index passes on (see Index.search)
@@ -56,6 +57,7 @@ class Index:
         self.folder = folder
         self.settings = manifests[0]["settings"]
         self._weights = manifests[0].get("weights")
+        self._input_state = manifests[0].get("input")
         self.dim = int(manifests[0]["dim"])
         self.entries = sorted((entry for m in manifests for entry in m["shards"] if entry["count"]),
                               key=lambda entry: entry["shard"])
@@ -74,7 +76,7 @@ class Index:
         folder = Path(folder)
         manifests = read_manifests(folder) if folder.is_dir() else []
         if not manifests:
-            raise FileNotFoundError(f"{folder} holds no corpus (no manifest); make one with qwen3-jax embed-corpus")
+            raise NoSuchInput(f"{folder} holds no corpus (no manifest); make one with qwen3-jax embed-corpus")
         expected = manifests[0]["settings"]["num_processes"]
         if len(manifests) < expected or not all(m["complete"] for m in manifests):
             raise ValueError(f"{folder} is not complete ({sum(m['complete'] for m in manifests)} of {expected} "
@@ -121,6 +123,25 @@ class Index:
             self._ids = [i for k in self.shards
                          for i in json.loads((self.folder / f"{shard_name(k)}.ids.json").read_text(encoding="utf-8"))]
         return self._ids
+
+    def check_texts(self) -> None:
+        """Refuses (UsageError) when the input the corpus was embedded from is gone or changed since, so
+        its texts cannot be read back by `texts`."""
+        source = self.settings["input"]
+        if not Path(source).exists() or input_state(source) != self._input_state:
+            raise UsageError(f"{source}, which {self.folder} was embedded from, is gone or changed since, so the "
+                             "texts cannot be read back; bring the corpus up to date with embed-corpus --update, "
+                             "or search without --show-text")
+
+    def texts(self, ids) -> dict:
+        """{id: text} for these ids, read back from the corpus's input (see check_texts)."""
+        self.check_texts()
+        wanted, found = set(ids), {}
+        for item in iter_corpus(self.settings["input"], text_field=self.settings["text_field"],
+                                id_field=self.settings["id_field"]):
+            if item.id in wanted and item.error is None:
+                found[item.id] = item.text
+        return found
 
     def search(self, queries: np.ndarray, k: int = 10, *, block_rows: int = BLOCK_ROWS, approximate: bool = False,
                ef: int | None = None) -> tuple[np.ndarray, list]:

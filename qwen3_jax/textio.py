@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import BinaryIO, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -26,6 +26,14 @@ OUTPUT_SUFFIXES = (".npy", ".jsonl")
 
 class InputError(ValueError):
     """A line of an input file that cannot be read as a text."""
+
+
+class NoSuchInput(UsageError, FileNotFoundError):
+    """An input file or folder named on the command line that does not exist (exit 2: nothing was done)."""
+
+
+class OutputTaken(UsageError, FileExistsError):
+    """An output folder that holds something this command must not replace (exit 2: nothing was done)."""
 
 
 class FolderBusy(RuntimeError):
@@ -40,6 +48,11 @@ class Record(NamedTuple):
     text: str
 
 
+def counted(count: int, noun: str) -> str:
+    """"1 shard", "2 shards": a count with its noun in the right number (regular plurals only)."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line of a UTF-8 file, split at "\\n" only, without its line end."""
     for number, _, text in iter_lines_at(path):
@@ -48,18 +61,22 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
 
 def iter_lines_at(path: str | Path) -> Iterator[tuple[int, int, str]]:
     """(line number, byte offset of the line, text) of each line, as iter_lines reads them."""
-    path = Path(path)
     with open(path, "rb") as handle:
-        offset = 0
-        for number, raw in enumerate(handle, 1):        # binary files split at b"\n" and nowhere else
-            start = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
-            try:
-                text = raw[start:].decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise InputError(f"{path}:{number}: invalid UTF-8 at byte {offset + start + err.start} of the "
-                                 "file; re-save it as UTF-8") from None
-            yield number, offset + start, text[:-2] if text.endswith("\r\n") else text.rstrip("\n")
-            offset += len(raw)
+        yield from iter_stream_lines(handle, str(path))
+
+
+def iter_stream_lines(handle: BinaryIO, name: str) -> Iterator[tuple[int, int, str]]:
+    """iter_lines_at of an open binary stream (stdin too); `name` stands for it in errors."""
+    offset = 0
+    for number, raw in enumerate(handle, 1):        # binary streams split at b"\n" and nowhere else
+        start = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+        try:
+            text = raw[start:].decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{name}:{number}: invalid UTF-8 at byte {offset + start + err.start}; re-save it "
+                             "as UTF-8") from None
+        yield number, offset + start, text[:-2] if text.endswith("\r\n") else text.rstrip("\n")
+        offset += len(raw)
 
 
 def json_line(path: Path, number: int, line: str):
@@ -96,7 +113,7 @@ def iter_records(path: str | Path, *, text_field: str = "text", id_field: str = 
     if path.suffix not in (".txt", ".jsonl"):
         raise UsageError(f"input {path} must be a .txt (one text a line) or .jsonl file")
     if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
+        raise NoSuchInput(f"input file {path} does not exist")
     for number, line in iter_lines(path):
         if path.suffix == ".txt":
             if not (skip_blank and not line.strip()):
@@ -153,7 +170,7 @@ def check_output_path(path: str | Path) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"output {path} is a folder; name a file inside it")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+        raise NoSuchInput(f"output folder {path.parent} does not exist")
     return path
 
 

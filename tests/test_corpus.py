@@ -161,7 +161,7 @@ def test_bad_lines_stop_or_go_to_rejects(embedder, tmp_path):
                                                      {"id": 1, "text": "c"}])
     messages = []
     embed_corpus(embedder, repeated, tmp_path / "rep", quiet=True, out=messages.append)
-    assert any("1 ids occur more than once (e.g. 1)" in m for m in messages)
+    assert any("1 id occurs more than once (e.g. 1)" in m for m in messages)
 
 
 def test_empty_input_makes_an_empty_valid_index(embedder, tmp_path):
@@ -298,7 +298,7 @@ def test_a_changed_input_is_refused_or_updated_to_a_fresh_runs_folder(embedder, 
     else:
         edited = edited[:25]
     _write(path, edited)
-    with pytest.raises(InputError, match=r"changed since .* was made \(shards changed: .*--update"):
+    with pytest.raises(InputError, match=r"changed since .* was made \(\d+ shards? changed \(.*--update"):
         embed_corpus(embedder, path, tmp_path / "out", **settings)
     counting = _Counting(embedder)
     manifest = embed_corpus(counting, path, tmp_path / "out", update=True, **settings)
