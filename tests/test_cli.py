@@ -72,7 +72,7 @@ def test_usage_errors_exit_2_through_the_console_script(checkpoint):
                           "--text", "hello", "--dim", "32"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     record = json.loads(run.stdout.splitlines()[0])
-    assert record["id"] == 0 and len(record["embedding"]) == 32
+    assert record["id"] == "text:1" and len(record["embedding"]) == 32          # ids as NAME:LINE, --text too
 
 
 def test_version_is_the_installed_package_s():
