@@ -18,6 +18,7 @@ import time
 from qwen3_jax.checks import UsageError
 from qwen3_jax.extras import require
 from qwen3_jax.serve.settings import ServeSettings
+from qwen3_jax.textio import counted
 
 KEEP_ALIVE_S = 65
 PROGRESS_EVERY_S = 10
@@ -91,8 +92,7 @@ class ProgramCounts:
         return self.obtained - self.loaded
 
     def summary(self) -> str:
-        return (f"{self.compiled} program{'' if self.compiled == 1 else 's'} compiled, {self.loaded} loaded from "
-                "the compilation cache")
+        return f"{counted(self.compiled, 'program')} compiled, {self.loaded} loaded from the compilation cache"
 
 
 def serve(settings: ServeSettings, *, mesh=None, out=print) -> int:
