@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--input", required=True, help=".txt, .jsonl, .parquet, or a folder of them")
     corpus.add_argument("--output", required=True, help="folder for the shards and manifests")
     corpus.add_argument("--text-field", default="text", help=".jsonl / Parquet: the text's field")
-    corpus.add_argument("--id-field", default="id", help=".jsonl / Parquet: the id's field (default: NAME:LINE)")
+    corpus.add_argument("--id-field", default="id", help=".jsonl / Parquet: the id's field (none: NAME:LINE)")
     prompt = corpus.add_mutually_exclusive_group()
     prompt.add_argument("--instruction", help="task instruction (for a corpus of queries; documents take none)")
     prompt.add_argument("--prompt-name", help="a prompt of config_sentence_transformers.json")

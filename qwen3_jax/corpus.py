@@ -503,7 +503,7 @@ class CorpusJob:
             if not changes:                               # the files were touched, not changed
                 self.manifest["input"] = input_state(settings.input)
                 self._commit()
-                self.out(f"{self.output}: up to date with {settings.input} ({self._count()} records)")
+                self.out(f"{self.output}: up to date with {settings.input} ({counted(self._count(), 'record')})")
                 return self.manifest
             if not self.update:
                 raise InputError(f"{settings.input} changed since {self.output} was made ({changes}); run again "
@@ -583,7 +583,7 @@ class CorpusJob:
         if not past:
             return
         if not self.update:
-            raise InputError(f"{self.settings.input} has {records} records, fewer than when {self.output} was "
+            raise InputError(f"{self.settings.input} has {counted(records, 'record')}, fewer than when {self.output} was "
                              "started; run again with --update to drop the shards past its end, or --overwrite")
         self.manifest["shards"] = [e for e in self.manifest["shards"] if e["start"] < records]
         self._commit()

@@ -176,3 +176,15 @@ def test_a_repeated_id_is_refused_with_both_lines(checkpoint, tmp_path, capsys):
     path.write_text('{"id": 1, "text": "one"}\n{"text": "two"}\n{"id": 1, "text": "three"}\n', encoding="utf-8")
     assert main(["embed", "--model", str(checkpoint), "--input", str(path)]) == 1
     assert "docs.jsonl:3: id 1 repeats docs.jsonl:1; ids must be unique" in capsys.readouterr().err
+
+
+def test_one_of_a_thing_is_said_in_the_singular(checkpoint, tmp_path, capsys):
+    path = tmp_path / "one.txt"
+    path.write_text("a single text\n", encoding="utf-8")
+    typed = ["embed-corpus", "--model", str(checkpoint), "--input", str(path), "--output", str(tmp_path / "c"),
+             "--quiet"]
+    assert main(typed) == 0
+    assert "1 embedding in 1 shard " in capsys.readouterr().err
+    path.touch()                                  # touched, not changed: nothing to embed
+    assert main([*typed, "--update"]) == 0
+    assert "(1 record)" in capsys.readouterr().err
