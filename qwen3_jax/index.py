@@ -140,6 +140,10 @@ class Index:
         for item in iter_corpus(self.settings["input"], text_field=self.settings["text_field"],
                                 id_field=self.settings["id_field"]):
             if item.id in wanted and item.error is None:
+                if item.id in found:
+                    raise ValueError(f"id {item.id!r} stands for more than one text of {self.settings['input']} "
+                                     f"(again at {item.source}:{item.line}), so --show-text cannot tell which a hit "
+                                     "is; make ids unique and embed the corpus again")
                 found[item.id] = item.text
         return found
 

@@ -188,3 +188,12 @@ def test_one_of_a_thing_is_said_in_the_singular(checkpoint, tmp_path, capsys):
     path.touch()                                  # touched, not changed: nothing to embed
     assert main([*typed, "--update"]) == 0
     assert "(1 record)" in capsys.readouterr().err
+
+
+def test_show_text_refuses_an_id_that_stands_for_two_texts(checkpoint, tmp_path, capsys):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"id": "x", "text": "one"}\n{"id": "x", "text": "two"}\n', encoding="utf-8")
+    assert main(["embed-corpus", "--model", str(checkpoint), "--input", str(path), "--output", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    assert main(["search", "--index", str(tmp_path / "c"), "--query", "q", "--show-text"]) == 1   # found at the end
+    assert "id 'x' stands for more than one text" in capsys.readouterr().err
