@@ -372,7 +372,7 @@ def test_a_finished_run_continues_when_its_steps_are_raised(checkpoint, data, tm
     whole, continued = _losses(tmp_path / "whole"), _losses(tmp_path / "run")
     assert sorted(continued) == [1, 2, 3, 4, 5, 6]
     assert max(abs(continued[s] - whole[s]) for s in whole) <= 1e-6
-    assert _tensorboard_scalars(tmp_path / "board")["train/loss"] == pytest.approx(continued, abs=1e-6)
+    assert dict(_tensorboard_scalars(tmp_path / "board")["train/loss"]) == pytest.approx(continued, abs=1e-6)
     assert final.stat().st_mtime_ns != exported
     assert json.loads((tmp_path / "run" / "run.json").read_text())["final_step"] == 6
 
@@ -402,39 +402,51 @@ def test_implausible_settings_warn_on_stderr_before_any_work(checkpoint, data, t
     assert capsys.readouterr().err == ""
 
 
-def _tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
-    """Every scalar of the TensorBoard event files in `folder`, read with TensorBoard's own record format
-    (length, CRC, an Event protobuf, CRC)."""
+def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in `folder` as (step, value) in the order written, read
+    with TensorBoard's own record format (length, CRC, an Event protobuf, CRC) and its purge rule: a
+    session start at step s drops what was logged at s or later."""
     import struct
 
-    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-    scalars: dict[str, dict[int, float]] = {}
+    scalars: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(folder.glob("events.out.tfevents.*")):
         data, at = path.read_bytes(), 0
         while at < len(data):
             (length,) = struct.unpack("<Q", data[at:at + 8])
             event = Event.FromString(data[at + 12:at + 12 + length])
             at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                scalars = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in scalars.items()}
             for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
 
 
 def test_metrics_are_plotted_and_written_for_tensorboard(checkpoint, data, tmp_path):
+    """The plot and the events of a run that evaluates; resumed after losing its last checkpoint, the
+    run's TensorBoard events hold each step once."""
+    import shutil
+
     from matplotlib.image import imread
 
-    _trained(checkpoint, data, tmp_path / "run", steps=4, save_every=2, eval_every=2, batch_size=8,
-             tensorboard=str(tmp_path / "board"))
+    run = lambda: _trained(checkpoint, data, tmp_path / "run", steps=4, save_every=2, eval_every=2, batch_size=8,
+                           tensorboard=str(tmp_path / "board"))
+    run()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint_4")     # as if killed before it was committed
+    run()
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     picture = imread(tmp_path / "run" / "metrics.png")
     assert picture.shape[2] == 4 and picture.shape[1] > picture.shape[0]        # loss and recall side by side
     assert picture[..., :3].std() > 0.05                                       # something is drawn
     scalars = _tensorboard_scalars(tmp_path / "board")
-    assert scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in records if "loss" in r}, abs=1e-6)
-    assert sorted(scalars["eval/recall_at_1"]) == [2, 4]
-    assert scalars["eval/recall_at_1"] == pytest.approx({r["step"]: r["eval_recall@1"] for r in records
-                                                      if "eval_recall@1" in r}, abs=1e-6)
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert dict(scalars["train/loss"]) == pytest.approx({r["step"]: r["loss"] for r in records if "loss" in r},
+                                                        abs=1e-6)
+    assert dict(scalars["eval/recall_at_1"]) == pytest.approx({r["step"]: r["eval_recall@1"] for r in records
+                                                               if "eval_recall@1" in r}, abs=1e-6)
+    assert [step for step, _ in scalars["eval/recall_at_1"]] == [2, 4]
 
 
 def test_without_matplotlib_the_run_notes_it_and_draws_no_plot(checkpoint, data, tmp_path, monkeypatch, capsys):

@@ -221,6 +221,8 @@ class Run:
                 self.checkpoints.save(done, state)
                 last_saved = done
                 self._plot()
+                if self.board is not None:
+                    self.board.flush()                    # what TensorBoard shows is as fresh as the plot
         progress.close()
         if self.board is not None:
             self.board.close()
