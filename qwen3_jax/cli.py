@@ -119,7 +119,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace another run's --output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run in --output (its checkpoints included) and start again")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _compile_cache(parser)
     _distributed(parser)
