@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 
 # Flags several commands take, with the same meaning everywhere: their help where a command gives none.
 SHARED_HELP = {
@@ -43,7 +44,7 @@ class Parser(argparse.ArgumentParser):
         return super().add_argument(*names, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
-        self._given = list(args) if args is not None else []
+        self._given = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
