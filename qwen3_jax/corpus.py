@@ -80,8 +80,8 @@ def corpus_files(path: str | Path) -> list[Path]:
 def check_input(path: str | Path, output: str | Path | None = None, *, text_field: str = "text",
                 id_field: str = "id") -> list[Path]:
     """The input's files, once what can be checked before any work is: it exists, an output folder is
-    not inside it (its files would be read as input), and each Parquet file has a string column
-    `text_field` and, if any, an `id_field` column of strings or numbers."""
+    not inside it (its files would be read as input) nor a folder of other files, and each Parquet file
+    has a string column `text_field` and, if any, an `id_field` column of strings or numbers."""
     if str(path) == STDIN:
         if output is not None:
             raise UsageError("--input - (stdin) cannot be read again to resume or update a corpus folder; save it "
@@ -92,6 +92,8 @@ def check_input(path: str | Path, output: str | Path | None = None, *, text_fiel
     if output is not None and root.is_dir() and Path(output).resolve().is_relative_to(root):
         raise UsageError(f"--output {output} is inside --input {path}, whose files would then be read as input; "
                          "write it elsewhere")
+    if output is not None and Path(output).is_dir() and not read_manifests(Path(output)):
+        refuse_strangers(Path(output))
     for file in files:
         if file.suffix == ".parquet":
             _check_parquet_columns(file, text_field, id_field)
@@ -270,6 +272,14 @@ def written_by_corpus(path: Path) -> bool:
             or path.name in (REJECTS, ANN_FOLDER))
 
 
+def refuse_strangers(folder: Path) -> None:
+    """OutputTaken if `folder` holds files embed-corpus did not write (a corpus beside them would mix with them)."""
+    strangers = sorted(p.name for p in folder.iterdir() if not written_by_corpus(p))
+    if strangers:
+        raise OutputTaken(f"{folder} holds files embed-corpus did not write ({', '.join(strangers[:3])}); "
+                          "use another --output")
+
+
 def new_manifest(settings: CorpusSettings, process: int, weights: str | None = None) -> dict:
     """A process's manifest before its first shard (`weights`: the model's `weights_fingerprint`)."""
     return {"format": "qwen3-jax corpus", "settings": json.loads(json.dumps(dataclasses.asdict(settings))),
@@ -444,14 +454,13 @@ class CorpusJob:
             if manifest["settings"] != wanted:
                 changed = sorted(k for k in wanted if manifest["settings"].get(k) != wanted[k])
                 raise OutputTaken(f"{self.output} holds embeddings made with other settings "
-                                      f"({', '.join(changed)}); use another --output, or --overwrite")
+                                  f"({', '.join(changed)}); use another --output, or --overwrite")
             if manifest.get("weights", self.weights) != self.weights:    # a folder older than the record: unknown
-                raise OutputTaken(f"{self.output} was embedded with other weights than {self.settings.model or 'this model'}'s "
-                                      "now (its files changed since); use --overwrite to embed it again, or another --output")
-        strangers = sorted(p.name for p in self.output.iterdir() if not written_by_corpus(p))
-        if strangers and (overwrite or not found):
-            raise OutputTaken(f"{self.output} holds files embed-corpus did not write ({', '.join(strangers[:3])}); "
-                                  "use another --output")
+                raise OutputTaken(f"{self.output} was embedded with other weights than "
+                                  f"{self.settings.model or 'this model'}'s now (its files changed since); use "
+                                  "--overwrite to embed it again, or another --output")
+        if overwrite or not found:
+            refuse_strangers(self.output)
 
     def _claim(self) -> dict:
         """This process's manifest: the one on disk (resume; _check_folder matched its settings), else a new one."""

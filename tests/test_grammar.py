@@ -107,9 +107,10 @@ def test_a_missing_input_exits_2(checkpoint, tmp_path, capsys, command):
 def test_an_existing_output_folder_exits_2(checkpoint, texts_with_a_blank, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.md").write_text("mine")
-    assert main(["embed-corpus", "--model", str(checkpoint), "--input", str(texts_with_a_blank),
-                 "--output", str(tmp_path / "taken"), "--quiet"]) == 2
-    assert "did not write (notes.md)" in capsys.readouterr().err
+    for model in (checkpoint, tmp_path / "no-model"):           # refused before the model loads (or is missing)
+        assert main(["embed-corpus", "--model", str(model), "--input", str(texts_with_a_blank),
+                     "--output", str(tmp_path / "taken"), "--quiet"]) == 2
+        assert "did not write (notes.md)" in capsys.readouterr().err
 
 
 def test_a_mistyped_flag_is_named_not_a_missing_one(capsys):
