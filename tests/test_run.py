@@ -385,12 +385,13 @@ def test_implausible_settings_warn_on_stderr_before_any_work(checkpoint, data, t
     unbuildable = {"matryoshka_dims": (16,)}
     with pytest.raises(ValueError, match="matryoshka dim 16 is outside"):
         Run(_config(checkpoint, data, tmp_path / "out", learning_rate=10.0, temperature=2.0, warmup_steps=2,
-                    weight_decay=0.9, **unbuildable))
+                    weight_decay=0.9, batch_size=1, hard_negatives=0, **unbuildable))
     out, err = capsys.readouterr()
     warnings = err.splitlines()
-    assert out == "" and len(warnings) == 4 and all(line.startswith("warning: ") for line in warnings), err
+    assert out == "" and len(warnings) == 5 and all(line.startswith("warning: ") for line in warnings), err
     for found in ("--lr 10 is far above what LoRA uses", "--temperature 2 is above 1",
-                  "--warmup 2 is not shorter than the run (2 steps)", "--weight-decay 0.9 is above 0.5"):
+                  "--warmup 2 is not shorter than the run (2 steps)", "--weight-decay 0.9 is above 0.5",
+                  "--batch-size 1 with --hard-negatives 0"):
         assert found in err
     with pytest.raises(ValueError, match="matryoshka dim 16"):
         Run(_config(checkpoint, data, tmp_path / "out", lora_rank=None, learning_rate=2e-3, **unbuildable))
