@@ -24,7 +24,7 @@ from qwen3_jax.config import Qwen3Config
 from qwen3_jax.loader import ORBAX_META, ORBAX_PARAMS, is_orbax_folder, load_model, load_orbax, parse_dtype
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.safetensors_file import write_safetensors
-from qwen3_jax.textio import plain_mode
+from qwen3_jax.textio import OutputTaken, plain_mode
 from qwen3_jax.weights import INDEX_FILE, SINGLE_FILE, CheckpointFolder, iter_hf_tensors
 
 # Files that travel with the weights: tokenizer, sentence-transformers modules, generation settings.
@@ -53,7 +53,7 @@ def staged_folder(destination: str | Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder that becomes `destination` only if the block finishes."""
     destination = Path(destination)
     if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} already exists; pass --overwrite to replace it")
+        raise OutputTaken(f"{destination} already exists; pass --overwrite to replace it")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
     os.chmod(staging, plain_mode(destination, folder=True))
@@ -180,7 +180,7 @@ def convert(source: str | Path, destination: str | Path, *, to: str, dtype: str 
     if to not in ("orbax", "hf"):
         raise UsageError(f"--to {to!r}: choose orbax or hf")
     if Path(destination).exists() and not overwrite:
-        raise FileExistsError(f"{destination} already exists; pass --overwrite to replace it")
+        raise OutputTaken(f"{destination} already exists; pass --overwrite to replace it")
     if is_orbax_folder(source):
         meta = json.loads((source / ORBAX_META).read_text())
         prefix = meta["key_prefix"]

@@ -198,3 +198,11 @@ def test_show_text_refuses_an_id_that_stands_for_two_texts(checkpoint, tmp_path,
                  "--quiet"]) == 0
     assert main(["search", "--index", str(tmp_path / "c"), "--query", "q", "--show-text"]) == 1   # found at the end
     assert "id 'x' stands for more than one text" in capsys.readouterr().err
+
+
+def test_an_existing_output_of_init_random_or_convert_exits_2(checkpoint, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    assert main(["init-random", str(taken), "--quiet"]) == 2
+    assert main(["convert", str(checkpoint), str(taken), "--to", "orbax"]) == 2
+    assert capsys.readouterr().err.count("already exists; pass --overwrite") == 2

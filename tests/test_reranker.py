@@ -101,8 +101,9 @@ def test_rerank_cli_skips_blank_lines_and_keeps_line_ids(reranker_checkpoint, re
     assert main(["rerank", "--model", str(reranker_checkpoint), "--query", QUERY,
                  "--input", str(tmp_path / "docs.txt")]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert sorted(p["id"] for p in printed) == [0, 2, 4]
-    scores = dict(zip([0, 2, 4], reranker.score(QUERY, [DOCS[0], DOCS[1], DOCS[4]])))
+    ids = ["docs.txt:1", "docs.txt:3", "docs.txt:5"]                  # NAME:LINE, as every command numbers them
+    assert sorted(p["id"] for p in printed) == ids
+    scores = dict(zip(ids, reranker.score(QUERY, [DOCS[0], DOCS[1], DOCS[4]])))
     assert all(abs(p["score"] - scores[p["id"]]) <= 1e-6 for p in printed)
 
 

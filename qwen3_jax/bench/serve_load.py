@@ -2,7 +2,7 @@
 same checkpoint folder, one after the other in the same run.
 
 Both servers are started here on loopback ports; before any timing, both embed the same sample of
-texts and must agree within 1e-4. First lone queries of 5-30 tokens, one at a time, each sent to every
+texts and must agree (float32 within 1e-4, bfloat16 by a cosine of 0.99). First lone queries of 5-30 tokens, one at a time, each sent to every
 server in turn (`lone_queries`: a latency of a few milliseconds is compared, so the machine's drift
 must fall on both alike). Then, at each concurrency level C, C clients (threads, each with its
 own keep-alive connection, stdlib HTTP only) send requests from one fixed mix, each the moment its last
@@ -41,7 +41,8 @@ QUERY_TOKENS = (5, 30)
 DOCUMENT_TOKENS = (80, 500)
 DOCUMENTS_PER_BATCH = (8, 32)
 QUERY_SHARE = 0.7
-AGREEMENT = 1e-4
+AGREEMENT = 1e-4            # float32: max abs difference of the normalised vectors
+AGREEMENT_COSINE = 0.99     # bfloat16: cosine of each pair of vectors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,9 +260,12 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
                 raise RuntimeError(f"{target.name} refused the sample; see {target.log}")
         if len(vectors) == 2:
             difference = float(np.abs(vectors[0] - vectors[1]).max())
-            out(f"agreement on {len(sample)} texts: max |ours - Infinity| = {difference:.2e}")
-            if difference > AGREEMENT:
-                raise RuntimeError(f"the servers disagree by {difference:.2e} (> {AGREEMENT}); not timing them")
+            cosine = float((vectors[0] * vectors[1]).sum(-1).min())
+            out(f"agreement on {len(sample)} texts: max |ours - Infinity| = {difference:.2e}, min cosine {cosine:.4f}")
+            if difference > AGREEMENT if dtype == "float32" else cosine < AGREEMENT_COSINE:
+                raise RuntimeError(f"the servers disagree (max difference {difference:.2e}, min cosine {cosine:.4f}; "
+                                   f"float32 needs <= {AGREEMENT}, bfloat16 a cosine >= {AGREEMENT_COSINE}); "
+                                   "not timing them")
         for target in started:
             _signal_others(target, started, signal.SIGSTOP)          # only the server under test has work
             drive(target, lone, concurrency=1, max_requests=5, max_seconds=60)          # warm

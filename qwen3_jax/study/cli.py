@@ -31,7 +31,8 @@ def add_study_parser(commands) -> None:
                        help="patching: the activation put in (resid_pre, resid_mid, resid_post, attn_out, mlp_out, z)")
     study.add_argument("--layer", type=int, default=None, help="attention: the layer drawn (default: the last)")
     study.add_argument("--output", required=True, help="the picture: a .png file")
-    study.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    study.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="compute dtype (float32: equal to transformers' float32)")
     study.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
     study.add_argument("--debug", action="store_true", help="show tracebacks")
 

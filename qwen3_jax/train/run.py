@@ -29,7 +29,7 @@ import jax
 from qwen3_jax.checks import UsageError
 from qwen3_jax.extras import require
 from qwen3_jax.progress import progress_bar
-from qwen3_jax.textio import atomic_output, hold_lock
+from qwen3_jax.textio import OutputTaken, atomic_output, hold_lock
 from qwen3_jax.train.checkpoints import Checkpoints, last_committed
 from qwen3_jax.train.config import RUN_LENGTH, TrainConfig
 from qwen3_jax.train.data import ExampleStream, JsonlSource
@@ -150,9 +150,9 @@ class Run:
         if found is not None and "weights" not in found:
             found["weights"] = wanted["weights"]           # a run begun before run.json kept them: not known
         if found is None and self.output.is_dir() and any(p.name != LOCK for p in self.output.iterdir()):
-            raise FileExistsError(f"{self.output} is not empty and holds no training run; use another --output")
+            raise OutputTaken(f"{self.output} is not empty and holds no training run; use another --output")
         if found is not None and _computed(found) != _computed(wanted) and not self.config.overwrite:
-            raise FileExistsError(_refusal(self.output, found, wanted))
+            raise OutputTaken(_refusal(self.output, found, wanted))
         return found
 
     def _claim_output(self) -> None:
