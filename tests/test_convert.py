@@ -125,7 +125,7 @@ def test_export_of_changed_parameters_loads_as_the_changed_model(checkpoint, tmp
 
 def test_existing_destination_is_refused_unless_overwrite(checkpoint, tmp_path, capsys):
     (tmp_path / "out").mkdir()
-    assert main(["convert", str(checkpoint), str(tmp_path / "out"), "--to", "orbax"]) == 1
+    assert main(["convert", str(checkpoint), str(tmp_path / "out"), "--to", "orbax"]) == 2    # refused before work
     assert "--overwrite" in capsys.readouterr().err
     assert main(["convert", str(checkpoint), str(tmp_path / "out"), "--to", "hf", "--overwrite"]) == 0
     _assert_bit_exact(checkpoint, tmp_path / "out")
