@@ -72,15 +72,22 @@ def dtype_keyword() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
+def projection_flops(cfg: Qwen3Config, tokens: float) -> dict[str, float]:
+    """FLOPs of one layer's projections for `tokens` tokens, by the stage that holds them (model.LAYER_STAGES)."""
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    n, k = cfg.num_attention_heads, cfg.num_key_value_heads
+    return {"attention/qkv": 2 * tokens * d * h * (n + 2 * k), "attention/out": 2 * tokens * n * h * d,
+            "mlp/gate_up": 2 * tokens * d * 2 * f, "mlp/down": 2 * tokens * f * d}
+
+
 def forward_flops(cfg: Qwen3Config, lengths) -> float:
     """Matrix FLOPs a forward pass needs for texts of these token lengths: the projections and MLP of
     every token, and causal attention (each query against itself and the keys before it)."""
-    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    n, k, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
-    per_token = 2 * layers * (d * h * (2 * n + 2 * k) + 3 * d * f)
     lengths = np.asarray(lengths, np.float64)
     causal_pairs = (lengths * (lengths + 1) / 2).sum()
-    return float(per_token * lengths.sum() + layers * 4 * n * h * causal_pairs)
+    layers = cfg.num_hidden_layers
+    return float(layers * sum(projection_flops(cfg, lengths.sum()).values())
+                 + layers * 4 * cfg.num_attention_heads * cfg.head_dim * causal_pairs)
 
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by device-kind prefix, most specific first.

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen3_jax.bench.common import bench_models, matmul_gflops, parse_token_range, synthetic_texts
+from qwen3_jax.bench.common import (bench_models, matmul_gflops, parse_token_range, projection_flops,
+                                    synthetic_texts)
 from qwen3_jax.model import LAYER_STAGES
 from qwen3_jax.packing import TOKENS_PER_TEXT, layout_batch
 
@@ -88,14 +89,6 @@ def operation_times(trace_folder: Path) -> dict[str, float]:
     return times
 
 
-def layer_products(cfg, tokens: int) -> dict[str, float]:
-    """FLOPs of each product-holding stage for `tokens` tokens (attention's own products aside)."""
-    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    n, k = cfg.num_attention_heads, cfg.num_key_value_heads
-    return {"attention/qkv": 2 * tokens * d * h * (n + 2 * k), "attention/out": 2 * tokens * n * h * d,
-            "mlp/gate_up": 2 * tokens * d * 2 * f, "mlp/down": 2 * tokens * f * d}
-
-
 def run_profile(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None, dtype: str,
                 texts: int | None, tokens: str, long_tail: bool, batch_size: int, repeats: int, attention: str,
                 out=print) -> dict:
@@ -129,7 +122,7 @@ def run_profile(*, model: str | None, random: str | None, layers: int | None, to
                 by_stage[stages[op]] += seconds / repeats
         matmul = matmul_gflops(jnp.dtype(dtype))
         real = int((np.asarray(segments) > 0).sum())
-        flops = layer_products(ours.config, ids.size)
+        flops = projection_flops(ours.config, ids.size)
         total = sum(by_stage.values())
         wall = float(np.median(walls))
         out(f"one layer, {dtype}, a batch of {len(batch.rows)} row(s) x {batch.length} tokens ({real} real): "
