@@ -15,7 +15,7 @@ from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.runner import LastTokenRunner
-from qwen3_jax.tokenize import TextTokenizer, format_instruction, read_sentence_transformers_files
+from qwen3_jax.tokenization import TextTokenizer, format_instruction, read_sentence_transformers_files
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:

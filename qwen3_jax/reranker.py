@@ -15,7 +15,7 @@ from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.runner import LastTokenRunner
-from qwen3_jax.tokenize import TextTokenizer, TooLong
+from qwen3_jax.tokenization import TextTokenizer, TooLong
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "

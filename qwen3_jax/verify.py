@@ -19,7 +19,7 @@ from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, RerankerPrompts, answer_margins, format_pair, \
     yes_probability
-from qwen3_jax.tokenize import TextTokenizer, format_instruction, pad_batch
+from qwen3_jax.tokenization import TextTokenizer, format_instruction, pad_batch
 from qwen3_jax.weights import CheckpointFolder
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qwen3_jax import load_model
-from qwen3_jax.tokenize import TextTokenizer, pad_batch
+from qwen3_jax.tokenization import TextTokenizer, pad_batch
 from tests.conftest import CORPUS, long_text
 from tests.reference import cosine_rows, transformers_hidden_states
 

@@ -1,7 +1,7 @@
 import pytest
 from tokenizers import Tokenizer
 
-from qwen3_jax.tokenize import TextTokenizer, format_instruction
+from qwen3_jax.tokenization import TextTokenizer, format_instruction
 from tests.conftest import CORPUS, long_text
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 from qwen3_jax import load_model, make_mesh
 from qwen3_jax.backend import Backend
 from qwen3_jax.reranker import Qwen3Reranker
-from qwen3_jax.tokenize import TextTokenizer
+from qwen3_jax.tokenization import TextTokenizer
 from qwen3_jax.train import (ContrastiveExample, LoRAConfig, Objective, OptimizerConfig, TrainStep, add_lora,
                              contrastive_batch, infonce, load_peft_adapter, pointwise_batch)
 from qwen3_jax.train.lora import peft_tensors

@@ -19,7 +19,7 @@ from qwen3_jax.checks import UsageError
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.extras import require
 from qwen3_jax.ops.projection import project
-from qwen3_jax.tokenize import TextTokenizer
+from qwen3_jax.tokenization import TextTokenizer
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which or were are be this "
          "model vector search query document language retrieval embedding attention layer token memory "

@@ -35,7 +35,7 @@ import numpy as np
 
 from qwen3_jax.bench.common import synthetic_texts
 from qwen3_jax.serve.settings import ServeSettings
-from qwen3_jax.tokenize import TextTokenizer
+from qwen3_jax.tokenization import TextTokenizer
 
 QUERY_TOKENS = (5, 30)
 DOCUMENT_TOKENS = (80, 500)

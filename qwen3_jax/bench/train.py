@@ -23,7 +23,7 @@ from qwen3_jax.bench.common import dtype_keyword, bench_checkpoint, datasheet_tf
 from qwen3_jax.checks import UsageError
 from qwen3_jax.extras import require
 from qwen3_jax.loader import load_model
-from qwen3_jax.tokenize import TextTokenizer
+from qwen3_jax.tokenization import TextTokenizer
 from qwen3_jax.train.batch import ContrastiveExample, contrastive_batch
 from qwen3_jax.train.lora import PROJECTIONS, LoRAConfig, add_lora
 from qwen3_jax.train.step import Objective, OptimizerConfig, TrainStep

@@ -23,7 +23,7 @@ from qwen3_jax.serve.errors import APIError
 from qwen3_jax.serve.metrics import Metrics
 from qwen3_jax.serve.scheduler import BatchFailed, Overloaded, Scheduler, ShuttingDown
 from qwen3_jax.serve.settings import ServeSettings
-from qwen3_jax.tokenize import TooLong, pad_batch
+from qwen3_jax.tokenization import TooLong, pad_batch
 
 MIN_TOKENS_PER_TEXT = 2                   # a text's own token and <|endoftext|>: the least a text can cost
 

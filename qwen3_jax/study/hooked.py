@@ -20,7 +20,7 @@ from qwen3_jax.extras import require
 from qwen3_jax.model import Qwen3Model, gather_tokens
 from qwen3_jax.reranker import Qwen3Reranker, RerankerPrompts
 from qwen3_jax.study.forward import EMBED, FINAL, HOOK_SHAPES, HookFn, hook_names, run_hooked
-from qwen3_jax.tokenize import TextTokenizer, format_instruction, pad_batch
+from qwen3_jax.tokenization import TextTokenizer, format_instruction, pad_batch
 
 DEFAULT_MAX_LENGTH = 8192
 

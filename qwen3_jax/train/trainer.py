@@ -20,7 +20,7 @@ from qwen3_jax.retrieval_metrics import evaluate
 from qwen3_jax.reranker import RerankerPrompts, answer_margins
 from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.sharding import fetch_global, shard_count
-from qwen3_jax.tokenize import TextTokenizer, format_instruction
+from qwen3_jax.tokenization import TextTokenizer, format_instruction
 from qwen3_jax.train.batch import ContrastiveExample, contrastive_batch, pointwise_batch
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.train.data import Example
