@@ -2,6 +2,7 @@
 are given: the attention kernel for the model's dtype, and how products and attention are laid out for
 XLA's CPU compiler. The maths asks this object, never JAX, which platform it runs on, so a program can
 be built here for a platform this machine lacks (the lowering tests build GPU and TPU programs on a CPU).
+JAX is imported only where its backend is read, so the command line imports this module without it.
 Why each CPU choice pays is in docs/design/numerics.md and docs/design/attention.md.
 """
 
@@ -12,8 +13,6 @@ import dataclasses
 import functools
 import sys
 from pathlib import Path
-
-import jax
 
 from qwen3_jax.checks import UsageError
 
@@ -40,7 +39,14 @@ def resolve_implementation(impl: str, dtype=None, platform: str | None = None) -
         raise UsageError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLEMENTATIONS)}")
     if impl != "auto":
         return impl
-    return AUTO.get(platform or jax.default_backend(), "blockwise")
+    return AUTO.get(platform or _default_platform(), "blockwise")
+
+
+def _default_platform() -> str:
+    """JAX's backend on this machine ("cpu", "gpu" or "tpu")."""
+    import jax
+
+    return jax.default_backend()
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -57,7 +63,7 @@ def resolve_dtype(dtype: str, platform: str | None = None, flags: frozenset[str]
     multiply it fast (FAST_BFLOAT16_CPU_FLAGS), float32 on other CPUs. The choice is said once on stderr."""
     if dtype != "auto":
         return dtype
-    platform = platform or jax.default_backend()
+    platform = platform or _default_platform()
     fast = [flag for flag in FAST_BFLOAT16_CPU_FLAGS if flag in (cpu_flags() if flags is None else flags)]
     if platform != "cpu" or fast:
         why = f"on {platform}" if platform != "cpu" else f"this CPU multiplies it fast ({', '.join(fast)})"
@@ -89,7 +95,7 @@ class Backend:
     @classmethod
     def resolve(cls, attention: str = "auto", dtype=None, platform: str | None = None) -> "Backend":
         """The choices for `platform` (default: JAX's backend, read here and nowhere in the maths)."""
-        platform = platform or jax.default_backend()
+        platform = platform or _default_platform()
         cpu = platform == "cpu"
         return cls(platform, resolve_implementation(attention, dtype, platform), half_products_in_float32=cpu,
                    materialise_gradients=cpu, weight_gradients_in_float32=cpu, attention_row_by_row=cpu,

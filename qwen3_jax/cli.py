@@ -667,7 +667,6 @@ def run_export(args) -> None:
 def run_serve(args) -> int:
     from qwen3_jax.serve.server import serve
     from qwen3_jax.serve.settings import ServeSettings
-    from qwen3_jax.sharding import mesh_of
 
     settings = ServeSettings(
         model=args.model, reranker=args.reranker, host=args.host, port=args.port, dtype=args.dtype, dim=args.dim,
@@ -677,7 +676,13 @@ def run_serve(args) -> int:
         max_input_chars=args.max_input_chars, payload_limit=args.payload_limit, read_timeout_s=args.read_timeout_s,
         graceful_timeout_s=args.graceful_timeout_s, calibration=args.calibration, api_key=args.api_key,
         served_model_name=args.served_model_name, served_reranker_name=args.served_reranker_name)
-    return serve(settings, mesh=mesh_of(args.mesh), out=lambda message: print(message, file=sys.stderr, flush=True))
+    if args.mesh:                                # JAX is imported only then: the first line comes sooner
+        from qwen3_jax.sharding import mesh_of
+
+        mesh = mesh_of(args.mesh)
+    else:
+        mesh = None
+    return serve(settings, mesh=mesh, out=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def run_init_random(args) -> None:

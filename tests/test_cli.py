@@ -84,6 +84,20 @@ def test_version_is_the_installed_package_s():
     assert run.returncode == 0 and run.stdout == f"qwen3-jax {project['version']}\n"
 
 
+def test_the_package_and_the_command_line_s_settings_import_without_jax():
+    """`import qwen3_jax` and the modules the command line reads before any work (its parser's settings,
+    the backend's names, the compile cache's switch) leave JAX unimported, so a command's first line comes
+    at once; the public names still import on first use, and the cache's choice reaches JAX when it loads."""
+    code = ("import os, sys, qwen3_jax, qwen3_jax.arguments, qwen3_jax.backend, qwen3_jax.compile_cache as c\n"
+            "assert 'jax' not in sys.modules, 'jax imported'\n"
+            "c.enable_compilation_cache(sys.argv[1])\n"
+            "from qwen3_jax import Qwen3Embedder\n"
+            "import jax\n"
+            "print(jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)")
+    run = subprocess.run([sys.executable, "-c", code, "/tmp/qwen3-jax-test-cache"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split() == ["/tmp/qwen3-jax-test-cache", "0.0"], run.stderr
+
+
 def test_one_embedding_is_counted_in_the_singular(checkpoint, tmp_path, capsys):
     assert main(["embed", "--model", str(checkpoint), "--text", "a", "--output", str(tmp_path / "one.npy")]) == 0
     assert f"wrote 1 embedding of dimension 64 to {tmp_path / 'one.npy'}" in capsys.readouterr().err
