@@ -39,13 +39,15 @@ def _per_layer(layer_state) -> list:
 
 
 class LayerByLayer:
-    """`Qwen3Model(ids, segments, at=ends)` as float32, one layer at a time (see the module's text)."""
+    """`Qwen3Model(ids, segments, at=ends, prefix=...)` as float32, one layer at a time (see the module's text)."""
 
     def __init__(self, model: Qwen3Model):
         graphdef, _ = nnx.split(model)
         layer_graphdef, _ = nnx.split(model.layers)
-        self._inputs = jax.jit(lambda state, ids, segments: nnx.merge(graphdef, state).inputs(ids, segments))
-        self._layer = jax.jit(functools.partial(model.apply_layer, layer_graphdef))
+        self._inputs = jax.jit(lambda state, ids, segments, prefix:
+                               nnx.merge(graphdef, state).inputs(ids, segments, prefix))
+        self._layer = jax.jit(lambda state, x, context, prefix:
+                              model.apply_layer(layer_graphdef, state, x, context, prefix=prefix))
         self._outputs = jax.jit(lambda state, x, at: nnx.merge(graphdef, state).outputs(x, at).astype(jnp.float32))
         self.use(model)
 
@@ -59,20 +61,24 @@ class LayerByLayer:
         """How many batch shapes the jitted pass has compiled (its last program has one per shape)."""
         return self._outputs._cache_size()
 
-    def __call__(self, ids: jax.Array, segments: jax.Array, ends: jax.Array) -> jax.Array:
-        return self._run(self._inputs, self._layer, self._outputs, ids, segments, ends)
+    def __call__(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, prefix=None) -> jax.Array:
+        return self._run(self._inputs, self._layer, self._outputs, ids, segments, ends, prefix)
 
-    def _run(self, inputs: Callable, layer: Callable, outputs: Callable, ids, segments, ends) -> jax.Array:
-        x, context = inputs(self._state, ids, segments)
-        for layer_state in self._layers:
-            x = layer(layer_state, x, context)
+    def _run(self, inputs: Callable, layer: Callable, outputs: Callable, ids, segments, ends, prefix) -> jax.Array:
+        x, context = inputs(self._state, ids, segments, prefix)
+        per_layer = [None] * len(self._layers) if prefix is None else list(zip(prefix.keys, prefix.values))
+        for layer_state, layer_prefix in zip(self._layers, per_layer):
+            x = layer(layer_state, x, context, layer_prefix)
         return outputs(self._state, x, ends)
 
     def compile(self, ids: jax.ShapeDtypeStruct, segments: jax.ShapeDtypeStruct,
-                ends: jax.ShapeDtypeStruct) -> Callable:
-        """The pass compiled now for arrays of these shapes: a function of (ids, segments, ends)."""
-        inputs = self._inputs.lower(self._state, ids, segments).compile()
-        x, context = jax.eval_shape(self._inputs, self._state, ids, segments)
-        layer = self._layer.lower(self._layers[0], x, context).compile()
+                ends: jax.ShapeDtypeStruct, prefix=None) -> Callable:
+        """The pass compiled now for arrays of these shapes (and a prefix table of these shapes, or
+        none): a function of (ids, segments, ends, prefix)."""
+        inputs = self._inputs.lower(self._state, ids, segments, prefix).compile()
+        x, context = jax.eval_shape(self._inputs, self._state, ids, segments, prefix)
+        layer_prefix = None if prefix is None else tuple(
+            jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (prefix.keys, prefix.values))
+        layer = self._layer.lower(self._layers[0], x, context, layer_prefix).compile()
         outputs = self._outputs.lower(self._state, x, ends).compile()
         return functools.partial(self._run, inputs, layer, outputs)

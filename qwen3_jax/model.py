@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen3_jax.attention import attention, attention_at, positions_from_segments
+from typing import NamedTuple
+
+from qwen3_jax.attention import attention, attention_at, attention_with_logsumexp, positions_from_segments
+from qwen3_jax.attention.prefix import PrefixTable, merge_attention, prefix_attention
 from qwen3_jax.backend import Backend
 from qwen3_jax.checks import UsageError
 from qwen3_jax.config import Qwen3Config
@@ -69,6 +72,17 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+class LayerContext(NamedTuple):
+    """What every decoder layer is given beside its input: the rotary angles [B, T, H/2] of each token's
+    position, the segments [B, T] (int32), and with a prefix table the table tokens each token sees
+    [B, T, P] (None without one)."""
+
+    sin: jax.Array
+    cos: jax.Array
+    segments: jax.Array
+    visible: jax.Array | None = None
+
+
 class Attention(nnx.Module):
     """GQA self-attention with per-head q/k RMSNorm before RoPE."""
 
@@ -82,9 +96,12 @@ class Attention(nnx.Module):
         self.k_norm = nnx.Param(jnp.ones((h,), param_dtype))
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, sin, cos, segments, *, backend: Backend, rng=None, at=None):
-        """[B, T, D] -> [B, T, D], or only at the positions `at` [B, S]: then only those positions
-        ask (their queries alone are projected and attend), while every token is still a key."""
+    def __call__(self, x, context: LayerContext, *, backend: Backend, rng=None, at=None, prefix=None):
+        """[B, T, D] -> ([B, T, D], this layer's keys and values [B, T, K, H]), or the output only at the
+        positions `at` [B, S]: then only those positions ask (their queries alone are projected and
+        attend), while every token is still a key. `prefix`: this layer's keys and values [P, K, H] of
+        the prefix table, which each token also attends to where `context.visible` says."""
+        sin, cos, segments = context.sin, context.cos, context.segments
         q_x, q_sin, q_cos = (x, sin, cos) if at is None else (gather_tokens(a, at) for a in (x, sin, cos))
         with jax.named_scope("qkv"):
             q = linear(self, "wq", "BTD,DNH->BTNH", q_x, backend, _fold(rng, 0))
@@ -94,9 +111,17 @@ class Attention(nnx.Module):
             q = apply_rotary(rms_norm(q, self.q_norm[...], self.eps), q_sin, q_cos)
             k = apply_rotary(rms_norm(k, self.k_norm[...], self.eps), sin, cos)
         with jax.named_scope("kernel"):
-            out = attention(q, k, v, segments, backend=backend) if at is None else attention_at(q, k, v, segments, at)
+            if at is not None:
+                if prefix is not None:
+                    raise ValueError("a prefix table needs every position: leave `at` out")
+                out = attention_at(q, k, v, segments, at)
+            elif prefix is None:
+                out = attention(q, k, v, segments, backend=backend)
+            else:
+                out = merge_attention((attention_with_logsumexp(q, k, v, segments, backend=backend),
+                                       prefix_attention(q, *prefix, context.visible)), q.dtype)
         with jax.named_scope("out"):
-            return linear(self, "wo", "BTNH,NHD->BTD", out, backend, _fold(rng, 3))
+            return linear(self, "wo", "BTNH,NHD->BTD", out, backend, _fold(rng, 3)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -128,17 +153,19 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, sin, cos, segments, *, backend: Backend, rng=None, at=None):
-        """[B, T, D] -> [B, T, D], or [B, S, D] at the positions `at` [B, S] only."""
+    def __call__(self, x, context: LayerContext, *, backend: Backend, rng=None, at=None, prefix=None):
+        """[B, T, D] -> ([B, T, D] (or [B, S, D] at the positions `at` [B, S] only), the attention's
+        keys and values [B, T, K, H]); `prefix` as for Attention."""
         residual = x if at is None else gather_tokens(x, at)
         with jax.named_scope("input_norm"):
             normed = rms_norm(x, self.input_norm[...], self.eps)
         with jax.named_scope("attention"):
-            x = residual + self.attn(normed, sin, cos, segments, backend=backend, rng=rng, at=at)
+            attended, keys_values = self.attn(normed, context, backend=backend, rng=rng, at=at, prefix=prefix)
+            x = residual + attended
         with jax.named_scope("post_norm"):
             normed = rms_norm(x, self.post_norm[...], self.eps)
         with jax.named_scope("mlp"):
-            return x + self.mlp(normed, backend=backend, rng=rng)
+            return x + self.mlp(normed, backend=backend, rng=rng), keys_values
 
 
 class Qwen3Model(nnx.Module):
@@ -171,13 +198,17 @@ class Qwen3Model(nnx.Module):
             self.lm_head = nnx.Param(_init(rngs.params(), (vocab_rows, cfg.hidden_size), param_dtype))
 
     def __call__(self, ids: jax.Array, segments: jax.Array, *, at: jax.Array | None = None,
-                 return_layer_states: bool = False, rng: jax.Array | None = None, remat: str = "off",
+                 prefix: PrefixTable | None = None, return_layer_states: bool = False,
+                 return_keys_values: bool = False, rng: jax.Array | None = None, remat: str = "off",
                  prune_last: bool = False):
         """ids [B, T] and segments [B, T] -> normed hidden states [B, T, D] (and each layer's output).
 
         `segments` is 0 on padding and a positive id per text, so several texts can share a row; a
         boolean mask of real tokens (one text per row) works as well. `at` [B, S] asks for the states
-        at those positions only, [B, S, D] (the last token of each text, for pooling). `prune_last`
+        at those positions only, [B, S, D] (the last token of each text, for pooling). `prefix` is a
+        table of shared prefixes the texts continue (attention/prefix.py): their positions start after
+        it and they attend to it. `return_keys_values` returns every layer's keys and values
+        [L, B, T, K, H] instead of the states: what a prefix table is built from. `prune_last`
         then runs the last layer apart, its queries, output projection and MLP at those positions
         alone (training does; inference keeps one compiled layer and picks the states after it).
         `rng` drives adapter dropout in training (None: none); `remat` picks what a layer keeps for
@@ -189,42 +220,52 @@ class Qwen3Model(nnx.Module):
         if prune_last and at is None:
             raise ValueError("prune_last needs the positions `at` the last layer computes")
         cfg = self.config
-        x, context = self.inputs(ids, segments)
+        x, context = self.inputs(ids, segments, prefix)
         graphdef, layer_state = nnx.split(self.layers)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_hidden_layers)
+        prefix_keys_values = None if prefix is None else (prefix.keys, prefix.values)
 
-        def layer(h, index, at=None):
-            one_layer_state, layer_rng = jax.tree.map(lambda a: a[index], (layer_state, layer_rngs))
-            return self.apply_layer(graphdef, one_layer_state, h, context, rng=layer_rng, at=at)
-
-        def step(h, index):
-            h = layer(h, index)
-            return h, (h if return_layer_states else None)
+        def step(h, per_layer):
+            one_layer_state, layer_rng, layer_prefix = per_layer
+            h, keys_values = self.apply_layer(graphdef, one_layer_state, h, context, rng=layer_rng,
+                                              prefix=layer_prefix, keys_values=True)
+            return h, (h if return_layer_states else None, keys_values if return_keys_values else None)
 
         if remat != "off":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
         scanned = cfg.num_hidden_layers - prune_last
-        x, layer_outputs = jax.lax.scan(step, x, jnp.arange(scanned))
+        leading = lambda tree: jax.tree.map(lambda a: a[:scanned] if prune_last else a, tree)
+        x, (layer_outputs, keys_values) = jax.lax.scan(step, x, leading((layer_state, layer_rngs, prefix_keys_values)))
         if prune_last:
-            x = layer(x, scanned, at)
+            last = jax.tree.map(lambda a: a[scanned], (layer_state, layer_rngs))
+            x = self.apply_layer(graphdef, last[0], x, context, rng=last[1], at=at)
             at = None
+        if return_keys_values:
+            return keys_values
         x = self.outputs(x, at)
         return (x, layer_outputs) if return_layer_states else x
 
-    def inputs(self, ids: jax.Array, segments: jax.Array) -> tuple[jax.Array, tuple]:
-        """The first layer's input [B, T, D] and what every layer is given beside it: the rotary
-        angles and the segments (int32)."""
+    def inputs(self, ids: jax.Array, segments: jax.Array,
+               prefix: PrefixTable | None = None) -> tuple[jax.Array, LayerContext]:
+        """The first layer's input [B, T, D] and what every layer is given beside it (LayerContext):
+        positions count from each text's start, or from the end of the prefix it continues."""
         cfg = self.config
         segments = segments.astype(jnp.int32)
         x = embed_tokens(self.embed[...], ids).astype(self.dtype)
-        sin, cos = rotary_angles(positions_from_segments(segments), cfg.head_dim, cfg.rope_theta)
-        return x, (sin, cos, segments)
+        positions = positions_from_segments(segments)
+        if prefix is None:
+            return x, LayerContext(*rotary_angles(positions, cfg.head_dim, cfg.rope_theta), segments)
+        sin, cos = rotary_angles(positions + prefix.offset, cfg.head_dim, cfg.rope_theta)
+        return x, LayerContext(sin, cos, segments, prefix.visible())
 
-    def apply_layer(self, graphdef, layer_state, x: jax.Array, context: tuple, *, rng=None, at=None) -> jax.Array:
+    def apply_layer(self, graphdef, layer_state, x: jax.Array, context: LayerContext, *, rng=None, at=None,
+                    prefix=None, keys_values: bool = False):
         """One decoder layer, its parameters `layer_state` (of `nnx.split(self.layers)`'s graphdef, with
-        no layer axis), on x and the `inputs`' context."""
-        sin, cos, segments = context
-        return nnx.merge(graphdef, layer_state)(x, sin, cos, segments, backend=self.backend, rng=rng, at=at)
+        no layer axis), on x and the `inputs`' context; `prefix`: this layer's keys and values of the
+        prefix table. Returns the layer's output, and with `keys_values` its keys and values too."""
+        out, layer_keys_values = nnx.merge(graphdef, layer_state)(x, context, backend=self.backend, rng=rng,
+                                                                  at=at, prefix=prefix)
+        return (out, layer_keys_values) if keys_values else out
 
     def outputs(self, x: jax.Array, at: jax.Array | None = None) -> jax.Array:
         """The last layer's states [B, T, D] (at the positions `at` [B, S]: [B, S, D]), final-normed."""

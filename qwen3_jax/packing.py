@@ -151,6 +151,16 @@ def _one_text_per_row(order: list[int], lengths: list[int], token_budget: int, r
     return batches
 
 
+def spans(batch: Batch, texts: Sequence[Sequence[int]], side: str = "right"):
+    """(row, slot, text index, first token, end) of each text of `batch` as `layout_batch` lays it out."""
+    for r, row in enumerate(batch.rows):
+        used = sum(len(texts[i]) for i in row)
+        position = 0 if side == "right" else batch.length - used
+        for slot, i in enumerate(row):
+            yield r, slot, i, position, position + len(texts[i])
+            position += len(texts[i])
+
+
 def layout_batch(batch: Batch, texts: Sequence[Sequence[int]], pad_id: int, side: str = "right"):
     """ids, segments [rows, length] and the index of each text's last token [rows, slots].
 
@@ -160,13 +170,16 @@ def layout_batch(batch: Batch, texts: Sequence[Sequence[int]], pad_id: int, side
     ids = np.full((batch.num_rows, batch.length), pad_id, np.int32)
     segments = np.zeros((batch.num_rows, batch.length), np.int32)
     ends = np.zeros((batch.num_rows, batch.slots), np.int32)
-    for r, row in enumerate(batch.rows):
-        used = sum(len(texts[i]) for i in row)
-        position = 0 if side == "right" else batch.length - used
-        for slot, i in enumerate(row):
-            tokens = texts[i]
-            ids[r, position:position + len(tokens)] = tokens
-            segments[r, position:position + len(tokens)] = slot + 1
-            position += len(tokens)
-            ends[r, slot] = position - 1
+    for r, slot, i, start, end in spans(batch, texts, side):
+        ids[r, start:end] = texts[i]
+        segments[r, start:end] = slot + 1
+        ends[r, slot] = end - 1
     return ids, segments, ends
+
+
+def per_token(batch: Batch, texts: Sequence[Sequence[int]], values: Sequence[int], side: str = "right") -> np.ndarray:
+    """[rows, length] int32: `values[i]` over the tokens of text i as `layout_batch` lays them out, 0 on padding."""
+    out = np.zeros((batch.num_rows, batch.length), np.int32)
+    for r, _, i, start, end in spans(batch, texts, side):
+        out[r, start:end] = values[i]
+    return out

@@ -22,15 +22,23 @@ from jax.sharding import Mesh
 from qwen3_jax.backend import kernel_named_on_failure
 from qwen3_jax.checks import whole_number
 from qwen3_jax.layer_by_layer import LayerByLayer
-from qwen3_jax.packing import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, plan_batches
+from qwen3_jax.attention.prefix import PrefixTable
+from qwen3_jax.packing import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, per_token, plan_batches, spans
+from qwen3_jax.prefixes import TABLE_LIMIT, PrefixCache, Sharing, unshared
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.progress import progress_bar
-from qwen3_jax.sharding import batch_sharding, fetch_global, put_global, shard_count
+from qwen3_jax.sharding import batch_sharding, fetch_global, put_global, replicated, shard_count
 
 
-def _last_hidden(graphdef, state, ids, segments, ends):
-    """The final states at each text's last token (`ends` [rows, slots]): float32 [rows, slots, D]."""
-    return nnx.merge(graphdef, state)(ids, segments, at=ends).astype(jnp.float32)
+def _last_hidden(graphdef, state, ids, segments, ends, prefix=None):
+    """The final states at each text's last token (`ends` [rows, slots]): float32 [rows, slots, D];
+    `prefix`: the table of shared prefixes the texts continue (prefixes.py)."""
+    return nnx.merge(graphdef, state)(ids, segments, at=ends, prefix=prefix).astype(jnp.float32)
+
+
+def _keys_values(graphdef, state, ids, segments):
+    """Every layer's keys and values [L, rows, length, K, H] (what a prefix table holds)."""
+    return nnx.merge(graphdef, state)(ids, segments, return_keys_values=True)
 
 
 class Dispatched(NamedTuple):
@@ -44,7 +52,7 @@ class LastTokenRunner:
     """Jit-compiled last-token pooling of a Qwen3Model over packed batches of token-id rows."""
 
     def __init__(self, model: Qwen3Model, *, pad_id: int, mesh: Mesh | None = None,
-                 padding_side: str = "right", layer_by_layer: bool = True):
+                 padding_side: str = "right", layer_by_layer: bool = True, share_prefixes: bool = True):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: choose 'left' or 'right'")
         self.model = model
@@ -58,13 +66,18 @@ class LastTokenRunner:
         if not self.pack and padding_side != "right":
             raise ValueError("cuDNN attention needs right padding; use padding_side='right'")
         self._forward = jax.jit(functools.partial(_last_hidden, self._graphdef),
-                                in_shardings=(None,) + (self._inputs,) * 3, out_shardings=self._inputs)
+                                in_shardings=(None,) + (self._inputs,) * 3 + (None,), out_shardings=self._inputs)
+        self._keys_values = jax.jit(functools.partial(_keys_values, self._graphdef),
+                                    out_shardings=replicated(mesh))
+        # Shared prefixes need each kernel's log-sum-exp, which cuDNN's fused kernel does not give.
+        self.prefixes = PrefixCache(self._prefix_states) if share_prefixes and self.pack else None
         # One device of XLA's CPU: the pass runs a layer at a time over views of the weights (see
         # layer_by_layer.py); elsewhere, or not `layer_by_layer`, the layers are scanned. (Views keep a
         # training step from donating the parameters' buffers: the trainer's evaluation scans.)
         self._layered = (LayerByLayer(model) if layer_by_layer and model.backend.layer_by_layer and mesh is None
                          else None)
-        self._compiled: dict[tuple[int, int, int], Callable] = {}
+        self._compiled: dict[tuple[int, int, int, int], Callable] = {}
+        self._compiled_prefixes: dict[tuple[int, int], Callable] = {}
         self.tokens_embedded = self.tokens_computed = 0
 
     def use(self, model: Qwen3Model) -> None:
@@ -97,37 +110,101 @@ class LastTokenRunner:
         return fixed_shapes(token_budget, rows_multiple=shard_count(self.mesh), row_limit=self.row_limit,
                             max_text_tokens=max_text_tokens)
 
-    def compile(self, shapes: Sequence[tuple[int, int, int]], *, threads: int | None = None) -> None:
+    def compile(self, shapes: Sequence[tuple[int, int, int]], *, threads: int | None = None,
+                table_length: int = 0) -> None:
         """Compiles the forward pass for every (rows, length, slots) in `shapes` now, several at once,
-        so that no later batch waits for a compile."""
+        so that no later batch waits for a compile; `table_length` > 0: the pass whose texts continue
+        a prefix table of that many tokens."""
         def compile_one(shape):
             rows, length, slots = shape
             args = [jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=self._inputs)
                     for width in (length, length, slots)]
+            prefix = self._table_shapes(rows, length, table_length) if table_length else None
             with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
                 if self._layered:
-                    return shape, self._layered.compile(*args)
-                program = self._forward.lower(self._state, *args).compile()
-                return shape, lambda *arrays: program(self._state, *arrays)
+                    return shape + (table_length,), self._layered.compile(*args, prefix)
+                program = self._forward.lower(self._state, *args, prefix).compile()
+                return shape + (table_length,), lambda *arrays: program(self._state, *arrays)
 
-        missing = [shape for shape in shapes if shape not in self._compiled]
+        missing = [shape for shape in shapes if tuple(shape) + (table_length,) not in self._compiled]
         with ThreadPoolExecutor(threads or 2) as pool:
             self._compiled.update(pool.map(compile_one, missing))
 
-    def dispatch(self, batch: Batch, texts: Sequence[Sequence[int]]) -> Dispatched:
+    def _table_shapes(self, rows: int, length: int, table_length: int):
+        """The shapes of a prefix table of `table_length` tokens for a batch of rows x length."""
+        cfg = self.model.config
+        kv = jax.ShapeDtypeStruct((cfg.num_hidden_layers, table_length, cfg.num_key_value_heads, cfg.head_dim),
+                                  self.model.dtype)
+        table = jax.ShapeDtypeStruct((table_length,), jnp.int32)
+        per_token = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._inputs)
+        return PrefixTable(kv, kv, table, table, per_token, per_token)
+
+    def share(self, texts: Sequence[Sequence[int]], *, compute: bool = True) -> Sharing:
+        """Which prefix each text continues, and its own ids (prefixes.py; `compute=False` leaves the
+        prefixes' keys and values to `prefixes.fill`); every text its own when prefixes are not shared."""
+        if self.prefixes is None:
+            return unshared(texts)
+        return self.prefixes.share(texts, compute=compute)
+
+    def compile_prefixes(self, shapes: Sequence[tuple[int, int, int]], table_length: int, *,
+                         threads: int | None = None) -> None:
+        """Compiles now what texts continuing a prefix table of `table_length` tokens need: the forward
+        pass for every shape in `shapes` with that table, and the pass computing prefixes' keys and values
+        in each of its fixed shapes (a server does this in the background, see serve/scheduler.py)."""
+        def compile_keys_values(shape):
+            rows, length, _ = shape
+            args = [jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._inputs)] * 2
+            with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
+                return (rows, length), self._keys_values.lower(self._state, *args).compile()
+
+        missing = [shape for shape in self.shapes(TABLE_LIMIT, TABLE_LIMIT) if shape[:2] not in self._compiled_prefixes]
+        with ThreadPoolExecutor(threads or 2) as pool:
+            self._compiled_prefixes.update(pool.map(compile_keys_values, missing))
+        self.compile(shapes, threads=threads, table_length=table_length)
+
+    def has_programs(self, shapes: Sequence[tuple[int, int, int]], table_length: int) -> bool:
+        """Whether every shape has its compiled program for a table of `table_length` (0: none)."""
+        return all(tuple(shape) + (table_length,) in self._compiled for shape in shapes)
+
+    def _prefix_states(self, prefixes: list[tuple[int, ...]]) -> list[tuple[jax.Array, jax.Array]]:
+        """Each prefix's keys and values [L, P, K, H], computed together in packed rows of fixed shapes."""
+        out = [None] * len(prefixes)
+        for batch in self.plan([len(p) for p in prefixes], token_budget=TABLE_LIMIT, fixed=True):
+            ids, segments, _ = (put_global(a, self._inputs) for a in layout_batch(batch, prefixes, self.pad_id))
+            program = self._compiled_prefixes.get((batch.num_rows, batch.length))
+            with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
+                keys, values = program(self._state, ids, segments) if program else \
+                    self._keys_values(self._state, ids, segments)
+            for r, _, i, start, end in spans(batch, prefixes):
+                out[i] = (keys[:, r, start:end], values[:, r, start:end])
+        return out
+
+    def dispatch(self, batch: Batch, texts: Sequence[Sequence[int]], sharing: Sharing | None = None,
+                 table: PrefixTable | None = None) -> Dispatched:
         """Lays `batch` out, sends it to the devices and starts its forward pass (which runs on while
-        this returns)."""
+        this returns). With `sharing` (of which `texts` are the own ids) and its `table`, each text
+        continues its shared prefix."""
         arrays = [put_global(a, self._inputs) for a in layout_batch(batch, texts, self.pad_id, self.padding_side)]
-        program = self._compiled.get((batch.num_rows, batch.length, batch.slots))
+        if table is not None:
+            text_entry, offset = (put_global(per_token(batch, texts, values, self.padding_side), self._inputs)
+                                  for values in (sharing.entry, sharing.offset))
+            table = table._replace(text_entry=text_entry, offset=offset)
+        table_length = 0 if table is None else table.entry.shape[0]
+        program = self._compiled.get((batch.num_rows, batch.length, batch.slots, table_length))
         # No mesh: one device; under a mesh, attention loops over each device's own rows.
         with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
-            result = (program or self._run)(*arrays)
+            result = (program or self._run)(*arrays, table)
         self.tokens_computed += batch.computed_tokens
-        self.tokens_embedded += int(sum(len(texts[i]) for row in batch.rows for i in row))
+        texts_of = [i for row in batch.rows for i in row]
+        self.tokens_embedded += int(sum(len(texts[i]) for i in texts_of))
+        if sharing is not None:
+            self.tokens_embedded += int(sum(sharing.offset[i] for i in texts_of))
         return Dispatched(batch, result)
 
-    def _run(self, ids: jax.Array, segments: jax.Array, ends: jax.Array) -> jax.Array:
-        return self._layered(ids, segments, ends) if self._layered else self._forward(self._state, ids, segments, ends)
+    def _run(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, prefix=None) -> jax.Array:
+        if self._layered:
+            return self._layered(ids, segments, ends, prefix)
+        return self._forward(self._state, ids, segments, ends, prefix)
 
     @staticmethod
     def collect(dispatched: Dispatched) -> list[tuple[int, np.ndarray]]:
@@ -138,8 +215,9 @@ class LastTokenRunner:
     def __call__(self, texts: Sequence[Sequence[int]], *, batch_size: int, progress: bool = False) -> np.ndarray:
         """Last token's final hidden state for each text, float32 [n, D], in input order.
 
-        A batch holds `batch_size` x 512 tokens: batch_size texts of up to 512 tokens, more shorter
-        ones, fewer longer ones. `progress` shows a bar (texts/s, tokens/s, time left) on stderr from
+        A batch holds `batch_size` x 512 computed tokens: batch_size texts of up to 512 tokens, more
+        shorter ones, fewer longer ones; a prefix texts share is computed once (prefixes.py) and
+        counts for none of them. `progress` shows a bar (texts/s, tokens/s, time left) on stderr from
         the start, compiling included.
         """
         whole_number(batch_size, "batch_size")
@@ -156,9 +234,11 @@ class LastTokenRunner:
                 bar.update(len(done))
                 bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
 
+            sharing = self.share(texts)
+            table = sharing.table()
             in_flight: collections.deque[Dispatched] = collections.deque()
-            for batch in self.plan([len(t) for t in texts], token_budget=batch_size * TOKENS_PER_TEXT):
-                in_flight.append(self.dispatch(batch, texts))
+            for batch in self.plan([len(t) for t in sharing.own], token_budget=batch_size * TOKENS_PER_TEXT):
+                in_flight.append(self.dispatch(batch, sharing.own, sharing, table))
                 if len(in_flight) > 1:           # the device runs one batch while the next is laid out
                     finish(in_flight.popleft())
             while in_flight:

@@ -74,6 +74,11 @@ def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
 
 
+def replicated(mesh: Mesh | None) -> jax.sharding.Sharding | None:
+    """A whole copy on every device of `mesh` (None without a mesh: where jit puts it)."""
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
 def shard_count(mesh: Mesh | None) -> int:
     """How many ways a batch is split; batches are padded to a multiple of it."""
     return 1 if mesh is None else mesh.shape[BATCH_AXIS]

@@ -49,6 +49,18 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.
     return _by_text_length(q, k, v, segments)
 
 
+def blockwise_attention_with_logsumexp(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
+                                       block_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """`blockwise_attention`'s output and each query's log-sum-exp of its scores, float32 [B, T, N]
+    (inference: the gradient is not the flash backward pass)."""
+    if block_size is None:
+        out, logsumexp, _ = _forward_by_text_length(q, k, v, segments)
+    else:
+        out, by_block = _block_sparse_forward(heads_first(q, k, v), segments, min(block_size, q.shape[1]))
+        logsumexp = _by_token(by_block, q.shape[1])
+    return out, jnp.einsum("BKGT->BTKG", logsumexp).reshape(q.shape[:3])
+
+
 def _forward_by_text_length(q, k, v, segments):
     """The blockwise forward pass in the CPU_BLOCKS size for the row's mean text length: the output,
     each query's log-sum-exp [B, K, G, T] and the heads-first q, k, v (see _block_sparse_fwd)."""

@@ -12,15 +12,24 @@ from qwen3_jax.numerics import einsum
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
     """Reference attention: the full score matrix, softmax statistics in float32."""
+    return dense_attention_with_logsumexp(q, k, v, segments)[0]
+
+
+def dense_attention_with_logsumexp(q: jax.Array, k: jax.Array, v: jax.Array,
+                                   segments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`dense_attention` and each query's log-sum-exp of its scores, float32 [B, T, N]."""
     b, t, n, h = q.shape
     qg, kt, vt = heads_first(q, k, v)
     positions = jnp.arange(t)
     bias = jnp.where(segment_mask(segments, segments, positions, positions), 0.0, MASKED)[:, None, None]
     scores = einsum("BKGTH,BKSH->BKGTS", qg, kt, preferred_element_type=jnp.float32) * h**-0.5 + bias
-    probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+    top = scores.max(axis=-1, keepdims=True)
+    probs = jnp.exp(scores - top)
+    total = probs.sum(axis=-1, keepdims=True)
     out = einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), vt, preferred_element_type=jnp.float32)
-    out = out / probs.sum(axis=-1, keepdims=True)                      # normalise after the product
-    return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(q.dtype)
+    out = out / total                                                  # normalise after the product
+    logsumexp = jnp.einsum("BKGT->BTKG", (top + jnp.log(total))[..., 0]).reshape(b, t, n)
+    return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(q.dtype), logsumexp
 
 
 def attention_at(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, at: jax.Array) -> jax.Array:

@@ -31,12 +31,27 @@ TRITON = pltriton.CompilerParams(num_warps=4, num_stages=2)     # 64x64 tiles: 4
 def packed_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
                            block: int = BLOCK, interpret: bool = False) -> jax.Array:
     """Causal GQA attention within segments: q [B, T, N, H], k, v [B, T, K, H], segments [B, T]."""
+    return _packed(q, k, v, segments, block, interpret, with_logsumexp=False)
+
+
+def packed_flash_attention_with_logsumexp(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
+                                          block: int = BLOCK, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`packed_flash_attention`'s output and each query's log-sum-exp of its scores, float32 [B, T, N]
+    (inference: no gradient)."""
+    return _packed(q, k, v, segments, block, interpret, with_logsumexp=True)
+
+
+def _packed(q, k, v, segments, block: int, interpret: bool, *, with_logsumexp: bool):
+    """The rows padded to whole blocks, run through the kernel, cut back (see the two callers)."""
     t = q.shape[1]
     padded = -(-t // block) * block
     pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))
     segments = pad(segments.astype(jnp.int32))
     per_token = lambda x: jnp.repeat(x, block, axis=1)             # a block's value at each of its tokens
     first_key_block, last_query_block = key_block_range(segments, block)
+    if with_logsumexp:
+        out, logsumexp = _forward(pad(q), pad(k), pad(v), segments, per_token(first_key_block), block, interpret)
+        return out[:, :t], jnp.einsum("BNT->BTN", logsumexp)[:, :t]
     out = _flash(pad(q), pad(k), pad(v), segments, per_token(first_key_block), per_token(last_query_block),
                  block, interpret)
     return out[:, :t]

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from qwen3_jax.prefixes import Sharing, table_length, unshared
 from qwen3_jax.runner import Dispatched, LastTokenRunner
 
 log = logging.getLogger("qwen3_jax.serve")
@@ -115,6 +116,8 @@ class Scheduler:
         self._drain = DrainRate()
         self.failures_in_a_row = 0
         self.died: BaseException | None = None
+        self._tables_ready: set[int] = set()      # prefix table lengths whose programs are compiled
+        self._tables_started: set[int] = set()
         self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=f"qwen3-jax-{name}", daemon=True)
                          for loop, name in ((self._schedule, "scheduler"), (self._collect, "collector"),
                                             (self._long_lane, "long-lane"))]
@@ -133,6 +136,9 @@ class Scheduler:
     def start(self) -> "Scheduler":
         for thread in self._threads:
             thread.start()
+        if self.runner.prefixes is not None:        # the known prefixes' programs, in the background
+            for prefix in self.runner.prefixes.known:
+                self._prepare_table(table_length(len(prefix), fixed=True))
         return self
 
     def check_room(self, tokens: int) -> None:
@@ -189,6 +195,43 @@ class Scheduler:
     def _long(self, item: tuple[Ticket, int]) -> bool:
         return len(item[0].rows[item[1]]) > self.max_batch_tokens
 
+    def _computed(self, item: tuple[Ticket, int]) -> int:
+        """The tokens a short text will compute: its own, after a prefix known to be shared."""
+        row = item[0].rows[item[1]]
+        prefixes = self.runner.prefixes
+        return len(row) - (prefixes.shared_length(row) if prefixes is not None and self._tables_ready else 0)
+
+    def _shared(self, rows: list[Sequence[int]]) -> tuple[Sharing, object]:
+        """The batch's sharing of prefixes and its table, once the programs for a table of that length
+        are compiled; until then (they compile in the background) every text its own."""
+        if self.runner.prefixes is None:
+            return unshared(rows), None
+        sharing = self.runner.share(rows, compute=False)
+        if not sharing.prefixes:
+            return sharing, None
+        length = table_length(sharing.table_tokens, fixed=True)
+        if length not in self._tables_ready:
+            self._prepare_table(length)
+            return unshared(rows), None
+        self.runner.prefixes.fill(sharing.prefixes)
+        return sharing, sharing.table(length)
+
+    def _prepare_table(self, length: int) -> None:
+        """Compiles, in a thread of its own, the programs for batches continuing a prefix table of `length`."""
+        if length in self._tables_started:
+            return
+        self._tables_started.add(length)
+
+        def compile_programs():
+            try:
+                self.runner.compile_prefixes(self.runner.shapes(self.max_batch_tokens, self.max_batch_tokens),
+                                             length, threads=1)
+                self._tables_ready.add(length)
+            except Exception:  # noqa: BLE001 - texts then run unshared, as before
+                log.exception("compiling the programs for a prefix table of %d tokens failed", length)
+
+        threading.Thread(target=compile_programs, name=f"qwen3-jax-prefix-{length}", daemon=True).start()
+
     def _next_batch(self) -> list[tuple[Ticket, int]] | None:
         """The short texts of the next batch, first come first served within the token budget (past any
         long text queued before them); None once closing with no short text left. While another batch is
@@ -204,14 +247,15 @@ class Scheduler:
                 left = deadline - time.perf_counter()
                 if left <= 0 or not self._lock.wait(left):
                     break
-            taken, kept, tokens = [], collections.deque(), 0
+            taken, kept, tokens, computed = [], collections.deque(), 0, 0
             for item in self._waiting:
-                size = len(item[0].rows[item[1]])
-                if self._long(item) or tokens + size > self.max_batch_tokens:
+                size = self._computed(item) if not self._long(item) else 0
+                if self._long(item) or computed + size > self.max_batch_tokens:
                     kept.append(item)
                 else:
                     taken.append(item)
-                    tokens += size
+                    computed += size
+                    tokens += len(item[0].rows[item[1]])
             self._waiting = kept
             self._queued_tokens -= tokens
             self._in_flight += 1
@@ -248,9 +292,10 @@ class Scheduler:
                 return
             rows = [ticket.rows[i] for ticket, i in items]
             try:
-                started = [self.runner.dispatch(batch, rows)
-                           for batch in self.runner.plan([len(r) for r in rows], token_budget=self.max_batch_tokens,
-                                                         fixed=True)]
+                sharing, table = self._shared(rows)
+                started = [self.runner.dispatch(batch, sharing.own, sharing, table)
+                           for batch in self.runner.plan([len(r) for r in sharing.own],
+                                                         token_budget=self.max_batch_tokens, fixed=True)]
             except Exception as error:  # noqa: BLE001 - the requests get the error, the server goes on
                 self._fail(items, error)
                 self._finished()

@@ -94,7 +94,8 @@ def run_hooked(model: Qwen3Model, ids: jax.Array, mask: jax.Array, hooks: Mappin
             recorded[name] = x
         return x
 
-    x, (sin, cos, segments) = model.inputs(ids, mask)
+    x, context = model.inputs(ids, mask)
+    sin, cos, segments = context.sin, context.cos, context.segments
     x = point(EMBED, x)
     graphdef, stacked = nnx.split(model.layers)
     for l in range(cfg.num_hidden_layers):
