@@ -1,21 +1,27 @@
-"""Strict, memory-mapped reading and atomic writing of the safetensors format.
+"""Safetensors files read and written through the `safetensors` package, with the checks it lacks.
 
-A file is an 8-byte little-endian header length, a JSON header mapping each tensor name to
-{dtype, shape, data_offsets}, then the raw bytes. Every field is checked before any tensor is
-touched, so a truncated or hostile file fails with its name and the reason.
+The package parses and validates each file (header size, JSON, every tensor's dtype, shape and
+offsets, data covering the file exactly) and memory-maps it; bfloat16 comes back as ml_dtypes'
+numpy dtype. On top of it this module adds what a model checkpoint needs:
+- only floating-point dtypes a model is stored in are accepted (the package also takes I64, U8, ...);
+- a refused file is one CheckpointError naming the file, the tensor(s) and the reason (the package's
+  own message is kept when no finer one applies);
+- each tensor is read in its own short-lived mapping, so its pages leave the process once copied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import mmap
-import os
+import re
 import struct
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -23,8 +29,7 @@ DTYPES = {
     "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
 }
-_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-_MAX_HEADER_BYTES = 100 << 20
+_STORABLE = set(DTYPES.values())
 
 
 class CheckpointError(ValueError):
@@ -32,92 +37,94 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """One .safetensors file: its header, validated, and zero-copy views of its tensors."""
+    """One .safetensors file: its tensors' names, dtypes and shapes, validated, and copies of its tensors."""
 
     def __init__(self, path: str | Path):
+        """`path`: the .safetensors file. Raises CheckpointError for a broken or unsupported file."""
         self.path = Path(path)
-        with open(self.path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size < 8:
-                raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                raise CheckpointError(
-                    f"{self.path}: header length {header_len} runs past the end of the file ({size} bytes)")
-            try:
-                header = json.loads(handle.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{self.path}: header is not valid JSON ({err})") from None
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + header_len
-        self.entries = {name: self._check_entry(name, entry, size - self._data_start)
-                        for name, entry in header.items()}
-        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self.entries.items())
-        for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
-            if begin < prev_end:
-                raise CheckpointError(f"{self.path}: tensors {prev!r} and {name!r} overlap")
+        with self._opened() as handle:
+            self.metadata: dict[str, str] = handle.metadata() or {}
+            self.entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+            for name in handle.offset_keys():
+                tensor = handle.get_slice(name)
+                self.entries[name] = tensor.get_dtype(), tuple(tensor.get_shape())
+        for name, (dtype, _) in self.entries.items():
+            if dtype not in DTYPES:
+                raise CheckpointError(f"{self.path}: {_unsupported(name, dtype)}")
 
-    def _check_entry(self, name: str, entry, data_size: int):
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise CheckpointError(f"{self.path}: tensor {name!r} lacks dtype, shape or data_offsets")
-        if entry["dtype"] not in DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']!r} "
-                                  f"(supported: {', '.join(DTYPES)})")
-        dtype = DTYPES[entry["dtype"]]
-        shape, offsets = entry["shape"], entry["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
-            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(n, int) for n in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise CheckpointError(f"{self.path}: tensor {name!r} offsets {offsets!r} run past the data "
-                                  f"({data_size} bytes); the file is truncated or corrupt")
-        if offsets[1] - offsets[0] != int(np.prod(shape)) * dtype.itemsize:
-            raise CheckpointError(f"{self.path}: tensor {name!r} offsets do not match shape {shape} "
-                                  f"of {entry['dtype']}")
-        return dtype, tuple(shape), offsets[0], offsets[1]
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator:
+        try:
+            with safe_open(self.path, framework="numpy") as handle:
+                yield handle
+        except SafetensorError as err:
+            raise CheckpointError(f"{self.path}: {_reason(self.path, str(err))}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor `name`."""
         return self.entries[name][1]
 
     def array(self, name: str) -> np.ndarray:
-        """A read-only view of one tensor; bytes are read from disk only when touched."""
-        dtype, shape, begin, end = self.entries[name]
-        start = self._data_start + begin
-        return np.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                             offset=start).reshape(shape)
-
-
-    def release(self, name: str) -> None:
-        """Drops the tensor's pages from this process's memory (they stay in the OS page cache)."""
-        _, _, begin, end = self.entries[name]
-        page = mmap.PAGESIZE
-        start = (self._data_start + begin) // page * page
-        stop = self._data_start + end
-        if stop > start and hasattr(self._map, "madvise"):
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        """A copy of tensor `name`, never a view of the file (which may be rewritten while a model
+        lives); the file is mapped only while it is copied."""
+        if name not in self.entries:
+            raise KeyError(name)
+        with self._opened() as handle:
+            return handle.get_tensor(name)
 
 
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
                       metadata: Mapping[str, str] | None = None) -> int:
-    """Writes tensors (name, array) to one file; returns the bytes of tensor data written."""
-    tensors = list(tensors)
-    header, offset = {}, 0
-    for name, array in tensors:
-        if array.dtype not in _NAMES:
+    """Writes `tensors` ((name, array) pairs, held together until written) to the file `path`, with the
+    text `metadata` in its header; returns the bytes of tensor data written."""
+    tensors = {name: np.ascontiguousarray(array) for name, array in tensors}
+    for name, array in tensors.items():
+        if array.dtype not in _STORABLE:
             raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors here")
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for _, array in tensors:
-            handle.write(np.ascontiguousarray(array).tobytes())
-    return offset
+    save_file(tensors, path, metadata=dict(metadata) if metadata else None)
+    return sum(array.nbytes for array in tensors.values())
+
+
+def _unsupported(name: str, dtype: str) -> str:
+    return f"tensor {name!r} has unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})"
+
+
+def _reason(path: Path, error: str) -> str:
+    """Why the package refused `path`, in one line that names the tensors involved. The package's
+    `error` says what failed; the header is read again (as plain JSON) only to name what it left out."""
+    size = path.stat().st_size
+    if "header too small" in error:
+        return f"truncated safetensors file ({size} bytes)"
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if "invalid header length" in error:
+            return f"header length {length} runs past the end of the file ({size} bytes)"
+        if "header too large" in error:
+            return f"header length {length} is over the safetensors package's limit"
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"header is not valid JSON ({err})"
+    entries = {name: entry for name, entry in header.items() if name != "__metadata__" and isinstance(entry, dict)} \
+        if isinstance(header, dict) else {}
+    for name, entry in entries.items():
+        if "dtype" in entry and (not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES):
+            return _unsupported(name, entry["dtype"])
+    data = size - 8 - length
+    if "incomplete metadata" in error:
+        return f"tensor offsets run past the data ({data} bytes) or leave some unused; the file is truncated or corrupt"
+    if "invalid shape, data type, or offset" in error:
+        for name, entry in entries.items():
+            begin, end = entry.get("data_offsets", (0, 0))
+            if end - begin != int(np.prod(entry.get("shape", ()))) * DTYPES[entry["dtype"]].itemsize:
+                return f"tensor {name!r} offsets do not match shape {entry.get('shape')} of {entry['dtype']}"
+    if offset := re.search(r"invalid offset for tensor `(.*)`", error):
+        name = offset.group(1)
+        begin = entries[name]["data_offsets"][0]
+        before = [other for other, entry in entries.items()
+                  if other != name and entry["data_offsets"][0] <= begin < entry["data_offsets"][1]]
+        if before:
+            return f"tensors {before[0]!r} and {name!r} overlap"
+        return f"tensor {name!r} offsets {entries[name]['data_offsets']} leave a gap or run backwards"
+    return f"not a valid safetensors file ({error})"

@@ -164,10 +164,6 @@ class CheckpointFolder:
         file, stored = self.location[key]
         return file.shape(stored)
 
-    def release(self, key: str) -> None:
-        file, stored = self.location[key]
-        file.release(stored)
-
 
 def check_keys(ckpt: CheckpointFolder, shapes: dict[tuple[str, ...], tuple[int, ...]], cfg: Qwen3Config) -> None:
     """Raises one error naming every missing, unexpected and mis-shaped tensor."""
@@ -198,8 +194,9 @@ def load_arrays(ckpt: CheckpointFolder, abstract: dict[tuple[str, ...], jax.Shap
                 strict: bool = False) -> Iterator[tuple[tuple[str, ...], jax.Array]]:
     """Streams each parameter from disk straight into its dtype and sharding.
 
-    Each device's shard is read from the memory-mapped files on its own, so no host ever holds a
-    full copy of a tensor that is split across devices. Non-finite weights warn (error if strict).
+    Each device's shard is cut from one published tensor (one layer's, for stacked parameters) read
+    on its own, so a host holds its parameters plus about one published tensor at a time, never the
+    whole checkpoint. Non-finite weights warn (error if strict).
     """
     check_keys(ckpt, {path: spec.shape for path, spec in abstract.items()}, cfg)
     for path, spec in abstract.items():
@@ -225,18 +222,17 @@ def _index_key(index: tuple[slice, ...]) -> tuple:
 
 def _read_shard(ckpt: CheckpointFolder, rule: WeightRule, spec, index: tuple[slice, ...],
                 strict: bool) -> np.ndarray:
-    # Always a copy, never a view of the file (which may be rewritten while the model lives); each
-    # tensor's mapped pages are dropped once copied, so host memory stays near one tensor.
+    # ckpt.array is a copy of one tensor whose file is mapped only while it is read, so host memory
+    # stays near one tensor beyond the shard.
     if rule.per_layer:
         keys = [hf_key(rule, layer) for layer in range(spec.shape[0])[index[0]]]
-        first = to_ours(rule.layout, ckpt.array(keys[0]), spec.shape[1:])[index[1:]]
-        shard = np.empty((len(keys),) + first.shape, spec.dtype)
         for i, key in enumerate(keys):
-            shard[i] = to_ours(rule.layout, ckpt.array(key), spec.shape[1:])[index[1:]]
-            ckpt.release(key)
+            layer = to_ours(rule.layout, ckpt.array(key), spec.shape[1:])[index[1:]]
+            if i == 0:
+                shard = np.empty((len(keys),) + layer.shape, spec.dtype)
+            shard[i] = layer
     else:
         shard = np.array(to_ours(rule.layout, ckpt.array(rule.hf_name), spec.shape)[index], dtype=spec.dtype)
-        ckpt.release(rule.hf_name)
     wanted = tuple(len(range(n)[s]) for s, n in zip(index, spec.shape))
     if shard.shape != wanted:  # rows of a padded vocabulary beyond the checkpoint's: zeros
         shard = np.pad(shard, [(0, w - n) for w, n in zip(wanted, shard.shape)])

@@ -58,6 +58,49 @@ def test_unsupported_dtype(tmp_path, dtype):
         SafetensorsFile(_raw_file(tmp_path / "x.safetensors", header, bytes(16)))
 
 
+def test_gaps_trailing_bytes_and_header_bombs_are_refused(tmp_path):
+    """What the safetensors package refuses and our own reader once let through (a gap between tensors,
+    bytes after the last one) or caught itself (a header over the size limit), each named in one line."""
+    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}}
+    with pytest.raises(CheckpointError, match=r"tensor 'b' offsets \[12, 20\] leave a gap"):
+        SafetensorsFile(_raw_file(tmp_path / "gap.safetensors", header, bytes(20)))
+    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    with pytest.raises(CheckpointError, match="leave some unused"):
+        SafetensorsFile(_raw_file(tmp_path / "trailing.safetensors", header, bytes(16)))
+    with open(tmp_path / "bomb.safetensors", "wb") as handle:
+        handle.write(struct.pack("<Q", 200_000_000))
+        handle.truncate(200_000_100)                      # sparse: the header length fits in the file
+    with pytest.raises(CheckpointError, match="header length 200000000 is over the safetensors package's limit"):
+        SafetensorsFile(tmp_path / "bomb.safetensors")
+
+
+def test_any_corrupted_header_is_one_clear_error(tmp_path):
+    """Random bytes of a valid file's header overwritten, 500 times: each file either still opens or fails
+    with a one-line CheckpointError naming it, never another exception; what opens reads in its shapes."""
+    path = tmp_path / "x.safetensors"
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float16)}
+    write_safetensors(path, tensors.items(), metadata={"format": "pt"})
+    good = path.read_bytes()
+    end = 8 + struct.unpack("<Q", good[:8])[0]
+    rng = np.random.default_rng(0)
+    refused = 0
+    for _ in range(500):
+        data = bytearray(good)
+        for position in rng.integers(0, end, size=rng.integers(1, 3)):
+            data[position] = rng.choice(list(b'0123456789[]{}",:F')) if rng.random() < 0.5 else rng.integers(256)
+        path.write_bytes(bytes(data))
+        try:
+            file = SafetensorsFile(path)
+        except CheckpointError as err:
+            assert str(err).startswith(f"{path}: ") and "\n" not in str(err), str(err)
+            refused += 1
+            continue
+        for name in file.entries:
+            assert file.array(name).shape == file.shape(name)
+    assert refused > 400
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst

@@ -167,8 +167,8 @@ def test_shard_outside_the_folder_is_refused(checkpoint_bf16, tmp_path):
 
 
 def test_our_safetensors_writer_and_reader_agree_with_the_reference_library(tmp_path):
-    """Our reader and writer (kept for bf16 without float32 round trips and per-shard reads) against
-    the safetensors package, in both directions, bit for bit."""
+    """Our reader and writer (the safetensors package's numpy side, bf16 included, with our checks)
+    against its torch side, as transformers reads and writes checkpoints, both ways, bit for bit."""
     import torch
     from safetensors.torch import load_file, save_file
 
