@@ -57,11 +57,6 @@ class Qwen3Config:
             raise ConfigError("config.json: rope_theta and rms_norm_eps must be positive")
 
     @property
-    def num_query_groups(self) -> int:
-        """Query heads served by each key/value head (GQA)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def num_parameters(self) -> int:
         """Parameter count of the backbone (embedding, layers, final norm)."""
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim

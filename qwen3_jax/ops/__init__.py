@@ -2,5 +2,5 @@
 
 The model (`model.py`) reads as the Qwen3 decoder; each piece here is one operation it uses, with its
 custom VJP and the choices that depend on the backend, each tested against `jax.grad` of the plain
-version. Attention kernels live in `qwen3_jax/attention/`.
+version (tests/test_ops_grad.py). Attention kernels live in `qwen3_jax/attention/`.
 """

@@ -1,7 +1,7 @@
 """A training step's texts laid out as inference lays them out: padding-free packed rows.
 
 The texts of a step (queries and documents, or reranker prompts) are cut into `mini_batches` groups
-(one group without GradCache); each group becomes one batch of `layout.py`'s packed rows, and all
+(one group without GradCache); each group becomes one batch of `packing.py`'s packed rows, and all
 groups share the step's shape, so they stack into [M, rows, length] arrays that one jitted program
 runs. `text_slot` says where each text's pooled state lands in the flattened [M * rows * slots] output.
 """
@@ -14,9 +14,6 @@ from typing import Sequence
 import numpy as np
 
 from qwen3_jax.packing import Batch, layout_batch, plan_batches, row_length
-
-# Buffers that describe the packed rows of a step (as opposed to what the loss reads).
-LAYOUT_FIELDS = ("ids", "segments", "ends", "text_slot")
 
 
 @dataclasses.dataclass
