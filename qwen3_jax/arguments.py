@@ -1,11 +1,15 @@
 """The command line's parser: defaults shown in --help, a help text for the flags every command shares,
-and a mistyped flag reported as such (argparse alone reports the required argument it then misses)."""
+a mistyped flag reported as such (argparse alone reports the required argument it then misses), and
+flags generated from a settings dataclass, whose fields declare them once (`setting`, `add_settings`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import os
 import sys
+from typing import Any
 
 # Flags several commands take, with the same meaning everywhere: their help where a command gives none.
 SHARED_HELP = {
@@ -62,3 +66,74 @@ class Parser(argparse.ArgumentParser):
         known = [flag for action in self._actions for flag in action.option_strings]
         names = [word.split("=", 1)[0] for word in self._given if word.startswith("--") and word != "--"]
         return [name for name in names if not any(flag.startswith(name) for flag in known)]
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str | None = None,
+            flag: str | tuple[str, ...] | None = None, env: str | None = None, exclusive: str | None = None,
+            **options) -> Any:
+    """A dataclass field that is also a command-line flag (see `add_settings`).
+
+    default: the field's default (none: the flag is required); help: the flag's --help text (None: the
+    SHARED_HELP of its flag); flag: its spelling, or several (default: --the-field-name); env: an environment
+    variable whose value, when set, is the flag's default (the dataclass's own default stays `default`);
+    exclusive: the name of a mutually exclusive group the flag belongs to; options: more of argparse's
+    add_argument keywords (choices, metavar, type, action)."""
+    flag_of = {"help": help, "flag": flag, "env": env, "exclusive": exclusive, "options": options}
+    return dataclasses.field(default=default, metadata={"flag_of": flag_of})
+
+
+def _value_type(annotation: str):
+    """The argparse type of a field annotated `annotation` (a string under `from __future__ import annotations`)."""
+    kind = annotation.replace(" ", "").split("|")[0]
+    return {"int": int, "float": float}.get(kind, str)
+
+
+def add_settings(parser: argparse.ArgumentParser, settings: type, *, skip: tuple[str, ...] = (),
+                 required: tuple[str, ...] = ()) -> dict[str, argparse._MutuallyExclusiveGroup]:
+    """Adds to `parser` a flag for each field of the dataclass `settings` declared with `setting` (other
+    fields are no flags), in the fields' order, each storing into the field's name; `skip` names fields left
+    out, `required` the mutually exclusive groups of which one flag must be given. A bool field is a switch
+    (store_true unless its options say otherwise). Returns the mutually exclusive groups by name, for flags
+    that are no field to join them."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for field in dataclasses.fields(settings):
+        if "flag_of" not in field.metadata or field.name in skip:
+            continue
+        declared = field.metadata["flag_of"]
+        options = dict(declared["options"])
+        flags = declared["flag"] or f"--{field.name.replace('_', '-')}"
+        flags = (flags,) if isinstance(flags, str) else flags
+        default = field.default
+        if declared["env"] and os.environ.get(declared["env"]):
+            default = _value_type(field.type)(os.environ[declared["env"]])
+        if field.type == "bool":
+            options.setdefault("action", "store_true")
+        else:
+            options.setdefault("type", _value_type(field.type))
+            if "choices" not in options:
+                options.setdefault("metavar", flags[0].lstrip("-").replace("-", "_").upper())
+        if default is dataclasses.MISSING:
+            options["required"], default = True, None
+        group = parser
+        if declared["exclusive"]:
+            name = declared["exclusive"]
+            group = groups.get(name) or groups.setdefault(name, parser.add_mutually_exclusive_group(
+                required=name in required))
+        group.add_argument(*flags, dest=field.name, default=default,
+                           help=declared["help"] or SHARED_HELP[flags[0]], **options)
+    return groups
+
+
+def settings_from(settings: type, args: argparse.Namespace, **given):
+    """An instance of the dataclass `settings` from the parsed `args` (its flags' fields), with `given`
+    (fields that are no flag, or that the command computes) taking precedence."""
+    flagged = {field.name: getattr(args, field.name) for field in dataclasses.fields(settings)
+               if "flag_of" in field.metadata and hasattr(args, field.name)}
+    return settings(**{**flagged, **given})
+
+
+def debug_parent() -> argparse.ArgumentParser:
+    """A parent parser holding --debug, which every command takes (`parents=[debug_parent()]`)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", help=SHARED_HELP["--debug"])
+    return parent

@@ -28,6 +28,8 @@ ACCELERATOR_BLOCK = 256          # the blockwise kernel's query block off the CP
 # Rapids on) and AVX-512 BF16 (Intel Cooper Lake, AMD Zen 4 on). docs/design/numerics.md has the rates.
 FAST_BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
+DTYPE_HELP = ("compute dtype (default float32, results equal to transformers'); auto: bfloat16 on GPUs, TPUs and "
+              "CPUs with fast bfloat16 products (AMX, AVX-512 BF16), float32 on other CPUs")
 
 
 def resolve_implementation(impl: str, dtype=None, platform: str | None = None) -> str:

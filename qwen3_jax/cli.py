@@ -11,18 +11,15 @@ import traceback
 from importlib.metadata import version
 from pathlib import Path
 
-from qwen3_jax.arguments import Parser
-from qwen3_jax.backend import COMPUTE_DTYPES, resolve_dtype
+from qwen3_jax.arguments import Parser, add_settings, debug_parent, settings_from
+from qwen3_jax.backend import COMPUTE_DTYPES, DTYPE_HELP, resolve_dtype
 from qwen3_jax.backend import IMPLEMENTATIONS as ATTENTION
 from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.compile_cache import enable_compilation_cache, use_default_compilation_cache
 from qwen3_jax.config import PRESETS
+from qwen3_jax.serve.settings import ServeSettings
 from qwen3_jax.study.cli import add_study_parser, run_study
 from qwen3_jax.textio import counted as _counted
-
-
-DTYPE_HELP = ("compute dtype (default float32, results equal to transformers'); auto: bfloat16 on GPUs, TPUs and "
-              "CPUs with fast bfloat16 products (AMX, AVX-512 BF16), float32 on other CPUs")
 
 
 def _env_int(name: str) -> int | None:
@@ -41,7 +38,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     _compile_cache(parser)
     parser.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error, not a warning")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _mesh_options(parser: argparse.ArgumentParser) -> None:
@@ -67,72 +63,132 @@ def _distributed(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint folder or hub id to start from")
-    parser.add_argument("--data", required=True, help="training .jsonl (docs/fine-tuning.md has the line formats)")
-    parser.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, final/, adapter/")
-    parser.add_argument("--loss", default="infonce", choices=["infonce", "reranker"],
-                        help="infonce: an embedding model, contrastive; reranker: a Qwen3-Reranker's yes/no")
-    how = parser.add_mutually_exclusive_group()
-    how.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
-    how.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator (alpha / rank)")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch")
-    parser.add_argument("--lora-targets", default="all-linear",
-                        help="all-linear or some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    parser.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
-    parser.add_argument("--hard-negatives", type=int, default=None,
-                        help="hard negatives per query (default: the most any line has; fewer are masked)")
-    parser.add_argument("--no-batch-negatives", action="store_true",
-                        help="only each query's own documents as negatives (ms-swift INFONCE_USE_BATCH=False)")
-    parser.add_argument("--include-qq", action="store_true", help="other queries as negatives too")
-    parser.add_argument("--include-dd", action="store_true", help="other documents as the positive's negatives")
-    parser.add_argument("--false-negative-margin", type=float, default=None,
-                        help="leave out negatives more similar than the positive plus this (the report uses 0.1)")
-    parser.add_argument("--matryoshka-dims", default=None, help="e.g. 1024,512,256,128: the loss summed over dims")
-    parser.add_argument("--instruction", default=None, help="task instruction for queries without their own")
-    parser.add_argument("--batch-size", type=int, default=32, help="queries per step over all devices")
-    parser.add_argument("--mini-batch-size", type=int, default=None,
-                        help="GradCache: embed the step's texts this many at a time (exact gradients)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per text, <|endoftext|> included")
-    parser.add_argument("--row-length", type=int, default=None,
-                        help="pad each step's packed rows to at least this many tokens: steps whose texts fit "
-                             "share one compiled program (each new row length compiles the step again)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    parser.add_argument("--warmup", type=int, default=0, help="warm-up steps")
-    parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"],
-                        help="learning-rate decay after the warm-up")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this global norm")
-    length = parser.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int, help="optimizer steps (raised on a finished run: it continues)")
-    length.add_argument("--epochs", type=float, help="passes over the data (raised on a finished run: it continues)")
-    parser.add_argument("--remat", default="off", choices=["off", "full", "dots"],
-                        help="recompute each layer in the backward pass (dots: keep the matrix products)")
-    parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
-                        help="compute dtype (auto: bfloat16 where its products are fast); weights and optimizer "
-                             "stay float32")
+    """`train`'s flags: TrainConfig's fields (see `arguments.setting`), --full beside --lora-rank, and the
+    flags every sharded, compiling, multi-process command shares."""
+    from qwen3_jax.train.config import TrainConfig
+
+    groups = add_settings(parser, TrainConfig, required=("length",))
+    groups["lora"].add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     _mesh_options(parser)
-    parser.add_argument("--eval", default=None, help="held-out .jsonl in the same format: recall@1/@10, nDCG@10")
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: --save-every)")
-    parser.add_argument("--tensorboard", default=None, metavar="DIR",
-                        help="also write the metrics as TensorBoard events in DIR (pip install \"qwen3-jax[tensorboard]\")")
-    parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
-    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete the run in --output (its checkpoints included) and start again")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _compile_cache(parser)
     _distributed(parser)
-    parser.add_argument("--debug", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="qwen3-jax", description="Qwen3-Embedding / Reranker in JAX")
-    parser.add_argument("--version", action="version", version=f"qwen3-jax {version('qwen3-jax')}")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _bench_arguments(bench: argparse.ArgumentParser) -> None:
+    """`qwen3-jax bench BENCHMARK`: one sub-command a benchmark, each with its own options."""
+    parents = [debug_parent()]
+    kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    written = argparse.ArgumentParser(add_help=False)
+    written.add_argument("--json", help="also write the figures to this file")
 
-    embed = commands.add_parser("embed", help="embed texts")
+    def benchmark(name: str, help: str, model: bool = True):
+        """A benchmark's parser, and the (required) group of its --model / --random where it takes a `model`."""
+        parser = kinds.add_parser(name, parents=[*parents, written], help=help)
+        which = None
+        if model:
+            which = parser.add_mutually_exclusive_group(required=True)
+            which.add_argument("--model", help="checkpoint folder or hub id")
+            which.add_argument("--random", choices=["tiny", "0.6B", "4B", "8B"],
+                               help="random weights of a published shape (or the tests' tiny one)")
+            parser.add_argument("--layers", type=int, default=None, help="with --random: fewer layers")
+            _tokenizer(parser)
+        return parser, which
+
+    encode, which = benchmark("encode", "our encode against sentence-transformers on the same texts, or a suite of "
+                              "them")
+    which.add_argument("--suite", choices=["gpu", "mixes"],
+                       help="gpu: bf16 0.6B and 4B, batch 32 and 128, 512 tokens; "
+                            "mixes: 0.6B at --dtype on texts of 5-30, 80-185 and 512 tokens and a 10-4,000 long tail")
+    _dtype(encode)
+    encode.add_argument("--input", help="a .txt or .jsonl of your own texts to time (instead of synthetic ones)")
+    encode.add_argument("--texts", type=int, default=None, help="how many texts (default: 32, or all of --input)")
+    _token_mix(encode)
+    encode.add_argument("--batch-size", type=int, default=32)
+    _repeats(encode)
+    encode.add_argument("--attention", default="auto", choices=ATTENTION)
+    _no_reference(encode)
+
+    train, _ = benchmark("train", "training steps (8 queries x 1+3 documents of 256 tokens) against "
+                      "sentence-transformers (torch, peft)")
+    _dtype(train)
+    train.add_argument("--configs", default=None,
+                       help="some of the rows, separated by ';', e.g. 'full, remat;LoRA r=16' (default: all)")
+    _repeats(train)
+    _no_reference(train)
+
+    serve, _ = benchmark("serve", "load-test `qwen3-jax serve` (and Infinity, with --infinity) on loopback at --levels")
+    _dtype(serve)
+    serve.add_argument("--infinity", default=os.environ.get("QWEN3_JAX_INFINITY"),
+                       help="the infinity_emb executable of its own virtual environment (env QWEN3_JAX_INFINITY)")
+    serve.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
+    serve.add_argument("--requests", type=int, default=60, help="at most this many requests a level")
+    serve.add_argument("--seconds", type=float, default=180, help="at most this long a level")
+    serve.add_argument("--max-batch-tokens", type=int, default=None, help="the server's batch budget")
+    serve.add_argument("--soak", type=int, default=None, metavar="N",
+                       help="instead: send N mixed requests (within --seconds) and report the server's RSS after "
+                            "warm-up, at its peak and at the end, and latency drift")
+
+    corpus, _ = benchmark("corpus", "embed-corpus on synthetic texts (long-tail lengths over --tokens), its resume "
+                       "check, and exact search")
+    _dtype(corpus)
+    corpus.add_argument("--texts", type=int, required=True, metavar="N", help="texts to embed")
+    corpus.add_argument("--tokens", default="80-185", help="texts of MIN-MAX tokens, <|endoftext|> included")
+    corpus.add_argument("--batch-size", type=int, default=32)
+    corpus.add_argument("--search-vectors", type=int, default=1_000_000,
+                        help="random float16 vectors the 1,000 search queries scan (0: no search)")
+
+    search, _ = benchmark("search", "no model: exact, approximate (--ann-kinds) and quantized search over synthetic "
+                          "vectors", model=False)
+    search.add_argument("--vectors", type=int, required=True, metavar="N", help="synthetic vectors to search")
+    search.add_argument("--width", type=int, default=1024, help="the vectors' width")
+    search.add_argument("--ann-kinds", default="hnsw,ivf-pq", help="approximate indexes to build")
+    search.add_argument("--quantized", default="int8,binary", help="quantized storages to compare")
+    search.add_argument("--ann-ef", default="", help="also search at these ef values, e.g. 128,256 (default: none)")
+
+    device, _ = benchmark("device", "every check a lent accelerator is for, in one run (the packed kernel, the "
+                          "mixes with it and with cuDNN, the 512-token suite, training, the server; docs/gpu.md)",
+                          model=False)
+    device.add_argument("--layers", type=int, default=None, help="fewer layers of each shape (a rehearsal: 1)")
+    _tokenizer(device)
+    device.add_argument("--texts", type=int, default=None,
+                        help="a rehearsal of N texts a part (on a CPU: 8); default: the device run's sizes")
+    _repeats(device)
+
+    profile, _ = benchmark("profile", "where one decoder layer's time goes, stage by stage, from XLA's profiler (one "
+                        "batch of the --tokens mix, at --dtype)")
+    _dtype(profile)
+    profile.add_argument("--texts", type=int, default=None, help="how many texts (default: 32)")
+    _token_mix(profile)
+    profile.add_argument("--batch-size", type=int, default=32)
+    _repeats(profile)
+    profile.add_argument("--attention", default="auto", choices=ATTENTION)
+
+
+def _tokenizer(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
+                        help="with --random: folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR)")
+
+
+def _dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
+
+
+def _token_mix(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", default="80-185",
+                        help="synthetic texts of N or MIN-MAX tokens each, <|endoftext|> included")
+    parser.add_argument("--long-tail", action="store_true", help="log-uniform lengths over --tokens (many short, "
+                        "few long)")
+
+
+def _repeats(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement")
+
+
+def _no_reference(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
+
+
+def _embed_arguments(embed: argparse.ArgumentParser) -> None:
     _common(embed)
     source = embed.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", nargs="+", help="texts to embed")
@@ -146,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--text-field", default="text", help=".jsonl / Parquet: the text's field")
     embed.add_argument("--id-field", default="id", help=".jsonl / Parquet: the id's field (none: NAME:LINE)")
 
-    rerank = commands.add_parser("rerank", help="score documents against a query with a Qwen3-Reranker")
+
+def _rerank_arguments(rerank: argparse.ArgumentParser) -> None:
     _common(rerank)
     rerank.add_argument("--query", required=True, help="the query the documents are scored against")
     rerank.add_argument("--input", required=True, help=".txt, .jsonl, .parquet, a folder of them, or - (stdin): the "
@@ -154,60 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--top-k", type=int, default=None, help="print only the K best documents (default: all)")
     rerank.add_argument("--instruction", default=None, help="task instruction (default: web search)")
 
-    bench = commands.add_parser("bench", help="time our encode against sentence-transformers")
-    which = bench.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="checkpoint folder or hub id")
-    which.add_argument("--random", choices=["tiny", "0.6B", "4B", "8B"],
-                       help="random weights of a published shape (or the tests' tiny one)")
-    which.add_argument("--search", type=int, default=None, metavar="N",
-                       help="no model: exact, approximate (--ann-kinds) and quantized search over N synthetic vectors")
-    which.add_argument("--suite", choices=["gpu", "mixes", "device"],
-                       help="gpu: bf16 0.6B and 4B, batch 32 and 128, 512 tokens; mixes: 0.6B at --dtype on texts of "
-                            "5-30, 80-185 and 512 tokens and a 10-4,000 long tail; device: every check a lent GPU "
-                            "is for, in one run (the packed kernel, the mixes with it and with cuDNN, training)")
-    bench.add_argument("--layers", type=int, default=None, help="with --random: fewer layers")
-    bench.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
-                       help="with --random: folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR)")
-    bench.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
-    bench.add_argument("--input", help="a .txt or .jsonl of your own texts to time (instead of synthetic ones)")
-    bench.add_argument("--texts", type=int, default=None, help="how many texts (default: 32, or all of --input)")
-    bench.add_argument("--tokens", default="80-185",
-                       help="synthetic texts of N or MIN-MAX tokens each, <|endoftext|> included")
-    bench.add_argument("--long-tail", action="store_true", help="log-uniform lengths over --tokens (many short, few long)")
-    bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement")
-    bench.add_argument("--attention", default="auto", choices=ATTENTION)
-    bench.add_argument("--train", action="store_true",
-                       help="time training steps (8 queries x 1+3 documents of 256 tokens) against sentence-transformers")
-    bench.add_argument("--train-configs", default=None,
-                       help="with --train: some of the rows, separated by ';', e.g. 'full, remat;LoRA r=16'")
-    bench.add_argument("--corpus", type=int, default=None, metavar="N",
-                       help="time embed-corpus on N texts (long-tail lengths over --tokens) and exact search")
-    bench.add_argument("--search-vectors", type=int, default=1_000_000,
-                       help="with --corpus: random float16 vectors the 1,000 search queries scan (0: no search)")
-    bench.add_argument("--width", type=int, default=1024, help="with --search: the vectors' width")
-    bench.add_argument("--ann-kinds", default="hnsw,ivf-pq", help="with --search: approximate indexes to build")
-    bench.add_argument("--quantized", default="int8,binary", help="with --search: quantized storages to compare")
-    bench.add_argument("--ann-ef", default="", help="with --search: also search at these ef values (e.g. 128,256)")
-    bench.add_argument("--profile", action="store_true",
-                       help="where one decoder layer's time goes, stage by stage, from XLA's profiler (one batch "
-                            "of the --tokens mix, at --dtype)")
-    bench.add_argument("--serve", action="store_true",
-                       help="load-test `qwen3-jax serve` (and Infinity, with --infinity) on loopback at --levels")
-    bench.add_argument("--infinity", default=os.environ.get("QWEN3_JAX_INFINITY"),
-                       help="with --serve: the infinity_emb executable of its own virtual environment")
-    bench.add_argument("--levels", default="1,4,16", help="with --serve: concurrent clients per level")
-    bench.add_argument("--requests", type=int, default=60, help="with --serve: at most this many requests a level")
-    bench.add_argument("--seconds", type=float, default=180, help="with --serve: at most this long a level")
-    bench.add_argument("--max-batch-tokens", type=int, default=None, help="with --serve: the server's batch budget")
-    bench.add_argument("--soak", type=int, default=None, metavar="N",
-                       help="with --serve: send N mixed requests (within --seconds) and report the server's RSS "
-                            "after warm-up, at its peak and at the end, and latency drift")
-    bench.add_argument("--no-reference", action="store_true", help="skip sentence-transformers")
-    bench.add_argument("--json", help="also write the figures to this file")
-    bench.add_argument("--debug", action="store_true")
 
-    convert = commands.add_parser("convert", help="Hugging Face safetensors <-> Orbax checkpoints")
+def _convert_arguments(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("source", help="Hugging Face folder, hub id, or Orbax folder made by this command")
     convert.add_argument("destination", help="output folder (written elsewhere first, renamed at the end)")
     convert.add_argument("--to", required=True, choices=["orbax", "hf"], help="the format to write")
@@ -217,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--mesh", default=None, help="shard while converting, e.g. model=2")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error")
-    convert.add_argument("--debug", action="store_true")
 
-    corpus = commands.add_parser("embed-corpus", help="embed a whole corpus into shards, resumably")
+
+def _embed_corpus_arguments(corpus: argparse.ArgumentParser) -> None:
     corpus.add_argument("--model", required=True, help="checkpoint folder or hub id")
     corpus.add_argument("--input", required=True, help=".txt, .jsonl, .parquet, or a folder of them")
     corpus.add_argument("--output", required=True, help="folder for the shards and manifests")
@@ -253,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="start again, replacing the folder's corpus")
     corpus.add_argument("--quiet", action="store_true", help="no progress bar")
     _compile_cache(corpus)
-    corpus.add_argument("--debug", action="store_true")
 
-    search = commands.add_parser("search", help="exact top-k search of an embed-corpus folder")
+
+def _search_arguments(search: argparse.ArgumentParser) -> None:
     search.add_argument("--index", required=True, help="folder written by embed-corpus")
     asked = search.add_mutually_exclusive_group(required=True)
     asked.add_argument("--query", nargs="+", help="query texts")
@@ -274,10 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give each hit its text, read back from the corpus's input (refused if it changed since)")
     search.add_argument("--batch-size", type=int, default=32)
     _compile_cache(search)
-    search.add_argument("--debug", action="store_true")
 
-    build_ann = commands.add_parser("build-ann", help="build (or bring up to date) an approximate index of an "
-                                    "embed-corpus folder")
+
+def _build_ann_arguments(build_ann: argparse.ArgumentParser) -> None:
     build_ann.add_argument("--index", required=True, help="folder written by embed-corpus")
     build_ann.add_argument("--kind", default=None, choices=["hnsw", "ivf-pq"],
                            help="HNSW graph (default) or IVF-PQ codes (smaller, coarser)")
@@ -290,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     build_ann.add_argument("--lists", type=int, default=None, help="ivf-pq: inverted lists (default 4 * sqrt(vectors))")
     build_ann.add_argument("--code-bytes", type=int, default=None, help="ivf-pq: bytes a vector (default dim / 16)")
     build_ann.add_argument("--quiet", action="store_true")
-    build_ann.add_argument("--debug", action="store_true")
 
-    evaluation = commands.add_parser("eval", help="score a retrieval set in the BEIR layout (nDCG@10, MAP@100, ...)")
+
+def _eval_arguments(evaluation: argparse.ArgumentParser) -> None:
     evaluation.add_argument("--model", required=True, help="checkpoint folder or hub id")
     evaluation.add_argument("--data", required=True, help="folder with corpus.jsonl, queries.jsonl, qrels/test.tsv")
     evaluation.add_argument("--split", default="test", help="qrels/SPLIT.tsv (default test)")
@@ -305,56 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=int, default=32)
     evaluation.add_argument("--output", default=None, help="also write the figures to this .json file")
     _compile_cache(evaluation)
-    evaluation.add_argument("--debug", action="store_true")
 
-    train = commands.add_parser("train", help="fine-tune an embedding model (contrastive) or a reranker")
-    _train_arguments(train)
 
-    export = commands.add_parser("export", help="a training checkpoint as a Hugging Face (and peft) folder")
+def _export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument("checkpoint", help="OUTPUT/checkpoints/checkpoint_N of a qwen3-jax train run")
     export.add_argument("destination", help="merged Hugging Face folder to write")
     export.add_argument("--adapter", help="LoRA runs: also write the peft adapter folder here")
     export.add_argument("--overwrite", action="store_true", help="replace existing folders")
-    export.add_argument("--debug", action="store_true")
 
-    serve = commands.add_parser("serve", help="serve embeddings and reranking over HTTP (OpenAI, TEI, Cohere APIs)")
-    serve.add_argument("--model", default=None, help="embedding checkpoint folder or hub id")
-    serve.add_argument("--reranker", default=None, help="Qwen3-Reranker folder or hub id (also, or instead)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    serve.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
-    serve.add_argument("--dim", type=int, default=None, help="MRL dimension of embeddings a request does not size")
-    serve.add_argument("--attention", default="auto", choices=ATTENTION)
-    _mesh_options(serve)
-    serve.add_argument("--max-batch-tokens", type=int, default=None,
-                       help="token budget of one batch (default 2048 on the CPU, 16384 on accelerators)")
-    serve.add_argument("--max-wait-ms", type=float, default=2.0,
-                       help="how long a short queue waits for company before its batch starts")
-    serve.add_argument("--max-queue-tokens", type=int, default=None,
-                       help="tokens waiting at most; beyond, requests get 429 (default: 16 batches)")
-    serve.add_argument("--max-client-batch-size", "--max-texts-per-request", dest="max_client_batch_size", type=int,
-                       default=512, help="texts one request may hold")
-    serve.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
-    serve.add_argument("--max-input-chars", type=int, default=None,
-                       help="characters per text before tokenizing; longer ones are cut there (truncate) or refused "
-                            "(default: 16 x the max length)")
-    serve.add_argument("--payload-limit", type=int, default=2_000_000,
-                       help="bytes of one request body; larger ones get 413 unread (default 2,000,000, as TEI)")
-    serve.add_argument("--read-timeout-s", type=float, default=30.0,
-                       help="seconds a client may take to send its whole request body (then 408)")
-    serve.add_argument("--graceful-timeout-s", type=float, default=30.0,
-                       help="on SIGTERM, seconds to finish the requests in flight before exiting")
-    serve.add_argument("--calibration", default=None,
-                       help=".txt / .jsonl of texts whose embeddings calibrate int8 and uint8 (default: built-in texts)")
-    serve.add_argument("--api-key", default=os.environ.get("QWEN3_JAX_API_KEY"),
-                       help="require Authorization: Bearer KEY (env QWEN3_JAX_API_KEY)")
-    serve.add_argument("--served-model-name", default=None, help="the embedding model's name in requests")
-    serve.add_argument("--served-reranker-name", default=None, help="the reranker's name in requests")
+
+def _serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """`serve`'s flags: ServeSettings's fields (see `arguments.setting`), and the compile cache's."""
+    add_settings(serve, ServeSettings)
     _compile_cache(serve)
-    serve.add_argument("--debug", action="store_true")
 
-    init = commands.add_parser("init-random", help="write a random-weight checkpoint in the published layout "
-                                                   "(offline: try every command without downloading weights)")
+
+def _init_random_arguments(init: argparse.ArgumentParser) -> None:
     init.add_argument("output", help="checkpoint folder to write (written elsewhere first, renamed at the end)")
     init.add_argument("--shape", default="tiny", choices=["tiny", *PRESETS],
                       help="tiny (2 layers of width 64, compiles in seconds) or a published size (default tiny)")
@@ -367,19 +337,47 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     init.add_argument("--quiet", action="store_true", help="no progress bar")
-    init.add_argument("--debug", action="store_true")
 
-    doctor = commands.add_parser("doctor", help="this machine's backend and devices, the attention kernel chosen "
-                                 "per dtype, each kernel checked against dense attention here, the compile cache")
+
+def _doctor_arguments(doctor: argparse.ArgumentParser) -> None:
     _compile_cache(doctor)
-    doctor.add_argument("--debug", action="store_true")
 
-    verify = commands.add_parser("verify", help="compare one checkpoint in transformers and in qwen3-jax")
+
+def _verify_arguments(verify: argparse.ArgumentParser) -> None:
     verify.add_argument("--model", required=True, help="checkpoint folder or hub id")
     verify.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
     verify.add_argument("--strict", action="store_true", help="NaN or Inf in a weight is an error")
-    verify.add_argument("--debug", action="store_true")
 
+
+PARSERS = {     # each sub-command: its help, and the function that adds its arguments
+    "embed": ("embed texts", _embed_arguments),
+    "rerank": ("score documents against a query with a Qwen3-Reranker", _rerank_arguments),
+    "bench": ("time our encode, training, server, corpus job and search against the tools people use "
+              "(docs/benchmarks.md)", _bench_arguments),
+    "convert": ("Hugging Face safetensors <-> Orbax checkpoints", _convert_arguments),
+    "embed-corpus": ("embed a whole corpus into shards, resumably", _embed_corpus_arguments),
+    "search": ("exact top-k search of an embed-corpus folder", _search_arguments),
+    "build-ann": ("build (or bring up to date) an approximate index of an embed-corpus folder", _build_ann_arguments),
+    "eval": ("score a retrieval set in the BEIR layout (nDCG@10, MAP@100, ...)", _eval_arguments),
+    "train": ("fine-tune an embedding model (contrastive) or a reranker", _train_arguments),
+    "export": ("a training checkpoint as a Hugging Face (and peft) folder", _export_arguments),
+    "serve": ("serve embeddings and reranking over HTTP (OpenAI, TEI, Cohere APIs)", _serve_arguments),
+    "init-random": ("write a random-weight checkpoint in the published layout (offline: try every command without "
+                    "downloading weights)", _init_random_arguments),
+    "doctor": ("this machine's backend and devices, the attention kernel chosen per dtype, each kernel checked "
+               "against dense attention here, the compile cache", _doctor_arguments),
+    "verify": ("compare one checkpoint in transformers and in qwen3-jax", _verify_arguments),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The qwen3-jax command: a sub-command for each of PARSERS (its help, the function adding its
+    arguments), each taking --debug, and `study`."""
+    parser = Parser(prog="qwen3-jax", description="Qwen3-Embedding / Reranker in JAX")
+    parser.add_argument("--version", action="version", version=f"qwen3-jax {version('qwen3-jax')}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (help, arguments) in PARSERS.items():
+        arguments(commands.add_parser(name, parents=[debug_parent()], help=help))
     add_study_parser(commands)
     return parser
 
@@ -459,64 +457,83 @@ def _listed(words: str) -> list[str]:
     return [word for word in words.split(",") if word]
 
 
-def run_bench(args) -> None:
+def _source(args) -> dict:
+    """The checkpoint a benchmark times: --model, or --random weights of --layers with --tokenizer."""
+    return {"model": args.model, "random": args.random, "layers": args.layers, "tokenizer": args.tokenizer}
+
+
+def bench_encode(args):
     from qwen3_jax.bench.encode import run_benchmark, run_mixes, run_suite
 
-    if args.serve:
-        import tempfile
+    if args.suite == "mixes":
+        return run_mixes(tokenizer=args.tokenizer, layers=args.layers, dtype=args.dtype, texts=args.texts,
+                         batch_size=args.batch_size, repeats=args.repeats, attention=args.attention)
+    if args.suite == "gpu":
+        return run_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats, attention=args.attention)
+    return run_benchmark(**_source(args), dtype=args.dtype, texts=args.texts, tokens=args.tokens,
+                         long_tail=args.long_tail, input=args.input, batch_size=args.batch_size, repeats=args.repeats,
+                         attention=args.attention, reference=not args.no_reference)
 
-        from qwen3_jax.bench.common import bench_checkpoint
-        from qwen3_jax.bench.serve_load import run_serve_benchmark, soak
 
-        levels = [int(level) for level in args.levels.split(",")]
-        with bench_checkpoint(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
-                              out=print) as folder, tempfile.TemporaryDirectory(prefix="qwen3-jax-serve-") as scratch:
-            if args.soak:
-                result = soak(Path(folder), requests=args.soak, max_seconds=args.seconds, dtype=args.dtype,
-                              scratch=Path(scratch))
-            else:
-                result = run_serve_benchmark(Path(folder), infinity=args.infinity, dtype=args.dtype, levels=levels,
-                                             max_requests=args.requests, max_seconds=args.seconds,
-                                             max_batch_tokens=args.max_batch_tokens, scratch=Path(scratch))
-    elif args.profile:
-        from qwen3_jax.bench.profile import run_profile
+def bench_train(args):
+    from qwen3_jax.bench.train import run_train_benchmark
 
-        result = run_profile(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
-                             dtype=args.dtype, texts=args.texts, tokens=args.tokens, long_tail=args.long_tail,
-                             batch_size=args.batch_size, repeats=args.repeats, attention=args.attention)
-    elif args.train:
-        from qwen3_jax.bench.train import run_train_benchmark
+    return run_train_benchmark(**_source(args), repeats=args.repeats, reference=not args.no_reference,
+                               dtype=args.dtype, configs=args.configs.split(";") if args.configs else None)
 
-        result = run_train_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
-                                     repeats=args.repeats, reference=not args.no_reference, dtype=args.dtype,
-                                     configs=args.train_configs.split(";") if args.train_configs else None)
-    elif args.corpus:
-        from qwen3_jax.bench.corpus import run_corpus_benchmark
 
-        result = run_corpus_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
-                                      dtype=args.dtype, documents=args.corpus, tokens=args.tokens,
-                                      batch_size=args.batch_size, search_vectors=args.search_vectors)
-    elif args.search:
-        from qwen3_jax.bench.search import run_search_benchmark
+def bench_serve(args):
+    import tempfile
 
-        result = run_search_benchmark(vectors=args.search, width=args.width, kinds=_listed(args.ann_kinds),
-                                      quantized=_listed(args.quantized), efs=[int(ef) for ef in _listed(args.ann_ef)])
-    elif args.suite == "mixes":
-        result = run_mixes(tokenizer=args.tokenizer, layers=args.layers, dtype=args.dtype, texts=args.texts,
-                           batch_size=args.batch_size, repeats=args.repeats, attention=args.attention)
-    elif args.suite == "device":
-        from qwen3_jax.bench.device import run_device_suite
+    from qwen3_jax.bench.common import bench_checkpoint
+    from qwen3_jax.bench.serve_load import run_serve_benchmark, soak
 
-        result = run_device_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats, texts=args.texts,
-                                  json_path=args.json)
-    elif args.suite:
-        result = run_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats,
-                           attention=args.attention)
-    else:
-        result = run_benchmark(model=args.model, random=args.random, layers=args.layers, tokenizer=args.tokenizer,
-                               dtype=args.dtype, texts=args.texts, tokens=args.tokens, long_tail=args.long_tail,
-                               input=args.input, batch_size=args.batch_size, repeats=args.repeats,
-                               attention=args.attention, reference=not args.no_reference)
+    levels = [int(level) for level in args.levels.split(",")]
+    with bench_checkpoint(**_source(args), out=print) as folder, \
+            tempfile.TemporaryDirectory(prefix="qwen3-jax-serve-") as scratch:
+        if args.soak:
+            return soak(Path(folder), requests=args.soak, max_seconds=args.seconds, dtype=args.dtype,
+                        scratch=Path(scratch))
+        return run_serve_benchmark(Path(folder), infinity=args.infinity, dtype=args.dtype, levels=levels,
+                                   max_requests=args.requests, max_seconds=args.seconds,
+                                   max_batch_tokens=args.max_batch_tokens, scratch=Path(scratch))
+
+
+def bench_corpus(args):
+    from qwen3_jax.bench.corpus import run_corpus_benchmark
+
+    return run_corpus_benchmark(**_source(args), dtype=args.dtype, documents=args.texts, tokens=args.tokens,
+                                batch_size=args.batch_size, search_vectors=args.search_vectors)
+
+
+def bench_search(args):
+    from qwen3_jax.bench.search import run_search_benchmark
+
+    return run_search_benchmark(vectors=args.vectors, width=args.width, kinds=_listed(args.ann_kinds),
+                                quantized=_listed(args.quantized), efs=[int(ef) for ef in _listed(args.ann_ef)])
+
+
+def bench_device(args):
+    from qwen3_jax.bench.device import run_device_suite
+
+    return run_device_suite(tokenizer=args.tokenizer, layers=args.layers, repeats=args.repeats, texts=args.texts,
+                            json_path=args.json)
+
+
+def bench_profile(args):
+    from qwen3_jax.bench.profile import run_profile
+
+    return run_profile(**_source(args), dtype=args.dtype, texts=args.texts, tokens=args.tokens,
+                       long_tail=args.long_tail, batch_size=args.batch_size, repeats=args.repeats,
+                       attention=args.attention)
+
+
+BENCHMARKS = {"encode": bench_encode, "train": bench_train, "serve": bench_serve, "corpus": bench_corpus,
+              "search": bench_search, "device": bench_device, "profile": bench_profile}
+
+
+def run_bench(args) -> None:
+    result = BENCHMARKS[args.benchmark](args)
     if args.json:
         from qwen3_jax.textio import atomic_output
 
@@ -640,19 +657,7 @@ def run_eval(args) -> None:
 def run_train(args) -> None:
     from qwen3_jax.train.run import TrainConfig, train
 
-    dims = tuple(int(d) for d in args.matryoshka_dims.split(",")) if args.matryoshka_dims else ()
-    config = TrainConfig(
-        model=args.model, data=args.data, output=args.output, loss=args.loss,
-        lora_rank=None if args.full else args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets, temperature=args.temperature, hard_negatives=args.hard_negatives,
-        use_batch=not args.no_batch_negatives, include_qq=args.include_qq, include_dd=args.include_dd,
-        false_negative_margin=args.false_negative_margin, matryoshka_dims=dims, instruction=args.instruction,
-        batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, max_length=args.max_length,
-        row_length=args.row_length, learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.schedule,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, steps=args.steps, epochs=args.epochs,
-        remat=args.remat, dtype=args.dtype,
-        fsdp=args.fsdp, eval_data=args.eval, eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
-        seed=args.seed, overwrite=args.overwrite, quiet=args.quiet, tensorboard=args.tensorboard)
+    config = settings_from(TrainConfig, args, lora_rank=None if args.full else args.lora_rank, fsdp=args.fsdp)
     train(config, mesh=_mesh(args), out=lambda message: print(message, file=sys.stderr))
 
 
@@ -666,23 +671,15 @@ def run_export(args) -> None:
 
 def run_serve(args) -> int:
     from qwen3_jax.serve.server import serve
-    from qwen3_jax.serve.settings import ServeSettings
 
-    settings = ServeSettings(
-        model=args.model, reranker=args.reranker, host=args.host, port=args.port, dtype=args.dtype, dim=args.dim,
-        attention=args.attention, mesh=args.mesh, fsdp=args.fsdp, max_batch_tokens=args.max_batch_tokens,
-        max_wait_ms=args.max_wait_ms, max_queue_tokens=args.max_queue_tokens,
-        max_client_batch_size=args.max_client_batch_size, max_length=args.max_length,
-        max_input_chars=args.max_input_chars, payload_limit=args.payload_limit, read_timeout_s=args.read_timeout_s,
-        graceful_timeout_s=args.graceful_timeout_s, calibration=args.calibration, api_key=args.api_key,
-        served_model_name=args.served_model_name, served_reranker_name=args.served_reranker_name)
     if args.mesh:                                # JAX is imported only then: the first line comes sooner
         from qwen3_jax.sharding import mesh_of
 
         mesh = mesh_of(args.mesh)
     else:
         mesh = None
-    return serve(settings, mesh=mesh, out=lambda message: print(message, file=sys.stderr, flush=True))
+    return serve(settings_from(ServeSettings, args), mesh=mesh,
+                 out=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def run_init_random(args) -> None:
@@ -709,7 +706,8 @@ def run_verify(args) -> int:
 
 
 COMMANDS = {"embed": run_embed, "embed-corpus": run_embed_corpus, "build-ann": run_build_ann, "search": run_search,
-            "rerank": run_rerank, "eval": run_eval, "train": run_train, "export": run_export, "bench": run_bench, "convert": run_convert,
+            "rerank": run_rerank, "eval": run_eval, "train": run_train, "export": run_export, "bench": run_bench,
+            "convert": run_convert,
             "verify": run_verify, "init-random": run_init_random, "serve": run_serve, "doctor": run_doctor,
             "study": run_study}
 

@@ -115,8 +115,8 @@ def test_quantized_shards_are_sentence_transformers_quantize_embeddings(embedder
 
 def test_the_search_benchmark_prints_recall_and_speed_at_each_ef(tmp_path, capsys):
     figures = tmp_path / "search.json"
-    assert main(["bench", "--search", "3000", "--width", "32", "--ann-kinds", "hnsw,ivf-pq", "--quantized", "int8",
-                 "--ann-ef", "64,1", "--json", str(figures)]) == 0
+    assert main(["bench", "search", "--vectors", "3000", "--width", "32", "--ann-kinds", "hnsw,ivf-pq",
+                 "--quantized", "int8", "--ann-ef", "64,1", "--json", str(figures)]) == 0
     printed = capsys.readouterr().out
     assert "hnsw ef=1: built in" in printed and "int8:" in printed
     result = json.loads(figures.read_text())

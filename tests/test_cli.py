@@ -140,7 +140,7 @@ def test_the_compile_cache_is_on_by_default_and_a_second_run_compiles_nothing(ch
 
 def test_bench_prints_figures_for_both_sides(checkpoint, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(checkpoint), "--texts", "6", "--tokens", "5-40", "--repeats", "1",
+    assert main(["bench", "encode", "--model", str(checkpoint), "--texts", "6", "--tokens", "5-40", "--repeats", "1",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     for name in ["ours_tokens_per_s", "reference_tokens_per_s", "ratio", "compiled_programs", "peak_rss_gib",
@@ -157,8 +157,8 @@ def test_bench_times_a_users_own_file(checkpoint, tmp_path, capsys):
     texts = [t for t in CORPUS if "\n" not in t]
     (tmp_path / "mine.txt").write_text("\n".join(texts) + "\n")
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(checkpoint), "--input", str(tmp_path / "mine.txt"), "--repeats", "1",
-                 "--no-reference", "--json", str(out)]) == 0
+    assert main(["bench", "encode", "--model", str(checkpoint), "--input", str(tmp_path / "mine.txt"), "--repeats",
+                 "1", "--no-reference", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["texts"] == len(texts) and "ratio" not in figures
     assert figures["computed_tokens"] >= figures["real_tokens"] > len(texts)
@@ -186,7 +186,7 @@ def test_gpu_suite_runs_end_to_end_on_a_small_stand_in(monkeypatch, capsys):
 
     monkeypatch.setattr(qwen3_jax.bench.encode, "GPU_SUITE", {"0.6B": (2, 3)})
     monkeypatch.setattr(qwen3_jax.bench.encode, "SUITE_TOKENS", 64)
-    assert main(["bench", "--suite", "gpu", "--layers", "1", "--repeats", "1", *_tokenizer_option()]) == 0
+    assert main(["bench", "encode", "--suite", "gpu", "--layers", "1", "--repeats", "1", *_tokenizer_option()]) == 0
     printed = capsys.readouterr().out
     assert printed.count("checkpoint (1 layers) written") == 1          # one checkpoint for both batch sizes
     for line, batch in zip(printed.splitlines()[-2:], ["2", "3"]):
@@ -195,11 +195,11 @@ def test_gpu_suite_runs_end_to_end_on_a_small_stand_in(monkeypatch, capsys):
 
 
 def test_length_mix_suite_prints_a_row_per_mix(monkeypatch, capsys):
-    """`bench --suite mixes`, shrunk to one layer, three texts and two mixes: fp32 rows match torch."""
+    """`bench encode --suite mixes`, shrunk to one layer, three texts and two mixes: fp32 rows match torch."""
     import qwen3_jax.bench.encode
 
     monkeypatch.setattr(qwen3_jax.bench.encode, "LENGTH_MIXES", (("5-30", False), ("10-200", True)))
-    assert main(["bench", "--suite", "mixes", "--layers", "1", "--texts", "3", "--repeats", "1",
+    assert main(["bench", "encode", "--suite", "mixes", "--layers", "1", "--texts", "3", "--repeats", "1",
                  *_tokenizer_option()]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[-2:]]
     assert [row[0] for row in rows] == ["5-30", "10-200"] and rows[1][1:3] == ["long", "tail"]
@@ -208,35 +208,50 @@ def test_length_mix_suite_prints_a_row_per_mix(monkeypatch, capsys):
 
 @pytest.mark.parametrize("texts", [None, 8])
 def test_the_device_suite_sizes_every_part_by_texts(monkeypatch, tmp_path, texts):
-    """`bench --suite device --texts N` (the CPU rehearsal) sizes the mixes, the suite, training and the
-    server by N; without it, the device run's sizes. Each part is replaced by a recorder of what it is asked."""
+    """`bench device --texts N` (the CPU rehearsal) sizes the mixes, the suite, training and the server
+    by N and cuts every text short; without it, the device run's sizes. Each shape's checkpoint is written
+    once for every part. Each part is replaced by a recorder of what it is asked."""
     import contextlib
     import json
 
     import qwen3_jax.bench.device as device
 
-    asked = {}
+    asked, written = {}, []
 
     def recorder(name):
-        return lambda **kwargs: asked.setdefault(name, []).append(kwargs) or {"ran": name}
+        return lambda *args, **kwargs: asked.setdefault(name, []).append(kwargs) or {"ran": name}
 
-    for name in ("run_mixes", "run_suite", "run_benchmark", "run_train_benchmark"):
+    def checkpoint(random, **_):
+        written.append(random)
+        return contextlib.nullcontext(tmp_path / random)
+
+    for name in ("run_mixes", "run_suite", "run_benchmark", "run_train_benchmark", "check_packed_kernel"):
         monkeypatch.setattr(device, name, recorder(name))
-    monkeypatch.setattr(device, "check_packed_kernel", lambda out: {"ran": "kernel"})
-    monkeypatch.setattr(device, "run_serve_benchmark", lambda folder, **kwargs: recorder("serve")(**kwargs))
-    monkeypatch.setattr(device, "bench_checkpoint", lambda **_: contextlib.nullcontext(str(tmp_path)))
+    monkeypatch.setattr(device, "run_serve_benchmark", lambda folder, **kwargs: recorder("serve")(folder=folder,
+                                                                                                  **kwargs))
+    monkeypatch.setattr(device, "bench_checkpoint", checkpoint)
     sized = ["--texts", str(texts)] if texts else []
-    assert main(["bench", "--suite", "device", "--repeats", "1", *sized, "--json", str(tmp_path / "d.json")]) == 0
+    assert main(["bench", "device", "--repeats", "1", *sized, "--json", str(tmp_path / "d.json")]) == 0
+    assert written == ["0.6B", "4B"]
     assert [call["texts"] for call in asked["run_mixes"]] == [texts or 512, min(texts or 512, 32)]
-    assert [call["queries"] for call in asked["run_train_benchmark"]] == [2 if texts else 8] * 2
+    assert {call["model"] for call in asked["run_mixes"]} == {str(tmp_path / "0.6B")}
+    assert [(call["model"], call["queries"]) for call in asked["run_train_benchmark"]] == \
+        [(str(tmp_path / "0.6B"), 2 if texts else 8), (str(tmp_path / "4B"), 2 if texts else 8)]
+    assert [call["tokens"] for call in asked["check_packed_kernel"]] == [256 if texts else 1024]
     serve = asked["serve"][0]
+    assert serve["folder"] == tmp_path / "0.6B"
     if texts:
-        assert "run_suite" not in asked and [(c["random"], c["texts"], c["batch_size"]) for c in
-                                             asked["run_benchmark"]] == [("0.6B", 8, 8), ("4B", 8, 8)]
-        assert serve["levels"] == [8] and serve["max_requests"] == 8
+        assert "run_suite" not in asked and [(c["model"], c["texts"], c["batch_size"], c["tokens"]) for c in
+                                             asked["run_benchmark"]] == [(str(tmp_path / "0.6B"), 8, 8, "128"),
+                                                                         (str(tmp_path / "4B"), 8, 8, "128")]
+        assert {call["longest"] for call in asked["run_mixes"]} == {128}
+        assert [call["tokens"] for call in asked["run_train_benchmark"]] == [128, 128]
+        assert serve["levels"] == [8] and serve["max_requests"] == 8 and serve["max_batch_tokens"] == 1024
     else:
         assert len(asked["run_suite"]) == 1 and "run_benchmark" not in asked
-        assert serve["levels"] == [16, 64] and serve["max_requests"] == 200
+        assert {call["longest"] for call in asked["run_mixes"]} == {None}
+        assert all("tokens" not in call for call in asked["run_train_benchmark"])
+        assert serve["levels"] == [16, 64] and serve["max_requests"] == 200 and serve["max_batch_tokens"] is None
     assert set(json.loads((tmp_path / "d.json").read_text())["seconds"]) >= {"kernel", "suite", "serve"}
 
 

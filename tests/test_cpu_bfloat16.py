@@ -1,4 +1,4 @@
-"""bfloat16 on CPUs: `dtype="auto"` follows the CPU's features, and `bench --profile` puts a layer's time
+"""bfloat16 on CPUs: `dtype="auto"` follows the CPU's features, and `bench profile` puts a layer's time
 in the stages of the model's named scopes."""
 
 import json
@@ -82,7 +82,7 @@ def test_an_operation_is_put_in_the_stage_of_its_named_scope():
 
 def test_bench_profile_times_every_stage_of_a_layer(tmp_path, capsys):
     figures = tmp_path / "profile.json"
-    assert main(["bench", "--profile", "--random", "tiny", "--tokens", "20-60", "--texts", "8", "--repeats", "2",
+    assert main(["bench", "profile", "--random", "tiny", "--tokens", "20-60", "--texts", "8", "--repeats", "2",
                  "--json", str(figures)]) == 0
     result = json.loads(figures.read_text())
     assert set(result["stages"]) == {*LAYER_STAGES, "other"}

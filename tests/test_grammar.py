@@ -121,15 +121,21 @@ def test_a_mistyped_flag_is_named_not_a_missing_one(capsys):
     assert "unrecognized argument: --inptu (did you mean --input?)" in err and "required" not in err
 
 
-def _subcommands():
-    parser = build_parser()
+def _subcommands(parser=None):
+    parser = parser or build_parser()
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
+BENCHMARKS = ["encode", "train", "serve", "corpus", "search", "device", "profile"]
+
+
 @pytest.mark.parametrize("name", ["embed", "embed-corpus", "rerank", "search", "build-ann", "eval", "train",
-                                  "export", "serve", "bench", "convert", "init-random", "doctor", "verify"])
+                                  "export", "serve", "convert", "init-random", "doctor", "verify",
+                                  *(f"bench {benchmark}" for benchmark in BENCHMARKS)])
 def test_every_flag_has_help_and_help_shows_defaults(name):
-    command = _subcommands()[name]
+    command = None
+    for word in name.split():
+        command = _subcommands(command)[word]
     missing = [a.option_strings[0] for a in command._actions if a.option_strings and not a.help]
     assert missing == []
     shown = command.format_help()
@@ -206,3 +212,41 @@ def test_an_existing_output_of_init_random_or_convert_exits_2(checkpoint, tmp_pa
     assert main(["init-random", str(taken), "--quiet"]) == 2
     assert main(["convert", str(checkpoint), str(taken), "--to", "orbax"]) == 2
     assert capsys.readouterr().err.count("already exists; pass --overwrite") == 2
+
+
+def test_train_and_serve_flags_are_their_settings_fields_declared_once(monkeypatch):
+    """`train` and `serve` take a flag for each field their settings dataclass declares with `setting`,
+    the flag's default is the field's own, and the parsed flags make the dataclass a library user gets."""
+    import dataclasses
+
+    from qwen3_jax.arguments import settings_from
+    from qwen3_jax.serve.settings import ServeSettings
+    from qwen3_jax.train.config import TrainConfig
+
+    monkeypatch.delenv("QWEN3_JAX_API_KEY", raising=False)
+    train = build_parser().parse_args(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--steps", "3"])
+    assert settings_from(TrainConfig, train) == TrainConfig(model="m", data="d.jsonl", output="o", steps=3)
+    assert settings_from(ServeSettings, build_parser().parse_args(["serve"])) == ServeSettings()
+    for settings, command in ((TrainConfig, "train"), (ServeSettings, "serve")):
+        shown = " ".join(_subcommands()[command].format_help().split())
+        for field in dataclasses.fields(settings):
+            if "flag_of" in field.metadata:
+                declared = field.metadata["flag_of"]
+                flag = declared["flag"] or f"--{field.name.replace('_', '-')}"
+                assert (flag if isinstance(flag, str) else flag[0]) in shown, field.name
+    changed = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--epochs", "2",
+                                         "--full", "--no-batch-negatives", "--matryoshka-dims", "64,32", "--lr", "3e-5"])
+    config = settings_from(TrainConfig, changed, lora_rank=None)
+    assert (config.epochs, config.lora_rank, config.use_batch, config.matryoshka_dims, config.learning_rate) == \
+        (2.0, None, False, (64, 32), 3e-5)
+    monkeypatch.setenv("QWEN3_JAX_API_KEY", "secret")
+    assert settings_from(ServeSettings, build_parser().parse_args(["serve"])).api_key == "secret"
+
+
+@pytest.mark.parametrize("argv", [["embed"], ["train"], ["serve"], ["bench", "search"], ["bench", "device"],
+                                  ["doctor"], ["init-random"]])
+def test_every_command_takes_debug_from_one_declaration(argv):
+    command = None
+    for word in argv:
+        command = _subcommands(command)[word]
+    assert [a.help for a in command._actions if "--debug" in a.option_strings] == ["show the traceback of an error"]

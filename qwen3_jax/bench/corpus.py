@@ -1,4 +1,4 @@
-"""`qwen3-jax bench --corpus`: embed-corpus's rate and resume check, and exact search over many vectors."""
+"""`qwen3-jax bench corpus`: embed-corpus's rate and resume check, and exact search over many vectors."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def run_corpus_benchmark(*, model: str | None, random: str | None, layers: int |
 
 
 def _search_benchmark(count: int, width: int, out) -> dict:
-    """1,000 queries over `count` unit vectors (bench --search's synthetic corpus) stored as float16."""
+    """1,000 queries over `count` unit vectors (bench search's synthetic corpus) stored as float16."""
     from qwen3_jax.bench.search import synthetic_corpus
     from qwen3_jax.index import Index
 

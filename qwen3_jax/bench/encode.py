@@ -1,5 +1,5 @@
-"""`qwen3-jax bench`: our encode and sentence-transformers on the same texts, in the same run: one set of
-texts, the length mixes, and the 512-token accelerator suite."""
+"""`qwen3-jax bench encode`: our encode and sentence-transformers on the same texts, in the same run: one set of
+texts, the length mixes (--suite mixes), and the 512-token accelerator suite (--suite gpu)."""
 
 from __future__ import annotations
 
@@ -120,16 +120,21 @@ LENGTH_MIXES = (("5-30", False), ("80-185", False), ("512", False), ("10-4000", 
 
 
 def run_mixes(*, tokenizer: str | None, layers: int | None, dtype: str, texts: int | None, batch_size: int,
-              repeats: int, attention: str = "auto", out=print) -> list[dict]:
+              repeats: int, attention: str = "auto", model: str | None = None, longest: int | None = None,
+              out=print) -> list[dict]:
     """Ours against sentence-transformers on each LENGTH_MIXES mix of synthetic texts, at the 0.6B shape
-    and `dtype`, one checkpoint for all; one table at the end."""
+    and `dtype`, one checkpoint for all (`model`, a folder of that shape, or random weights written here);
+    `longest` cuts every mix's lengths at that many tokens (a rehearsal's small run). One table at the end."""
     rows = []
-    with bench_models(model=None, random="0.6B", layers=layers, tokenizer=tokenizer, dtype=dtype,
+    with bench_models(model=model, random=None if model else "0.6B", layers=layers, tokenizer=tokenizer, dtype=dtype,
                       attention=attention, reference=True, out=out) as (ours, st, loaded):
         for tokens, long_tail in LENGTH_MIXES:
+            low, high = parse_token_range(tokens)
+            if longest and high > longest:
+                low, high, tokens = min(low, longest), longest, f"{tokens} cut at {longest}"
             mix = tokens + (" long tail" if long_tail else "")
             out(f"\n== {dtype}, {texts or 32} texts of {mix} tokens ==")
-            corpus = synthetic_texts(ours.tokenizer, texts or 32, *parse_token_range(tokens), long_tail=long_tail)
+            corpus = synthetic_texts(ours.tokenizer, texts or 32, low, high, long_tail=long_tail)
             result = compare(ours, st, corpus, batch_size=batch_size, repeats=repeats, dtype=dtype, attention=attention)
             print_figures(result, out)
             rows.append({"mix": mix, **loaded, **result})

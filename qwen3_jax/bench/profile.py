@@ -1,4 +1,4 @@
-"""`qwen3-jax bench --profile`: where a decoder layer's time goes, read from XLA's own profiler.
+"""`qwen3-jax bench profile`: where a decoder layer's time goes, read from XLA's own profiler.
 
 One batch of a length mix is laid out as `encode` lays it out, and the compiled layer program (the one
 `encode` runs once a layer on a CPU) is run under `jax.profiler`. Every operation XLA executed (a fusion, a

@@ -1,4 +1,4 @@
-"""`qwen3-jax bench --search N`: exact against approximate search (recall@10, queries/s, build time, size)
+"""`qwen3-jax bench search --vectors N`: exact against approximate search (recall@10, queries/s, build time, size)
 and quantized shards (size on disk, recall@10 against float32) over N synthetic unit vectors.
 
 The vectors are drawn around N/100 random centres (embeddings of real corpora cluster by topic; vectors

@@ -1,4 +1,4 @@
-"""`qwen3-jax bench --serve`: a bounded load generator against our server, and against Infinity serving the
+"""`qwen3-jax bench serve`: a bounded load generator against our server, and against Infinity serving the
 same checkpoint folder, one after the other in the same run.
 
 Both servers are started here on loopback ports; before any timing, both embed the same sample of

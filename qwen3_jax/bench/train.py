@@ -1,4 +1,4 @@
-"""`qwen3-jax bench --train`: our training step beside sentence-transformers' (torch, peft) on the same batch.
+"""`qwen3-jax bench train`: our training step beside sentence-transformers' (torch, peft) on the same batch.
 
 Each configuration compiles our step once (the working memory and FLOPs are that program's), times its
 first step (compiling included) and `repeats` more; torch runs on the same device (CUDA on a GPU). Both

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from qwen3_jax.arguments import setting
+from qwen3_jax.backend import COMPUTE_DTYPES, DTYPE_HELP, IMPLEMENTATIONS
 from qwen3_jax.checks import UsageError, whole_number
 
 CPU_BATCH_TOKENS = 2048                  # a CPU batch of more tokens adds latency, hardly throughput
@@ -15,32 +17,40 @@ CHARS_PER_TOKEN = 16                     # --max-input-chars by default: max len
 
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
-    """What `qwen3-jax serve` takes (see its --help). `max_batch_tokens` None: 2,048 on the CPU, 16,384
-    on accelerators; `max_queue_tokens` None: 16 batches; `max_length` None: the model's own;
-    `max_input_chars` None: 16 characters a token of the longest text."""
+    """What `qwen3-jax serve` takes, each field declared once as its flag (`setting`: its --help is the help
+    below)."""
 
-    model: str | None = None
-    reranker: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    dtype: str = "float32"
-    dim: int | None = None
-    attention: str = "auto"
-    mesh: str | None = None
-    fsdp: bool = False
-    max_batch_tokens: int | None = None
-    max_wait_ms: float = 2.0
-    max_queue_tokens: int | None = None
-    max_client_batch_size: int = 512
-    max_length: int | None = None
-    max_input_chars: int | None = None
-    payload_limit: int = PAYLOAD_LIMIT
-    read_timeout_s: float = 30.0
-    graceful_timeout_s: float = 30.0
-    calibration: str | None = None
-    api_key: str | None = None
-    served_model_name: str | None = None
-    served_reranker_name: str | None = None
+    model: str | None = setting(None, help="embedding checkpoint folder or hub id")
+    reranker: str | None = setting(None, help="Qwen3-Reranker folder or hub id (also, or instead)")
+    host: str = setting("127.0.0.1", help="address to listen on (default: loopback only)")
+    port: int = setting(8000, help="TCP port to listen on")
+    dtype: str = setting("float32", choices=COMPUTE_DTYPES, help=DTYPE_HELP)
+    dim: int | None = setting(None, help="MRL dimension of embeddings a request does not size")
+    attention: str = setting("auto", choices=IMPLEMENTATIONS)
+    mesh: str | None = setting(None, help="device mesh, e.g. data=4,model=2")
+    fsdp: bool = setting(False, help="also split parameters over the data axis")
+    max_batch_tokens: int | None = setting(None, help=f"token budget of one batch (default {CPU_BATCH_TOKENS} on "
+                                                      f"the CPU, {ACCELERATOR_BATCH_TOKENS} on accelerators)")
+    max_wait_ms: float = setting(2.0, help="how long a short queue waits for company before its batch starts")
+    max_queue_tokens: int | None = setting(None, help="tokens waiting at most; beyond, requests get 429 (default: "
+                                                      "16 batches)")
+    max_client_batch_size: int = setting(512, flag=("--max-client-batch-size", "--max-texts-per-request"),
+                                         help="texts one request may hold")
+    max_length: int | None = setting(None, help="tokens per text (default: the model's)")
+    max_input_chars: int | None = setting(None, help="characters per text before tokenizing; longer ones are cut "
+                                                     "there (truncate) or refused (default: 16 x the max length)")
+    payload_limit: int = setting(PAYLOAD_LIMIT, help="bytes of one request body; larger ones get 413 unread "
+                                                     "(default 2,000,000, as TEI)")
+    read_timeout_s: float = setting(30.0, help="seconds a client may take to send its whole request body (then 408)")
+    graceful_timeout_s: float = setting(30.0, help="on SIGTERM, seconds to finish the requests in flight before "
+                                                   "exiting")
+    calibration: str | None = setting(None, help=".txt / .jsonl of texts whose embeddings calibrate int8 and uint8 "
+                                                 "(default: built-in texts)")
+    api_key: str | None = setting(None, env="QWEN3_JAX_API_KEY",
+                                  help="require Authorization: Bearer KEY (default: env QWEN3_JAX_API_KEY; "
+                                       "none: no key)")
+    served_model_name: str | None = setting(None, help="the embedding model's name in requests")
+    served_reranker_name: str | None = setting(None, help="the reranker's name in requests")
 
     def check(self) -> None:
         if not self.model and not self.reranker:

@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from qwen3_jax.arguments import setting
+from qwen3_jax.backend import COMPUTE_DTYPES
 from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.hub import model_identity, resolve_model, weights_fingerprint
 from qwen3_jax.textio import file_identity
@@ -23,50 +25,75 @@ RUN_LENGTH = ("steps", "epochs")
 HIGHEST_PLAUSIBLE_LR = {"lora": 1e-2, "full": 1e-3}
 
 
+def dimensions(text: str) -> tuple[int, ...]:
+    """--matryoshka-dims "1024,512,256" as (1024, 512, 256)."""
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything `qwen3-jax train` takes (see its --help); `lora_rank=None` is full fine-tuning;
-    `hard_negatives=None` uses as many as the data's lines carry (fewer on a line are masked)."""
+    """Everything `qwen3-jax train` takes, each field declared once as its flag (`setting`: its --help is
+    the help below); `lora_rank=None` is full fine-tuning (--full); `hard_negatives=None` uses as many as
+    the data's lines carry (fewer on a line are masked)."""
 
-    model: str
-    data: str
-    output: str
-    loss: str = "infonce"
-    lora_rank: int | None = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "all-linear"
-    temperature: float = 0.05
-    hard_negatives: int | None = None
-    use_batch: bool = True
-    include_qq: bool = False
-    include_dd: bool = False
-    false_negative_margin: float | None = None
-    matryoshka_dims: tuple[int, ...] = ()
-    instruction: str | None = None
-    batch_size: int = 32
-    mini_batch_size: int | None = None
-    max_length: int = 512
-    row_length: int | None = None
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    steps: int | None = None
-    epochs: float | None = None
-    remat: str = "off"
-    dtype: str = "float32"
-    fsdp: bool = False
-    eval_data: str | None = None
-    eval_every: int | None = None
-    save_every: int = 100
-    keep: int = 3
+    model: str = setting(help="checkpoint folder or hub id to start from")
+    data: str = setting(help="training .jsonl (docs/fine-tuning.md has the line formats)")
+    output: str = setting(help="run folder: checkpoints, metrics.jsonl, final/, adapter/")
+    loss: str = setting("infonce", choices=["infonce", "reranker"],
+                        help="infonce: an embedding model, contrastive; reranker: a Qwen3-Reranker's yes/no")
+    lora_rank: int | None = setting(8, exclusive="lora", help="LoRA rank (default 8)")
+    lora_alpha: float = setting(32.0, help="LoRA scale numerator (alpha / rank)")
+    lora_dropout: float = setting(0.05, help="dropout on the LoRA branch")
+    lora_targets: str = setting("all-linear",
+                                help="all-linear or some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    temperature: float = setting(0.05, help="InfoNCE temperature")
+    hard_negatives: int | None = setting(None, help="hard negatives per query (default: the most any line has; "
+                                                    "fewer are masked)")
+    use_batch: bool = setting(True, flag="--no-batch-negatives", action="store_false",
+                              help="only each query's own documents as negatives (default: the whole batch's "
+                                   "too; ms-swift's INFONCE_USE_BATCH=False)")
+    include_qq: bool = setting(False, help="other queries as negatives too")
+    include_dd: bool = setting(False, help="other documents as the positive's negatives")
+    false_negative_margin: float | None = setting(
+        None, help="leave out negatives more similar than the positive plus this (the report uses 0.1)")
+    matryoshka_dims: tuple[int, ...] = setting((), type=dimensions,
+                                               help="e.g. 1024,512,256,128: the loss summed over dims (default: "
+                                                    "the full width only)")
+    instruction: str | None = setting(None, help="task instruction for queries without their own")
+    batch_size: int = setting(32, help="queries per step over all devices")
+    mini_batch_size: int | None = setting(None, help="GradCache: embed the step's texts this many at a time "
+                                                     "(exact gradients)")
+    max_length: int = setting(512, help="tokens per text, <|endoftext|> included")
+    row_length: int | None = setting(None, help="pad each step's packed rows to at least this many tokens: steps "
+                                                "whose texts fit share one compiled program (each new row length "
+                                                "compiles the step again)")
+    learning_rate: float = setting(1e-4, flag="--lr", help="peak learning rate")
+    warmup_steps: int = setting(0, flag="--warmup", help="warm-up steps")
+    schedule: str = setting("cosine", choices=["cosine", "linear", "constant"],
+                            help="learning-rate decay after the warm-up")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    max_grad_norm: float = setting(1.0, help="clip gradients to this global norm")
+    steps: int | None = setting(None, exclusive="length",
+                                help="optimizer steps (raised on a finished run: it continues)")
+    epochs: float | None = setting(None, exclusive="length",
+                                   help="passes over the data (raised on a finished run: it continues)")
+    remat: str = setting("off", choices=["off", "full", "dots"],
+                         help="recompute each layer in the backward pass (dots: keep the matrix products)")
+    dtype: str = setting("float32", choices=COMPUTE_DTYPES,
+                         help="compute dtype (auto: bfloat16 where its products are fast); weights and optimizer "
+                              "stay float32")
+    fsdp: bool = False                       # --fsdp, with --mesh (the flags every sharded command shares)
+    eval_data: str | None = setting(None, flag="--eval",
+                                    help="held-out .jsonl in the same format: recall@1/@10, nDCG@10")
+    eval_every: int | None = setting(None, help="steps between evaluations (default: --save-every)")
+    save_every: int = setting(100, help="steps between checkpoints")
+    keep: int = setting(3, help="checkpoints kept")
     log_every: int = 1
-    seed: int = 0
-    overwrite: bool = False
-    quiet: bool = False
-    tensorboard: str | None = None
+    seed: int = setting(0)
+    overwrite: bool = setting(False, help="delete the run in --output (its checkpoints included) and start again")
+    quiet: bool = setting(False, help="no progress bar")
+    tensorboard: str | None = setting(None, metavar="DIR", help="also write the metrics as TensorBoard events in "
+                                                                "DIR (pip install \"qwen3-jax[tensorboard]\")")
 
     def __post_init__(self):
         if self.loss not in ("infonce", "reranker"):
