@@ -105,10 +105,13 @@ def common_length(a: Sequence[int], b: Sequence[int]) -> int:
     return len(os.path.commonprefix([list(a), list(b)]))
 
 
-def shared_groups(texts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+def shared_groups(texts: Sequence[Sequence[int]], current: int | None = None) -> list[tuple[int, list[int]]]:
     """Groups of texts (indices) with the prefix length they share, at least MIN_SHARED ids and two
-    texts a group, chosen to save the most tokens: a group of n texts sharing p ids saves (n - 1) p,
-    and a group splits where its texts' common ids end if its parts save more."""
+    texts a group, chosen to save the most tokens. The first `current` texts (default: all) are the ones
+    being computed, the rest remembered from earlier calls: a group of n current texts sharing p ids
+    saves (n - 1) p, plus p if remembered texts share it too (it is computed once and kept for the next
+    call instead of with a text); a group splits where its texts' common ids end if its parts save more."""
+    current = len(texts) if current is None else current
     order = sorted(range(len(texts)), key=lambda i: tuple(texts[i][:RECENT_IDS]))
     common = [common_length(texts[a], texts[b]) for a, b in zip(order, order[1:])]
 
@@ -117,7 +120,8 @@ def shared_groups(texts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]
         if hi <= lo:
             return 0, []
         shared = min(common[lo:hi])
-        whole = (hi - lo) * shared if shared >= MIN_SHARED else 0
+        now = sum(order[j] < current for j in range(lo, hi + 1))
+        whole = (now - 1 + (now <= hi - lo)) * shared if shared >= MIN_SHARED and now else 0
         cuts = [lo - 1] + [j for j in range(lo, hi) if common[j] == shared] + [hi]
         saved, groups = 0, []
         for start, end in zip(cuts, cuts[1:]):
@@ -151,6 +155,12 @@ class PrefixCache:
         ids = tuple(int(i) for i in ids)
         if len(ids) >= MIN_SHARED and ids not in self._known:
             self._known[ids] = self._found.pop(ids, None) or Prefix(ids)
+
+    def forget(self) -> None:
+        """Drops every computed key and value (the model's parameters changed); known prefixes stay known."""
+        for prefix in self._known.values():
+            prefix.keys = prefix.values = None
+        self._found.clear()
 
     @property
     def known(self) -> list[tuple[int, ...]]:
@@ -190,8 +200,9 @@ class PrefixCache:
         for i, text in enumerate(texts):
             for prefix in by_start.get(text[:MIN_SHARED], ()):
                 offer(i, prefix, common_length(prefix, text), len(prefix))
-        recent = list(self._recent)
-        for shared, members in shared_groups(texts + recent):
+        seen = {t[:RECENT_IDS] for t in texts}             # a text computed again is no instruction seen again
+        recent = [t for t in self._recent if t not in seen]
+        for shared, members in shared_groups(texts + recent, len(texts)):
             members = [i for i in members if i < len(texts)]
             if not members:
                 continue

@@ -89,6 +89,8 @@ class LastTokenRunner:
         self._state = state
         if self._layered:
             self._layered.use(model)
+        if self.prefixes is not None:             # prefixes computed with the old values
+            self.prefixes.forget()
 
     @property
     def compiled_programs(self) -> int:

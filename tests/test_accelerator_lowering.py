@@ -1,8 +1,8 @@
 """The accelerator programs, lowered here for CUDA and TPU (`jax.export` runs Pallas' Triton and Mosaic
 lowering, its block-shape checks, sharding propagation and the custom calls without a device): the
-embedder's forward pass on packed rows in bf16 and float32, the reranker's scoring, the training step
-(loss and gradients, full and LoRA, with remat) and the data x model sharded programs; each lowered
-text must hold its kernel's custom call, never a silent fallback."""
+embedder's forward pass on packed rows in bf16 and float32 (and continuing a shared prefix), the
+reranker's scoring, the training step (loss and gradients, full and LoRA, with remat) and the data x
+model sharded programs; each lowered text must hold its kernel's custom call, never a silent fallback."""
 
 import re
 
@@ -70,6 +70,20 @@ def test_the_embedders_forward_pass_on_packed_rows_lowers_with_its_kernel(folder
     model = load_model(folder, dtype=dtype, attention=impl, with_lm_head=True, platform=KERNEL_PLATFORMS[impl])
     runner = LastTokenRunner(model, pad_id=0)
     text = lowered(runner._forward, runner._state, *_packed_batch(), platform=PLATFORMS[impl])
+    assert KERNEL_CALLS[impl] in custom_calls(text), custom_calls(text)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "splash"])
+def test_texts_continuing_a_shared_prefix_lower_with_their_kernel(folder, impl):
+    """The pass whose texts attend to a prefix table (its kernel's log-sum-exp merged with the table's)
+    and the pass computing a prefix's keys and values, each with the kernel's custom call."""
+    model = load_model(folder, dtype="bfloat16", attention=impl, with_lm_head=True, platform=KERNEL_PLATFORMS[impl])
+    runner = LastTokenRunner(model, pad_id=0)
+    ids, segments, ends = _packed_batch()
+    table = runner._table_shapes(*ids.shape, 64)
+    text = lowered(runner._forward, runner._state, ids, segments, ends, table, platform=PLATFORMS[impl])
+    assert KERNEL_CALLS[impl] in custom_calls(text), custom_calls(text)
+    text = lowered(runner._keys_values, runner._state, ids, segments, platform=PLATFORMS[impl])
     assert KERNEL_CALLS[impl] in custom_calls(text), custom_calls(text)
 
 

@@ -142,9 +142,9 @@ def peak_rss_gib() -> float:
 
 @contextlib.contextmanager
 def bench_checkpoint(*, model: str | None, random: str | None, layers: int | None, tokenizer: str | None,
-                     out=print):
+                     out=print, reranker: bool = False):
     """Yields the folder of a hub id / local checkpoint, or of a random checkpoint of a published shape
-    written to a temporary folder (removed afterwards)."""
+    written to a temporary folder (removed afterwards; a reranker's with `reranker`)."""
     # torch shares the accelerator in this process: JAX must not grab most of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if not random:
@@ -159,7 +159,8 @@ def bench_checkpoint(*, model: str | None, random: str | None, layers: int | Non
             "token counts hold fewer words than with Qwen3's")
     with tempfile.TemporaryDirectory(prefix="qwen3-jax-bench-") as tmp:
         start = time.perf_counter()
-        folder = write_random_checkpoint(Path(tmp) / "checkpoint", random, layers=layers, tokenizer=tokenizer)
+        folder = write_random_checkpoint(Path(tmp) / "checkpoint", random, layers=layers, tokenizer=tokenizer,
+                                         reranker=reranker)
         out(f"random {random} checkpoint ({layers or 'all'} layers) written in {time.perf_counter() - start:.1f} s")
         yield folder
 
