@@ -1,4 +1,4 @@
-"""Training data: JSON-lines files read one line at a time, shuffled and resumed with grain.
+"""Training data: JSON-lines files read one line at a time, in a seeded order that the step number fixes.
 
 Three line formats:
 - ours, for embeddings: {"query", "positive", "negatives": [...], "instruction"?}
@@ -6,8 +6,10 @@ Three line formats:
 - the reranker's: {"query", "document", "label": 0 or 1, "instruction"?}
 
 A file is indexed once (the byte offset of each line, 8 bytes a line, every line checked), then read by
-offset, so memory does not grow with the file. grain shuffles it per epoch from the seed and its
-iterator's position is a small dict that checkpoints store and restore exactly.
+offset, so memory does not grow with the file. Each epoch is a permutation drawn from the seed and the
+epoch number, and step s reads fixed positions of the epochs laid end to end: the data position is the
+step, which the Orbax checkpoint already holds, so no loader state is saved beside it (a data-loader
+library such as grain would add an iterator state that only repeats the step).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-import grain
 import numpy as np
 
 from qwen3_jax.checks import UsageError
@@ -60,7 +61,7 @@ def parse_example(record, kind: str, where: str) -> Example:
 
 
 class JsonlSource:
-    """Random access to the examples of a .jsonl file by line offsets (a grain data source)."""
+    """Random access to the examples of a .jsonl file by line offsets."""
 
     def __init__(self, path: str | Path, kind: str):
         self.path = Path(path)
@@ -91,9 +92,10 @@ class JsonlSource:
 
 
 class ExampleStream:
-    """The examples of a run in order: epoch after epoch, each a fresh shuffle of the file (grain, from
-    the seed), and step s reads stream positions s*B .. s*B+B-1 (B the global batch size), so the data
-    position is the step itself and a resumed run reads exactly what the killed one would have.
+    """The examples of a run in order: epoch after epoch, each a fresh shuffle of the file (numpy's
+    generator, from the seed and the epoch), and step s reads stream positions s*B .. s*B+B-1 (B the
+    global batch size), so the data position is the step itself and a resumed run reads exactly what
+    the killed one would have.
 
     A batch never holds one example twice. Only a batch that straddles two epochs could (the end of one
     shuffle, the start of the next): its share of the next epoch is taken from that epoch's order
@@ -106,10 +108,9 @@ class ExampleStream:
             raise UsageError(f"{source.path} holds {len(source)} examples, fewer than one batch of {batch_size}; "
                              "lower --batch-size or add data")
         self.source, self.batch_size = source, batch_size
-        # grain reshuffles each epoch from seed + epoch; the seed is mixed first, so that runs with seeds
-        # 0 and 1 do not see the same orders one epoch apart.
-        mixed = int.from_bytes(hashlib.blake2b(f"qwen3-jax data order {seed}".encode(), digest_size=4).digest(), "big")
-        self._shuffled = grain.MapDataset.range(len(source)).shuffle(seed=mixed).repeat()
+        # Any seed (negative ones too) hashed to the generator's entropy, apart from the seed's other uses.
+        self._seed = int.from_bytes(hashlib.blake2b(f"qwen3-jax data order {seed}".encode(), digest_size=8).digest(),
+                                    "big")
         self._epochs: dict[int, np.ndarray] = {}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -118,7 +119,7 @@ class ExampleStream:
         count, size = len(self.source), self.batch_size
         known = [e for e in self._epochs if e <= epoch]
         for e in range(max(known) + 1 if known else 0, epoch + 1):
-            order = [self._shuffled[e * count + i] for i in range(count)]
+            order = np.random.default_rng([self._seed, e]).permutation(count).tolist()
             straddled = (e * count) % size           # stream positions of the previous epoch in that batch
             if e and straddled:
                 taken = set(self._epochs[e - 1][count - straddled:].tolist())
