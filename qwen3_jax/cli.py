@@ -724,7 +724,20 @@ def convert_to(to: str, argv: list[str], script: str) -> int:
     return main(["convert", *argv, "--to", to])
 
 
+# bench's modes before they were sub-commands: the flag, and the command line that replaced it.
+BENCH_BEFORE = {"--model": "bench encode --model", "--random": "bench encode --random",
+                "--suite": "bench encode --suite gpu|mixes, or bench device", "--train": "bench train",
+                "--train-configs": "bench train --configs", "--serve": "bench serve", "--profile": "bench profile",
+                "--corpus": "bench corpus --texts N", "--search": "bench search --vectors N"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    before = given[1].split("=")[0] if given[:1] == ["bench"] and len(given) > 1 else None
+    if before in BENCH_BEFORE:
+        print(f"qwen3-jax bench: error: bench {before} is now `qwen3-jax {BENCH_BEFORE[before]}` (see qwen3-jax "
+              "bench --help)", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
         print("qwen3-jax: error: --batch-size must be at least 1", file=sys.stderr)

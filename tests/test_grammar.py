@@ -250,3 +250,11 @@ def test_every_command_takes_debug_from_one_declaration(argv):
     for word in argv:
         command = _subcommands(command)[word]
     assert [a.help for a in command._actions if "--debug" in a.option_strings] == ["show the traceback of an error"]
+
+
+@pytest.mark.parametrize("argv, now", [(["--random", "tiny"], "bench encode --random"),
+                                       (["--suite", "device"], "bench encode --suite gpu|mixes, or bench device"), (["--serve"], "bench serve"),
+                                       (["--search=1000"], "bench search --vectors N")])
+def test_bench_s_former_flags_name_the_sub_command_that_replaced_them(argv, now, capsys):
+    assert main(["bench", *argv]) == 2
+    assert f"is now `qwen3-jax {now}" in capsys.readouterr().err
