@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from qwen3_jax.checks import UsageError, whole_number
-from qwen3_jax.corpus import ANN_FOLDER, LOCK
+from qwen3_jax.claims import LOCK
+from qwen3_jax.corpus.store import ANN_FOLDER
 from qwen3_jax.extras import require
 from qwen3_jax.textio import atomic_output, hold_lock
 

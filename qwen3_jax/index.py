@@ -22,7 +22,8 @@ import numpy as np
 
 from qwen3_jax import ann
 from qwen3_jax.checks import UsageError, whole_number
-from qwen3_jax.corpus import input_state, iter_corpus, read_manifests, shard_name
+from qwen3_jax.corpus.sources import input_state, iter_corpus
+from qwen3_jax.corpus.store import read_manifests, shard_name
 from qwen3_jax.hub import resolve_model, weights_fingerprint
 from qwen3_jax.quantize import dequantize
 from qwen3_jax.textio import NoSuchInput

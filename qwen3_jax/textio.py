@@ -41,11 +41,13 @@ class FolderBusy(RuntimeError):
 
 
 class Record(NamedTuple):
-    """One text of an input file: its 1-based line, its id (None where the file gives none) and text."""
+    """One text of an input file: its 1-based line, its id (None where the file gives none) and text;
+    or, for a malformed line kept by iter_records, why it could not be read (id and text None)."""
 
     line: int
     id: object
-    text: str
+    text: str | None
+    error: str | None = None
 
 
 def counted(count: int, noun: str) -> str:
@@ -105,10 +107,12 @@ def parse_record(path: Path, number: int, line: str, *, text_field: str = "text"
     return Record(number, record_id, record[text_field])
 
 
-def iter_records(path: str | Path, *, text_field: str = "text", id_field: str = "id",
-                 skip_blank: bool = False) -> Iterator[Record]:
+def iter_records(path: str | Path, *, text_field: str = "text", id_field: str = "id", skip_blank: bool = False,
+                 keep_malformed: bool = False) -> Iterator[Record]:
     """The texts of a .txt file (one a line; id None) or a .jsonl file (one JSON object a line, blank
-    lines skipped). `skip_blank` also skips blank .txt lines."""
+    lines skipped; `text_field` and `id_field` name a record's fields). `skip_blank` also skips blank
+    .txt lines. A malformed .jsonl line raises InputError, or with `keep_malformed` is yielded with
+    its error; invalid UTF-8 always raises."""
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise UsageError(f"input {path} must be a .txt (one text a line) or .jsonl file")
@@ -119,7 +123,13 @@ def iter_records(path: str | Path, *, text_field: str = "text", id_field: str = 
             if not (skip_blank and not line.strip()):
                 yield Record(number, None, line)
         elif line.strip():
-            yield parse_record(path, number, line, text_field=text_field, id_field=id_field)
+            try:
+                record = parse_record(path, number, line, text_field=text_field, id_field=id_field)
+            except InputError as err:
+                if not keep_malformed:
+                    raise
+                record = Record(number, None, None, str(err))
+            yield record
 
 
 def read_texts(path: str | Path, *, skip_blank: bool = False) -> tuple[list, list[str]]:

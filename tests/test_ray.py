@@ -70,7 +70,7 @@ PIPELINE = """
 import json, sys
 import numpy as np
 import ray
-from qwen3_jax.ray import EmbedBatch
+from qwen3_jax.corpus.ray_data import EmbedBatch
 
 model, texts = sys.argv[1], json.loads(sys.argv[2])
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

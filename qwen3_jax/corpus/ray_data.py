@@ -1,4 +1,4 @@
-"""Embedding on a Ray cluster (the `ray` extra): one model per worker, whole shards at a time.
+"""Embedding with Ray (the `ray` extra): a cluster's workers, one model each, embed whole shards at a time.
 
 - `RayEngine`: the engine of `embed-corpus --engine ray`. This process reads the input and keeps the
   manifest, exactly as a one-process job does; each worker (a Ray actor holding one Qwen3Embedder)
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3_jax.corpus import CorpusSettings, embed_shard, encode_texts
+from qwen3_jax.corpus.local import embed_shard, encode_texts
+from qwen3_jax.corpus.store import CorpusSettings
 from qwen3_jax.extras import require
 
 
@@ -36,6 +37,8 @@ class ShardWorker:
     """One worker's model (a Ray actor when wrapped by `ray.remote`)."""
 
     def __init__(self, model: str, dtype: str, max_length: int | None, batch_size: int):
+        """Loads `model` (a folder or hub id) in compute `dtype`, texts cut at `max_length`, embedded
+        `batch_size` a batch."""
         self.embedder, self.batch_size = _load(model, dtype, max_length), batch_size
 
     def describe(self, prompt_name: str | None, instruction: str | None) -> tuple[int, str, int]:
@@ -44,10 +47,12 @@ class ShardWorker:
         return embedder.dimension, embedder.resolve_prefix(prompt_name, None, instruction), embedder.max_length
 
     def encode(self, settings: CorpusSettings, texts: list[str]) -> np.ndarray:
+        """`texts` embedded as the corpus's `settings` say (int8's calibration)."""
         return encode_texts(self.embedder, settings, texts, self.batch_size)
 
     def embed(self, settings: CorpusSettings, calibration, output: str, shard: int, items: list) -> tuple[dict, int]:
-        """Embeds and writes one shard; returns its manifest entry and the tokens it embedded."""
+        """Embeds and writes one shard (`local.embed_shard`'s arguments); returns its manifest entry and
+        the tokens it embedded."""
         before = self.embedder.tokens_embedded
         entry = embed_shard(self.embedder, settings, calibration, Path(output), shard, items,
                             batch_size=self.batch_size)
@@ -60,6 +65,9 @@ class RayEngine:
 
     def __init__(self, model: str, *, workers: int = 2, address: str | None = None, dtype: str = "float32",
                  max_length: int | None = None, batch_size: int = 32, num_gpus: float = 0):
+        """`model`: a folder or hub id, loaded by each worker in compute `dtype` (texts cut at
+        `max_length`, embedded `batch_size` a batch); `address`: the cluster's (None: one started here
+        with a CPU a worker)."""
         ray = _ray()
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
