@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -111,15 +112,16 @@ def _reason(path: Path, error: str) -> str:
     for name, entry in entries.items():
         if "dtype" in entry and (not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES):
             return _unsupported(name, entry["dtype"])
-    data = size - 8 - length
     if "incomplete metadata" in error:
-        return f"tensor offsets run past the data ({data} bytes) or leave some unused; the file is truncated or corrupt"
+        return (f"tensor offsets run past the data ({size - 8 - length} bytes) or leave some unused; the file is "
+                "truncated or corrupt")
     if "invalid shape, data type, or offset" in error:
         for name, entry in entries.items():
             begin, end = entry.get("data_offsets", (0, 0))
-            if end - begin != int(np.prod(entry.get("shape", ()))) * DTYPES[entry["dtype"]].itemsize:
+            if end - begin != math.prod(entry.get("shape", ())) * DTYPES[entry["dtype"]].itemsize:
                 return f"tensor {name!r} offsets do not match shape {entry.get('shape')} of {entry['dtype']}"
-    if offset := re.search(r"invalid offset for tensor `(.*)`", error):
+    offset = re.search(r"invalid offset for tensor `(.*)`", error)
+    if offset and offset.group(1) in entries:
         name = offset.group(1)
         begin = entries[name]["data_offsets"][0]
         before = [other for other, entry in entries.items()
