@@ -154,6 +154,18 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
                         help="a rehearsal of N texts a part (on a CPU: 8); default: the device run's sizes")
     _repeats(device)
 
+    prefixes, _ = benchmark("prefixes", "the workloads whose texts share a prefix: queries with the card's "
+                            "instruction against sentence-transformers, one query against --texts documents with "
+                            "the reranker against the model card's transformers code", model=False)
+    prefixes.add_argument("--random", choices=["tiny", "0.6B", "4B", "8B"], default="0.6B",
+                          help="random weights of this published shape (an embedder's and a reranker's)")
+    prefixes.add_argument("--layers", type=int, default=8, help="fewer layers (0: all)")
+    _tokenizer(prefixes)
+    _dtype(prefixes)
+    prefixes.add_argument("--texts", type=int, default=64, help="queries, and documents for the one query")
+    _repeats(prefixes)
+    prefixes.add_argument("--attention", default="auto", choices=ATTENTION)
+
     profile, _ = benchmark("profile", "where one decoder layer's time goes, stage by stage, from XLA's profiler (one "
                         "batch of the --tokens mix, at --dtype)")
     _dtype(profile)
@@ -528,7 +540,14 @@ def bench_profile(args):
                        attention=args.attention)
 
 
-BENCHMARKS = {"encode": bench_encode, "train": bench_train, "serve": bench_serve, "corpus": bench_corpus,
+def bench_prefixes(args):
+    from qwen3_jax.bench.prefixes import run_prefix_workloads
+
+    return run_prefix_workloads(random=args.random, layers=args.layers or None, tokenizer=args.tokenizer,
+                                dtype=args.dtype, texts=args.texts, repeats=args.repeats, attention=args.attention)
+
+
+BENCHMARKS = {"prefixes": bench_prefixes, "encode": bench_encode, "train": bench_train, "serve": bench_serve, "corpus": bench_corpus,
               "search": bench_search, "device": bench_device, "profile": bench_profile}
 
 

@@ -24,14 +24,20 @@ from qwen3_jax.backend import Backend
 from qwen3_jax.checks import UsageError
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.ops.embedding import embed_tokens
-from qwen3_jax.ops.projection import PROJECTION, linear
+from qwen3_jax.ops.projection import linear, projection_name
 from qwen3_jax.ops.rms_norm import rms_norm
 
 _init = nnx.initializers.normal(stddev=0.02)
-# What each decoder layer keeps for the backward pass: everything ("off"), only its input ("full"), or
-# its matrix products too ("dots": the projections, not attention).
+ATTENTION_PROJECTIONS = ("wq", "wk", "wv", "wo")
+MLP_PROJECTIONS = ("w_gate", "w_up", "w_down")
+# What each decoder layer keeps for the backward pass: everything ("off"), only its input ("full"), its
+# projections' outputs too ("dots"; attention's own products are recomputed), or attention's projections
+# alone ("dots_except_mlp", MaxText's policy of that name: the MLP's larger outputs are recomputed).
 REMAT_POLICIES = {"off": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.save_only_these_names(PROJECTION)}
+                  "dots": jax.checkpoint_policies.save_only_these_names(
+                      *map(projection_name, ATTENTION_PROJECTIONS + MLP_PROJECTIONS)),
+                  "dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
+                      *map(projection_name, ATTENTION_PROJECTIONS))}
 
 
 # The named scopes of a decoder layer, as they nest: what a profile is grouped by.
@@ -234,8 +240,17 @@ class Qwen3Model(nnx.Module):
         if remat != "off":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
         scanned = cfg.num_hidden_layers - prune_last
-        leading = lambda tree: jax.tree.map(lambda a: a[:scanned] if prune_last else a, tree)
-        x, (layer_outputs, keys_values) = jax.lax.scan(step, x, leading((layer_state, layer_rngs, prefix_keys_values)))
+        per_layer = (layer_state, layer_rngs, prefix_keys_values)
+        if prune_last:
+            # The scan still runs over the whole stacks (a slice of them would be a copy of the weights)
+            # and leaves the last layer to run apart, at the positions `at` alone.
+            if return_layer_states or return_keys_values or prefix is not None:
+                raise ValueError("prune_last gives the pooled states only")
+            whole_step = step
+            step = lambda h, xs: (jax.lax.cond(xs[0] < scanned, lambda h: whole_step(h, xs[1])[0], lambda h: h, h),
+                                  (None, None))
+            per_layer = (jnp.arange(cfg.num_hidden_layers), per_layer)
+        x, (layer_outputs, keys_values) = jax.lax.scan(step, x, per_layer)
         if prune_last:
             last = jax.tree.map(lambda a: a[scanned], (layer_state, layer_rngs))
             x = self.apply_layer(graphdef, last[0], x, context, rng=last[1], at=at)

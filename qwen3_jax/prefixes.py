@@ -21,8 +21,6 @@ import dataclasses
 import os
 from typing import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qwen3_jax.attention.prefix import PrefixTable
@@ -38,11 +36,12 @@ CACHE_BYTES = 256 << 20     # the keys and values of found prefixes kept between
 
 @dataclasses.dataclass
 class Prefix:
-    """A prefix's token ids and, once computed, each layer's keys and values [L, P, K, H]."""
+    """A prefix's token ids and, once computed, each layer's keys and values [L, P, K, H] (kept on the host:
+    a batch's table is assembled there and sent once, with no device program per prefix length)."""
 
     ids: tuple[int, ...]
-    keys: jax.Array | None = None
-    values: jax.Array | None = None
+    keys: np.ndarray | None = None
+    values: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -67,8 +66,8 @@ class Sharing:
         return sum(len(p.ids) for p in self.prefixes)
 
     def table(self, length: int | None = None) -> PrefixTable | None:
-        """The prefix table of these prefixes, padded to `length` tokens (default: the coarse length of
-        their tokens), its `text_entry` and `offset` left for each batch to fill (None: no prefix)."""
+        """The prefix table of these prefixes (numpy), padded to `length` tokens (default: the coarse
+        length of their tokens), its `text_entry` and `offset` left for each batch to fill (None: no prefix)."""
         if not self.prefixes:
             return None
         length = length or table_length(self.table_tokens)
@@ -79,9 +78,9 @@ class Sharing:
             entry[start:start + len(prefix.ids)] = index + 1
             position[start:start + len(prefix.ids)] = np.arange(len(prefix.ids))
             start += len(prefix.ids)
-        keys, values = (_padded(jnp.concatenate([getattr(p, name) for p in self.prefixes], axis=1), length)
+        keys, values = (_padded(np.concatenate([getattr(p, name) for p in self.prefixes], axis=1), length)
                         for name in ("keys", "values"))
-        return PrefixTable(keys, values, jnp.asarray(entry), jnp.asarray(position), None, None)
+        return PrefixTable(keys, values, entry, position, None, None)
 
 
 def unshared(texts: Sequence[Sequence[int]]) -> Sharing:
@@ -95,9 +94,9 @@ def table_length(tokens: int, fixed: bool = False) -> int:
     return next(n for n in TABLE_LENGTHS if n >= tokens) if fixed else coarse_length(tokens)
 
 
-def _padded(x: jax.Array, length: int) -> jax.Array:
+def _padded(x: np.ndarray, length: int) -> np.ndarray:
     """[L, P, ...] padded with zeros to [L, length, ...]."""
-    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    return np.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
 def common_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -139,7 +138,7 @@ class PrefixCache:
     """The prefixes a model's texts share, their keys and values computed by `compute` (a list of id
     tuples -> their [L, P, K, H] keys and values each) and kept (see the module's text)."""
 
-    def __init__(self, compute: Callable[[list[tuple[int, ...]]], list[tuple[jax.Array, jax.Array]]], *,
+    def __init__(self, compute: Callable[[list[tuple[int, ...]]], list[tuple[np.ndarray, np.ndarray]]], *,
                  max_bytes: int = CACHE_BYTES, table_limit: int = TABLE_LIMIT):
         self._compute = compute
         self.max_bytes = max_bytes

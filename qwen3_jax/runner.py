@@ -177,9 +177,16 @@ class LastTokenRunner:
             with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
                 keys, values = program(self._state, ids, segments) if program else \
                     self._keys_values(self._state, ids, segments)
+            keys, values = np.asarray(keys), np.asarray(values)          # replicated: whole on every host
             for r, _, i, start, end in spans(batch, prefixes):
                 out[i] = (keys[:, r, start:end], values[:, r, start:end])
         return out
+
+    def _on_devices(self, table: PrefixTable) -> PrefixTable:
+        """A host prefix table (Sharing.table) sent to the devices, a whole copy on each."""
+        sharing = replicated(self.mesh)
+        put = (lambda a: jnp.asarray(a)) if sharing is None else (lambda a: put_global(a, sharing))
+        return PrefixTable(*(put(a) for a in table[:4]), None, None)
 
     def dispatch(self, batch: Batch, texts: Sequence[Sequence[int]], sharing: Sharing | None = None,
                  table: PrefixTable | None = None) -> Dispatched:
@@ -188,6 +195,8 @@ class LastTokenRunner:
         continues its shared prefix."""
         arrays = [put_global(a, self._inputs) for a in layout_batch(batch, texts, self.pad_id, self.padding_side)]
         if table is not None:
+            if isinstance(table.keys, np.ndarray):
+                table = self._on_devices(table)
             text_entry, offset = (put_global(per_token(batch, texts, values, self.padding_side), self._inputs)
                                   for values in (sharing.entry, sharing.offset))
             table = table._replace(text_entry=text_entry, offset=offset)
@@ -238,6 +247,7 @@ class LastTokenRunner:
 
             sharing = self.share(texts)
             table = sharing.table()
+            table = None if table is None else self._on_devices(table)
             in_flight: collections.deque[Dispatched] = collections.deque()
             for batch in self.plan([len(t) for t in sharing.own], token_budget=batch_size * TOKENS_PER_TEXT):
                 in_flight.append(self.dispatch(batch, sharing.own, sharing, table))

@@ -169,7 +169,7 @@ def test_encode_packs_texts_and_counts_what_it_compiled(checkpoint):
     from qwen3_jax import Qwen3Embedder
 
     model = Qwen3Embedder.from_pretrained(checkpoint)
-    texts = [" ".join(["word"] * n) for n in range(1, 200, 3)]
+    texts = [" ".join([f"w{n}"] + ["word"] * n) for n in range(1, 200, 3)]      # no prefix to share
     real = sum(len(r) for r in model.tokenizer.encode(texts, model.max_length))
     model.encode(texts, batch_size=8)
     first = model.compiled_programs

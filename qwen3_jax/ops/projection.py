@@ -17,8 +17,9 @@ from jax.ad_checkpoint import checkpoint_name
 from qwen3_jax.backend import Backend
 from qwen3_jax.numerics import einsum
 
-# The name a projection's output is saved under for remat's "dots" policy (`project` is a custom_vjp,
-# opaque to the dot policies).
+# A projection's output is saved for remat under the name "projection/<weight name>" ("projection/wq",
+# "projection/w_down", ...), so a policy chooses which to keep (`project` is a custom_vjp, opaque to
+# JAX's dot policies).
 PROJECTION = "projection"
 # A projection `name` of a module gains a low-rank adapter when the module has an attribute
 # `name + ADAPTER_SUFFIX` (see qwen3_jax/train/lora.py); the model itself knows no adapter class.
@@ -31,7 +32,12 @@ def linear(module: nnx.Module, name: str, spec: str, x: jax.Array, backend: Back
     weight = getattr(module, name)[...]
     adapter = getattr(module, name + ADAPTER_SUFFIX, None)
     out = project(spec, x, weight, backend) if adapter is None else adapter(spec, x, weight, backend, rng)
-    return checkpoint_name(out, PROJECTION)
+    return checkpoint_name(out, projection_name(name))
+
+
+def projection_name(name: str) -> str:
+    """The remat name of the projection whose weight is `name` (see PROJECTION)."""
+    return f"{PROJECTION}/{name}"
 
 
 def project(spec: str, x: jax.Array, weight: jax.Array, backend: Backend) -> jax.Array:
