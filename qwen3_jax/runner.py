@@ -1,9 +1,11 @@
 """Running the backbone on packed rows of token ids and keeping each text's last hidden state.
 
-Shared by the embedder, the reranker and the server: `layout.py` plans the rows, one jitted program
-per batch shape runs the model and gathers the last token of every text, and input order is restored
-on output. A batch is dispatched (laid out, sent, started: the device runs it asynchronously) and then
-collected, so the host lays out the next batch while the device computes the last one.
+Shared by every entry point (the engines, the server's scheduler, training's evaluation): the texts'
+shared prefixes are found and computed once (`share`, prefixes.py), `packing.py` plans the rows of
+their own tokens, one jitted program per batch shape runs the model and gathers the last token of every
+text, and input order is restored on output. A batch is dispatched (laid out, sent, started: the device
+runs it asynchronously) and then collected, so the host lays out the next batch while the device
+computes the last one.
 """
 
 from __future__ import annotations
