@@ -1,4 +1,5 @@
-"""Qwen3Embedder: the public face for embedding text, modelled on sentence-transformers."""
+"""Qwen3Embedder: the public face for embedding text, modelled on sentence-transformers, over the
+embedding engine (qwen3_jax/engine/embedding.py)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,12 @@ from jax.sharding import Mesh
 
 from qwen3_jax.checks import UsageError, check_dim, check_max_length, check_texts
 from qwen3_jax.compile_cache import use_default_compilation_cache
+from qwen3_jax.engine.embedding import EmbeddingEngine, normalize_rows
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.runner import LastTokenRunner
-from qwen3_jax.tokenization import TextTokenizer, format_instruction, read_sentence_transformers_files
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norms == 0, 1.0, norms)
-
-
-def pooled_vectors(hidden: np.ndarray, dim: int | None = None, normalize: bool = True) -> np.ndarray:
-    """Embeddings from last-token hidden states [n, D]: the first `dim` values (MRL), then L2-normalised
-    (cut first, then normalise): what encode, the server and training's evaluation all return."""
-    out = hidden if dim is None else hidden[:, :dim]
-    return normalize_rows(out) if normalize else out
+from qwen3_jax.tokenization import TextTokenizer, read_sentence_transformers_files
 
 
 class Qwen3Embedder:
@@ -39,14 +29,12 @@ class Qwen3Embedder:
                  padding_side: str = "right", truncate_dim: int | None = None):
         self.model = model
         self.config = model.config
-        self.tokenizer = tokenizer
-        self.prompts = dict(prompts or {})
-        self.default_prompt_name = default_prompt_name
         self.truncate_dim = None if truncate_dim is None else check_dim(truncate_dim, model.config.hidden_size,
                                                                         name="truncate_dim=")
-        self.max_length = check_max_length(max_length, self.config.max_position_embeddings)
-        self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh,
-                                      padding_side=padding_side)
+        runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh, padding_side=padding_side)
+        self.engine = EmbeddingEngine(model, tokenizer, runner, prompts=prompts,
+                                      default_prompt_name=default_prompt_name,
+                                      max_length=check_max_length(max_length, self.config.max_position_embeddings))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "float32", param_dtype: str | None = None,
@@ -62,6 +50,34 @@ class Qwen3Embedder:
         return cls(model, TextTokenizer.from_folder(folder), prompts=settings.prompts,
                    default_prompt_name=settings.default_prompt_name,
                    max_length=max_length if max_length is not None else settings.max_seq_length, mesh=mesh, **kwargs)
+
+    @property
+    def runner(self) -> LastTokenRunner:
+        """The engine's LastTokenRunner (replaceable, e.g. by a test's wrapper)."""
+        return self.engine.runner
+
+    @runner.setter
+    def runner(self, runner: LastTokenRunner) -> None:
+        self.engine.runner = runner
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_length(self) -> int:
+        """Tokens a text may hold, prompt and <|endoftext|> included (longer ones are cut)."""
+        return self.engine.max_length
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The checkpoint's prompts, {name: string} (config_sentence_transformers.json)."""
+        return self.engine.prompts
+
+    @property
+    def default_prompt_name(self) -> str | None:
+        """The prompt put before texts when none is chosen (None: no prompt)."""
+        return self.engine.default_prompt_name
 
     @property
     def dimension(self) -> int:
@@ -91,20 +107,8 @@ class Qwen3Embedder:
         return self.runner.compiled_programs
 
     def resolve_prefix(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str:
-        """The string put before every text: at most one of the three ways of choosing it; none
-        chosen, the checkpoint's default_prompt_name (as sentence-transformers does)."""
-        if sum(x is not None for x in (prompt_name, prompt, instruction)) > 1:
-            raise UsageError("pass at most one of prompt_name, prompt and instruction")
-        if instruction is not None:
-            return format_instruction(instruction)
-        if prompt is None and prompt_name is None:
-            prompt_name = self.default_prompt_name
-        if prompt_name is not None:
-            if prompt_name not in self.prompts:
-                known = ", ".join(self.prompts) or "none (no config_sentence_transformers.json)"
-                raise UsageError(f"prompt_name={prompt_name!r} is unknown; this model has: {known}")
-            return self.prompts[prompt_name]
-        return prompt or ""
+        """The string put before every text (see EmbeddingEngine.prefix)."""
+        return self.engine.prefix(prompt_name, prompt, instruction)
 
     def encode(self, texts: Sequence[str] | str, *, prompt_name: str | None = None, prompt: str | None = None,
                instruction: str | None = None, dim: int | None = None, batch_size: int = 32,
@@ -134,9 +138,10 @@ class Qwen3Embedder:
         dim = check_dim(dim, self.dimension)
         truncate_dim = check_dim(truncate_dim, self.dimension, name="truncate_dim=")
         max_length = self.max_length if max_length is None else check_max_length(max_length)
-        prefix = self.resolve_prefix(prompt_name, prompt, instruction)
-        rows = self.tokenizer.encode([prefix + t for t in texts], max_length)
-        out = pooled_vectors(self.runner(rows, batch_size=batch_size, progress=show_progress_bar), dim, normalize)
+        rows = self.engine.rows(texts, prompt_name=prompt_name, prompt=prompt, instruction=instruction,
+                                max_length=max_length)
+        out = self.engine.vectors(self.engine.run(rows, batch_size=batch_size, progress=show_progress_bar), dim,
+                                  normalize)
         out = out[:, :truncate_dim]
         if normalize_embeddings:
             out = normalize_rows(out)

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from qwen3_jax.checks import check_dim
 from qwen3_jax.corpus import embed_corpus
 from qwen3_jax.extras import require
 from qwen3_jax.index import Index
@@ -39,8 +38,8 @@ def mteb_encoder(embedder, *, model_name: str = "qwen3-jax", instructions: dict[
 
     class MTEBEncoder(AbsEncoder):
         def __init__(self):
-            self.embedder, self.instructions = embedder, dict(instructions or {})
-            self.dim, self.batch_size = check_dim(dim, embedder.dimension), batch_size
+            self.engine, self.instructions = embedder.engine, dict(instructions or {})
+            self.dim, self.batch_size = self.engine.check_dim(dim), batch_size
             self.mteb_model_meta = ModelMeta.create_empty(overwrites={"name": model_name, "revision": "local",
                                                                       "embed_dim": self.dim})
 
@@ -54,15 +53,15 @@ def mteb_encoder(embedder, *, model_name: str = "qwen3-jax", instructions: dict[
                 elif instruction is None and isinstance(task_prompt, str):
                     instruction = task_prompt
                 if instruction:
-                    return self.embedder.resolve_prefix(None, None, instruction)
+                    return self.engine.prefix(instruction=instruction)
             name = prompt_type.value if prompt_type is not None else None
-            return self.embedder.prompts.get(name, "") if name else ""
+            return self.engine.prompts.get(name, "") if name else ""
 
         def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
                    **kwargs: Any) -> np.ndarray:
             texts = [text for batch in inputs for text in batch["text"]]
-            return self.embedder.encode(texts, prompt=self.prefix(task_metadata, prompt_type), dim=self.dim,
-                                        batch_size=self.batch_size)
+            rows = self.engine.rows(texts, prompt=self.prefix(task_metadata, prompt_type))
+            return self.engine.vectors(self.engine.run(rows, batch_size=self.batch_size), self.dim)
 
     return MTEBEncoder()
 
@@ -78,7 +77,7 @@ def mteb_cross_encoder(reranker, *, model_name: str = "qwen3-jax-reranker", inst
 
     class MTEBCrossEncoder:
         def __init__(self):
-            self.reranker, self.instructions, self.batch_size = reranker, dict(instructions or {}), batch_size
+            self.engine, self.instructions, self.batch_size = reranker.engine, dict(instructions or {}), batch_size
             self.mteb_model_meta = ModelMeta.create_empty(overwrites={"name": model_name, "revision": "local",
                                                                       "is_cross_encoder": True})
 
@@ -92,8 +91,8 @@ def mteb_cross_encoder(reranker, *, model_name: str = "qwen3-jax-reranker", inst
                     **kwargs: Any) -> np.ndarray:
             queries = [text for batch in inputs1 for text in batch["text"]]
             documents = [text for batch in inputs2 for text in batch["text"]]
-            return self.reranker.score_pairs(list(zip(queries, documents)), instruction=self.instruction(task_metadata),
-                                             batch_size=self.batch_size)
+            rows = self.engine.rows(list(zip(queries, documents)), instruction=self.instruction(task_metadata))
+            return self.engine.scores(self.engine.run(rows, batch_size=self.batch_size))
 
     return MTEBCrossEncoder()
 

@@ -24,7 +24,7 @@ from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.config import PRESETS, Qwen3Config, preset
 from qwen3_jax.convert import staged_folder, write_weight_files
 from qwen3_jax.progress import progress_bar
-from qwen3_jax.reranker import PREFIX, SUFFIX, format_pair
+from qwen3_jax.engine.reranking import PREFIX, SUFFIX, format_pair
 from qwen3_jax.tokenization import END_OF_TEXT, QUERY_PROMPT
 from qwen3_jax.weights import WEIGHTS, hf_key, hf_layer_shape
 

@@ -1,83 +1,22 @@
-"""Qwen3Reranker: relevance of a document to a query, read off the LM's "yes" / "no" logits."""
+"""Qwen3Reranker: relevance of a document to a query, read off the LM's "yes" / "no" logits, over the
+reranking engine (qwen3_jax/engine/reranking.py)."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen3_jax.checks import UsageError, check_max_length, check_texts
+from qwen3_jax.checks import UsageError, check_texts
 from qwen3_jax.compile_cache import use_default_compilation_cache
+from qwen3_jax.engine.reranking import DEFAULT_MAX_LENGTH, RerankingEngine, best_first
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.runner import LastTokenRunner
-from qwen3_jax.tokenization import TextTokenizer, TooLong
-
-DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
-          "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
-SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-DEFAULT_MAX_LENGTH = 8192
-
-
-def format_pair(instruction: str, query: str, document: str) -> str:
-    """The user turn of the official reranker prompt."""
-    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
-
-
-class RerankerPrompts:
-    """The official prompt as token ids, and the ids of its two answers, for a tokenizer and max_length;
-    shared by scoring and training."""
-
-    def __init__(self, tokenizer: TextTokenizer, max_length: int = DEFAULT_MAX_LENGTH):
-        self.tokenizer = tokenizer
-        self.max_length = check_max_length(max_length)
-        vocab = tokenizer.tokenizer
-        self.yes_id, self.no_id = vocab.token_to_id("yes"), vocab.token_to_id("no")
-        if self.yes_id is None or self.no_id is None:
-            raise ValueError("the tokenizer has no 'yes' / 'no' tokens; is this a Qwen3-Reranker checkpoint?")
-        self.prefix_ids, self.suffix_ids = tokenizer.token_ids([PREFIX, SUFFIX])
-        if len(self.prefix_ids) + len(self.suffix_ids) >= self.max_length:
-            raise UsageError(f"max_length={max_length} leaves no room between the prompt's prefix and suffix")
-
-    def ids(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None, *,
-            truncate: bool = True, side: str = "right") -> list[list[int]]:
-        """Token ids of each prompt (instruction None: the default); an over-long document is cut inside
-        the document part, so the prefix and suffix survive (`truncate=False`: TooLong instead): its end,
-        or with `side="left"` its start (the document then tokenized apart from the query before it)."""
-        instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
-        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        bodies = self.tokenizer.token_ids([format_pair(instruction, q, d) for q, d in pairs])
-        too_long = [i for i, body in enumerate(bodies) if len(body) > budget]
-        if too_long and not truncate:
-            raise TooLong(too_long, len(bodies[too_long[0]]) + self.max_length - budget, self.max_length)
-        cut = len(too_long)
-        if cut:
-            warnings.warn(f"{cut} prompt(s) exceed max_length={self.max_length} tokens; their documents were "
-                          "truncated (the prompt's prefix and suffix are kept)", stacklevel=3)
-        if cut and side == "left":
-            heads = self.tokenizer.token_ids([format_pair(instruction, pairs[i][0], "") for i in too_long])
-            documents = self.tokenizer.token_ids([pairs[i][1] for i in too_long])
-            for i, head, document in zip(too_long, heads, documents):
-                bodies[i] = head + document[len(document) - max(budget - len(head), 0):]
-        return [self.prefix_ids + body[:budget] + self.suffix_ids for body in bodies]
-
-
-def answer_margins(hidden: np.ndarray, answer_rows: np.ndarray) -> np.ndarray:
-    """logit("yes") - logit("no") of last hidden states [n, D], given the output rows of ("no", "yes")
-    [2, D] (TEI's raw score)."""
-    logits = np.einsum("BD,AD->BA", hidden, answer_rows)          # A: ("no", "yes")
-    return logits[:, 1] - logits[:, 0]
-
-
-def yes_probability(margin: np.ndarray) -> np.ndarray:
-    """softmax([no, yes])[1] = sigmoid(yes - no), float32, without overflow for confident margins:
-    1 / (1 + exp(-m)) computed as exp(-log(1 + exp(-m)))."""
-    return np.exp(-np.logaddexp(0.0, -np.asarray(margin, np.float64))).astype(np.float32)
+from qwen3_jax.tokenization import TextTokenizer
 
 
 class Qwen3Reranker:
@@ -87,12 +26,11 @@ class Qwen3Reranker:
                  mesh: Mesh | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.prompts = RerankerPrompts(tokenizer, max_length)
+        self.engine = RerankingEngine(model, tokenizer, LastTokenRunner(model, pad_id=tokenizer.end_of_text_id,
+                                                                        mesh=mesh), max_length=max_length)
+        self.prompts = self.engine.prompts
         self.max_length, self.yes_id, self.no_id = self.prompts.max_length, self.prompts.yes_id, self.prompts.no_id
         self.prefix_ids, self.suffix_ids = self.prompts.prefix_ids, self.prompts.suffix_ids
-        # Only two rows of the output projection are ever needed: "no" and "yes".
-        self.answer_rows = np.asarray(model.output_rows([self.no_id, self.yes_id]), np.float32)
-        self.runner = LastTokenRunner(model, pad_id=tokenizer.end_of_text_id, mesh=mesh)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: str = "float32", param_dtype: str | None = None,
@@ -106,9 +44,18 @@ class Qwen3Reranker:
                            fsdp=fsdp, with_lm_head=True, strict=strict)
         return cls(model, TextTokenizer.from_folder(folder), mesh=mesh, **kwargs)
 
+    @property
+    def runner(self) -> LastTokenRunner:
+        """The engine's LastTokenRunner (replaceable, e.g. by a test's wrapper)."""
+        return self.engine.runner
+
+    @runner.setter
+    def runner(self, runner: LastTokenRunner) -> None:
+        self.engine.runner = runner
+
     def prompt_ids(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[list[int]]:
-        """Token ids of each prompt (see RerankerPrompts.ids)."""
-        return self.prompts.ids(pairs, instruction)
+        """Token ids of each prompt (see RerankingEngine.rows)."""
+        return self.engine.rows(pairs, instruction=instruction)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None,
                     batch_size: int = 16, show_progress_bar: bool = False) -> np.ndarray:
@@ -117,13 +64,8 @@ class Qwen3Reranker:
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise TypeError(f"pairs[{i}] must be a (query, document) pair of strings")
-        rows = self.prompt_ids(pairs, instruction)
-        hidden = self.runner(rows, batch_size=batch_size, progress=show_progress_bar)
-        return yes_probability(self.answer_logits(hidden))
-
-    def answer_logits(self, hidden: np.ndarray) -> np.ndarray:
-        """logit("yes") - logit("no") of last hidden states [n, D] (TEI's raw score)."""
-        return answer_margins(hidden, self.answer_rows)
+        rows = self.engine.rows(pairs, instruction=instruction)
+        return self.engine.scores(self.engine.run(rows, batch_size=batch_size, progress=show_progress_bar))
 
     def score(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
               batch_size: int = 16, show_progress_bar: bool = False) -> np.ndarray:
@@ -139,5 +81,4 @@ class Qwen3Reranker:
             raise UsageError(f"top_k={top_k} must be at least 1")
         scores = self.score(query, documents, instruction=instruction, batch_size=batch_size,
                             show_progress_bar=show_progress_bar)
-        order = np.argsort(-scores, kind="stable")[:top_k]
-        return [{"index": int(i), "score": float(scores[i]), "document": documents[i]} for i in order]
+        return [{"index": i, "score": float(scores[i]), "document": documents[i]} for i in best_first(scores)[:top_k]]

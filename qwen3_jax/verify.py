@@ -13,12 +13,12 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from qwen3_jax.embedder import normalize_rows
+from qwen3_jax.engine.embedding import normalize_rows
+from qwen3_jax.engine.reranking import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, RerankerPrompts, format_pair, \
+    yes_no_margins, yes_probability
 from qwen3_jax.extras import require
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
-from qwen3_jax.reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, RerankerPrompts, answer_margins, format_pair, \
-    yes_probability
 from qwen3_jax.tokenization import TextTokenizer, format_instruction, pad_batch
 from qwen3_jax.weights import CheckpointFolder
 
@@ -124,7 +124,7 @@ def verify_reranker(folder: Path, tokenizer: TextTokenizer, *, dtype: str, stric
                                                                    causal_lm=True)
     last, rows_index = valid.sum(axis=1) - 1, np.arange(len(rows))
     ours_rows = np.asarray(ours_model.output_rows([prompts.no_id, prompts.yes_id]), np.float32)
-    ours_scores = yes_probability(answer_margins(ours_final[rows_index, last], ours_rows))
+    ours_scores = yes_probability(yes_no_margins(ours_final[rows_index, last], ours_rows))
     no_yes = ref_logits[rows_index, last][:, card_answers]
     ref_scores = np.exp(no_yes[:, 1] - np.logaddexp(no_yes[:, 0], no_yes[:, 1]))      # softmax([no, yes])[1]
     max_diff = float(np.abs(ours_scores - ref_scores).max())

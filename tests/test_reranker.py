@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from qwen3_jax.cli import main
-from qwen3_jax.reranker import Qwen3Reranker, format_pair
+from qwen3_jax.engine.reranking import format_pair
+from qwen3_jax.reranker import Qwen3Reranker
 from qwen3_jax.safetensors_file import SafetensorsFile
 from tests.conftest import CORPUS, long_text
 from tests.reference import CARD_INSTRUCTION, official_rerank_scores
@@ -129,7 +130,7 @@ def test_scores_under_a_mesh_with_a_padded_vocabulary(reranker_checkpoint, reran
 def test_confident_scores_do_not_overflow():
     import warnings
 
-    from qwen3_jax.reranker import yes_probability
+    from qwen3_jax.engine.reranking import yes_probability
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")                        # numpy's overflow warning fails the test

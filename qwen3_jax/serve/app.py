@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from qwen3_jax.serve import cohere_api, openai_api, tei_api, vllm_api
 from qwen3_jax.serve.errors import APIError, api_error, error_response, http_error, invalid_request
 from qwen3_jax.serve.gate import Gate
-from qwen3_jax.serve.service import ClientGone, Service
+from qwen3_jax.serve.service import Service
 
 
 def create_app(service: Service) -> FastAPI:
@@ -50,8 +50,6 @@ def create_app(service: Service) -> FastAPI:
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(ClientGone, lambda request, error: error_response(
-        499, "the client closed the connection; its queued work was dropped", code="client_closed"))
     settings = service.settings
     app.add_middleware(Gate, metrics=service.metrics, api_key=settings.api_key, payload_limit=settings.payload_limit,
                        read_timeout_s=settings.read_timeout_s)

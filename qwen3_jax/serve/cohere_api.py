@@ -22,16 +22,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
-from qwen3_jax.embedder import pooled_vectors
+from qwen3_jax.engine.reranking import DEFAULT_INSTRUCTION as WEB_SEARCH_TASK
+from qwen3_jax.engine.reranking import best_first
 from qwen3_jax.quantize import CALIBRATED, quantize
-from qwen3_jax.reranker import DEFAULT_INSTRUCTION as WEB_SEARCH_TASK
-from qwen3_jax.reranker import yes_probability
-from qwen3_jax.serve.errors import APIError
+from qwen3_jax.serve.client import caller_of, service_of
+from qwen3_jax.serve.errors import APIError, family_route
 from qwen3_jax.serve.fields import Text
 from qwen3_jax.serve.openai_api import encoded
-from qwen3_jax.serve.service import Service, ranked, service_of
+from qwen3_jax.serve.service import Service
 
-router = APIRouter()
+router = APIRouter(route_class=family_route("cohere"))
 INPUT_TYPES = {"search_query": "query", "search_document": None, "classification": None, "clustering": None}
 EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
 
@@ -82,14 +82,15 @@ async def rerank(body: CohereRerankRequest, request: Request, service: Service =
                        code="invalid_request", param="max_tokens_per_doc")
     documents = given = [d if isinstance(d, str) else d.text for d in body.documents]
     if body.max_tokens_per_doc is not None:
-        documents = service.bounded("rerank", documents, truncate=True, side="right", status=400, param="documents")
-        documents = await service.host(_cut_to_tokens, service.reranker.tokenizer, documents, body.max_tokens_per_doc)
-    margins, tokens = await service.rerank_margins(request, [body.query] * len(documents), documents, instruction=body.instruction,
-                                                   truncate=True, status=400)
-    scores = yes_probability(margins)
+        documents = service.bounded("rerank", documents, truncate=True, side="right", param="documents")
+        documents = await service.off_loop(_cut_to_tokens, service.reranking.tokenizer, documents,
+                                           body.max_tokens_per_doc)
+    hidden, tokens = await service.rerank([body.query] * len(documents), documents, instruction=body.instruction,
+                                          truncate=True, caller=caller_of(request))
+    scores = service.reranking.scores(hidden)
     results = [{"index": i, "relevance_score": float(scores[i]),
                 **({"document": {"text": given[i]}} if body.return_documents else {})}
-               for i in ranked(scores)[:body.top_n]]
+               for i in best_first(scores)[:body.top_n]]
     return {"id": str(uuid.uuid4()), "model": service.reranker_name, "results": results,
             "usage": {"total_tokens": tokens}, "meta": _meta(tokens)}
 
@@ -110,18 +111,18 @@ async def embed(body: CohereEmbedRequest, request: Request, service: Service = D
     dim = service.check_dim(body.output_dimension)
     ranges = service.quantization_ranges(dim) if set(body.embedding_types) & set(CALIBRATED) else None
     prompt_name, instruction = INPUT_TYPES.get(body.input_type) if body.instruction is None else None, body.instruction
-    if prompt_name is not None and prompt_name not in service.embedder.prompts:
+    if prompt_name is not None and prompt_name not in service.embedding.prompts:
         prompt_name, instruction = None, WEB_SEARCH_TASK            # a checkpoint without its prompts file
     side, truncate = "left" if body.truncate == "START" else "right", body.truncate != "NONE"
     texts = body.texts
     if body.max_tokens is not None:
-        texts = service.bounded("embedding", texts, truncate=truncate, side=side, status=400, param="texts")
-        texts = await service.host(_cut_to_tokens, service.embedder.tokenizer, texts, body.max_tokens, side=side)
-    hidden, tokens = await service.embed(request, texts, prompt_name=prompt_name, instruction=instruction,
-                                         truncate=truncate, side=side, status=400, param="texts")
+        texts = service.bounded("embedding", texts, truncate=truncate, side=side, param="texts")
+        texts = await service.off_loop(_cut_to_tokens, service.embedding.tokenizer, texts, body.max_tokens, side=side)
+    hidden, tokens = await service.embed(texts, prompt_name=prompt_name, instruction=instruction, truncate=truncate,
+                                         side=side, param="texts", caller=caller_of(request))
 
     def respond() -> dict:
-        vectors = pooled_vectors(hidden, dim)
+        vectors = service.embedding.vectors(hidden, dim)
         embeddings = {}
         for kind in dict.fromkeys(body.embedding_types):
             if kind == "base64":

@@ -18,12 +18,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
-from qwen3_jax.embedder import pooled_vectors
-from qwen3_jax.serve.errors import APIError
+from qwen3_jax.serve.client import caller_of, service_of
+from qwen3_jax.serve.errors import APIError, family_route
 from qwen3_jax.serve.fields import Text
-from qwen3_jax.serve.service import Service, service_of
+from qwen3_jax.serve.service import Service
 
-router = APIRouter()
+router = APIRouter(route_class=family_route("openai"))
 ENCODINGS = ("float", "base64")
 
 
@@ -63,16 +63,14 @@ async def embeddings(body: EmbeddingRequest, request: Request, service: Service 
         if body.instruction is not None or body.prompt_name is not None:
             raise APIError(400, "instruction and prompt_name apply to text inputs; put the prompt's tokens in the "
                            "token ids instead", code="invalid_request", param="instruction")
-        service.admit("embedding", len(given), "input")
-        rows = await service.host(service.token_rows, given, truncate=body.truncate, side="right", status=400)
-        hidden, tokens = await service.run("embedding", request, rows)
+        hidden, tokens = await service.embed_ids(given, truncate=body.truncate, param="input",
+                                                 caller=caller_of(request))
     else:
-        hidden, tokens = await service.embed(request, given, prompt_name=body.prompt_name,
-                                             instruction=body.instruction, truncate=body.truncate, status=400,
-                                             param="input")
+        hidden, tokens = await service.embed(given, prompt_name=body.prompt_name, instruction=body.instruction,
+                                             truncate=body.truncate, param="input", caller=caller_of(request))
 
     def respond() -> JSONResponse:
-        vectors = pooled_vectors(hidden, dim)
+        vectors = service.embedding.vectors(hidden, dim)
         return JSONResponse({
             "object": "list", "model": service.embedding_name,
             "data": [{"object": "embedding", "index": i, "embedding": encoded(v, body.encoding_format)}

@@ -104,7 +104,7 @@ def serve(settings: ServeSettings, *, mesh=None, out=print) -> int:
     models = " and ".join(name for name in (settings.model, settings.reranker) if name)
     out(f"port {settings.port} on {settings.host} held; loading {models}")
     service = build_service(settings, mesh=mesh)
-    lengths = [model.max_length for model in (service.embedder, service.reranker) if model]
+    lengths = [engine.max_length for engine in service.engines().values()]
     out(f"loaded in {time.perf_counter() - started:.1f} s; compiling every batch shape "
         f"(batches of up to {service.batch_tokens} tokens, texts of up to {max(lengths)} tokens)")
     counts = ProgramCounts()

@@ -28,13 +28,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
-from qwen3_jax.embedder import pooled_vectors
-from qwen3_jax.reranker import yes_probability
-from qwen3_jax.serve.errors import APIError
+from qwen3_jax.engine.reranking import best_first
+from qwen3_jax.serve.client import caller_of, service_of
+from qwen3_jax.serve.errors import APIError, family_route
 from qwen3_jax.serve.fields import Direction, Text
-from qwen3_jax.serve.service import Service, ranked, service_of
+from qwen3_jax.serve.service import Service
 
-router = APIRouter()
+router = APIRouter(route_class=family_route("tei"))
 
 
 class EmbedRequest(BaseModel):
@@ -120,10 +120,11 @@ async def embed(body: EmbedRequest, request: Request, service: Service = Depends
                        "/v1/embeddings for base64", code="invalid_encoding_format", param="encoding_format")
     dim = service.check_dim(body.dimensions)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    hidden, _ = await service.embed(request, texts, prompt_name=body.prompt_name, instruction=body.instruction,
-                                    truncate=bool(body.truncate), side=body.truncation_direction, status=413,
-                                    param="inputs")
-    return await run_in_threadpool(lambda: JSONResponse(pooled_vectors(hidden, dim, body.normalize).tolist()))
+    hidden, _ = await service.embed(texts, prompt_name=body.prompt_name, instruction=body.instruction,
+                                    truncate=bool(body.truncate), side=body.truncation_direction, param="inputs",
+                                    caller=caller_of(request))
+    vectors = service.embedding.vectors
+    return await run_in_threadpool(lambda: JSONResponse(vectors(hidden, dim, body.normalize).tolist()))
 
 
 @router.post("/embed_all")
@@ -131,7 +132,7 @@ async def embed_all(body: EmbedAllRequest, request: Request, service: Service = 
     service.require("embedding")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     states = await service.embed_tokens(texts, prompt_name=body.prompt_name, instruction=body.instruction,
-                                        truncate=bool(body.truncate), side=body.truncation_direction, status=413,
+                                        truncate=bool(body.truncate), side=body.truncation_direction,
                                         param="inputs")
     return await run_in_threadpool(lambda: JSONResponse([state.tolist() for state in states]))
 
@@ -143,10 +144,10 @@ async def similarity(body: SimilarityRequest, request: Request, service: Service
     if not body.inputs.sentences:
         raise APIError(400, "inputs.sentences is empty: give at least one sentence to compare with",
                        code="empty_input", param="inputs.sentences")
-    hidden, _ = await service.embed(request, texts, prompt_name=body.prompt_name, instruction=body.instruction,
-                                    truncate=bool(body.truncate), side=body.truncation_direction, status=413,
-                                    param="inputs")
-    vectors = pooled_vectors(hidden)
+    hidden, _ = await service.embed(texts, prompt_name=body.prompt_name, instruction=body.instruction,
+                                    truncate=bool(body.truncate), side=body.truncation_direction, param="inputs",
+                                    caller=caller_of(request))
+    vectors = service.embedding.vectors(hidden)
     return [float(score) for score in vectors[1:] @ vectors[0]]
 
 
@@ -160,10 +161,10 @@ async def predict_pairs(body: PredictRequest, request: Request, service: Service
         if isinstance(pair, str) or len(pair) != 2:
             raise APIError(422, f"inputs[{i}] is not a [query, document] pair: a reranker scores pairs",
                            code="invalid_request", param="inputs")
-    margins, _ = await service.rerank_margins(request, [q for q, _ in pairs], [d for _, d in pairs],
-                                              instruction=body.instruction, truncate=bool(body.truncate),
-                                              side=body.truncation_direction, status=413)
-    scores = margins if body.raw_scores else yes_probability(margins)
+    hidden, _ = await service.rerank([q for q, _ in pairs], [d for _, d in pairs], instruction=body.instruction,
+                                     truncate=bool(body.truncate), side=body.truncation_direction,
+                                     caller=caller_of(request))
+    scores = service.reranking.scores(hidden, raw=body.raw_scores)
     answers = [[{"label": "yes", "score": float(score)}] for score in scores]
     return answers[0] if single else answers
 
@@ -171,11 +172,12 @@ async def predict_pairs(body: PredictRequest, request: Request, service: Service
 @router.post("/rerank")
 async def rerank(body: RerankRequest, request: Request, service: Service = Depends(service_of)) -> list[dict]:
     service.require("rerank")
-    margins, _ = await service.rerank_margins(request, [body.query] * len(body.texts), body.texts, instruction=body.instruction,
-                                              truncate=bool(body.truncate), side=body.truncation_direction, status=413)
-    scores = margins if body.raw_scores else yes_probability(margins)
+    hidden, _ = await service.rerank([body.query] * len(body.texts), body.texts, instruction=body.instruction,
+                                     truncate=bool(body.truncate), side=body.truncation_direction,
+                                     caller=caller_of(request))
+    scores = service.reranking.scores(hidden, raw=body.raw_scores)
     return [{"index": i, "score": float(scores[i]), **({"text": body.texts[i]} if body.return_text else {})}
-            for i in ranked(scores)]
+            for i in best_first(scores)]
 
 
 @router.post("/")
@@ -185,7 +187,7 @@ async def predict(request: Request, payload: Any = Body(...), service: Service =
     if not isinstance(payload, dict):
         raise APIError(422, "the body must be a JSON object with inputs (to embed) or query and texts (to rerank)",
                        code="invalid_request")
-    reranks = service.reranker is not None and (service.embedder is None or "query" in payload)
+    reranks = service.reranking is not None and (service.embedding is None or "query" in payload)
     schema, endpoint = (RerankRequest, rerank) if reranks else (EmbedRequest, embed)
     if isinstance(payload.get("inputs"), dict):
         schema, endpoint = SimilarityRequest, similarity
@@ -200,18 +202,18 @@ async def predict(request: Request, payload: Any = Body(...), service: Service =
 async def tokenize(body: TokenizeRequest, service: Service = Depends(service_of)) -> list[list[dict]]:
     """Each text's tokens as the model reads it: id, text, special, and the characters [start, stop) it
     covers (the prompt's included); with add_special_tokens, the appended <|endoftext|>."""
-    model = service.embedder or service.reranker
+    engine = service.embedding or service.reranking
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     service.check_count(len(texts), "inputs")
-    if body.prompt_name is not None and service.embedder is None:
+    if body.prompt_name is not None and service.embedding is None:
         raise APIError(400, "prompt_name applies to an embedding model's texts", code="invalid_prompt",
                        param="prompt_name")
-    prefix = service.prefix(body.prompt_name, None) if service.embedder is not None else ""
-    kind = "embedding" if service.embedder is not None else "rerank"
-    texts = service.bounded(kind, texts, truncate=False, side="right", status=413, param="inputs")
+    prefix = service.embedding.prefix(body.prompt_name) if service.embedding is not None else ""
+    kind = "embedding" if service.embedding is not None else "rerank"
+    texts = service.bounded(kind, texts, truncate=False, side="right", param="inputs")
 
     def pieces() -> list[list[dict]]:
-        tokenizer = model.tokenizer
+        tokenizer = engine.tokenizer
         out = []
         for text, encoding in zip(texts, tokenizer.tokenizer.encode_batch([prefix + t for t in texts],
                                                                           add_special_tokens=False)):
@@ -223,30 +225,30 @@ async def tokenize(body: TokenizeRequest, service: Service = Depends(service_of)
                                "start": None, "stop": None})
             out.append(tokens)
         return out
-    return await service.host(pieces)
+    return await service.off_loop(pieces)
 
 
 @router.post("/decode")
 async def decode(body: DecodeRequest, service: Service = Depends(service_of)) -> list[str]:
-    model = service.embedder or service.reranker
+    engine = service.embedding or service.reranking
     rows = body.ids if body.ids and isinstance(body.ids[0], list) else [body.ids]
-    vocabulary = model.model.config.vocab_size
+    vocabulary = engine.model.config.vocab_size
     service.check_count(len(rows), "ids")
     for i, row in enumerate(rows):
         if any(not 0 <= token < vocabulary for token in row):
             raise APIError(400, f"ids[{i}] holds token ids outside 0..{vocabulary - 1}", code="invalid_tokens",
                            param="ids")
-    return await service.host(model.tokenizer.tokenizer.decode_batch, rows,
-                              skip_special_tokens=body.skip_special_tokens)
+    return await service.off_loop(engine.tokenizer.tokenizer.decode_batch, rows,
+                                  skip_special_tokens=body.skip_special_tokens)
 
 
 @router.get("/info")
 async def info(service: Service = Depends(service_of)) -> dict:
-    model = service.embedder or service.reranker
+    engine = service.embedding or service.reranking
     settings = service.settings
-    return {"model_id": service.embedding_name or service.reranker_name, "model_dtype": str(model.model.dtype),
-            "model_type": {"embedding": bool(service.embedder), "reranker": bool(service.reranker)},
-            "max_input_length": model.max_length, "max_batch_tokens": service.batch_tokens,
+    return {"model_id": service.embedding_name or service.reranker_name, "model_dtype": str(engine.model.dtype),
+            "model_type": {"embedding": service.embedding is not None, "reranker": service.reranking is not None},
+            "max_input_length": engine.max_length, "max_batch_tokens": service.batch_tokens,
             "max_client_batch_size": settings.max_client_batch_size, "max_queue_tokens": service.queue_tokens,
-            "payload_limit": settings.payload_limit, "max_input_chars": settings.input_chars(model.max_length),
+            "payload_limit": settings.payload_limit, "max_input_chars": settings.input_chars(engine.max_length),
             "version": "qwen3-jax"}

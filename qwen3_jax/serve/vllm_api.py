@@ -15,12 +15,12 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, StrictInt
 
-from qwen3_jax.reranker import yes_probability
-from qwen3_jax.serve.errors import APIError
+from qwen3_jax.serve.client import caller_of, service_of
+from qwen3_jax.serve.errors import APIError, family_route
 from qwen3_jax.serve.fields import Text
-from qwen3_jax.serve.service import Service, service_of
+from qwen3_jax.serve.service import Service
 
-router = APIRouter()
+router = APIRouter(route_class=family_route("vllm"))
 
 
 class ScoreRequest(BaseModel):
@@ -44,14 +44,14 @@ async def score(body: ScoreRequest, request: Request, service: Service = Depends
     if len(queries) != len(documents):
         raise APIError(400, f"text_1 holds {len(queries)} texts and text_2 {len(documents)}: give one text_1, or "
                        "as many as text_2", code="invalid_request", param="text_1")
-    limit, model_limit = body.truncate_prompt_tokens, service.reranker.max_length
+    limit, model_limit = body.truncate_prompt_tokens, service.reranking.max_length
     if limit is not None and limit != -1 and limit < model_limit:
         raise APIError(400, f"truncate_prompt_tokens={limit}: this server cuts prompts at the model's limit of "
                        f"{model_limit} tokens; give -1 (or {model_limit}), or leave it out to refuse longer ones",
                        code="invalid_request", param="truncate_prompt_tokens")
-    margins, tokens = await service.rerank_margins(request, queries, documents, instruction=body.instruction,
-                                                   truncate=limit is not None, status=400)
-    scores = yes_probability(margins)
+    hidden, tokens = await service.rerank(queries, documents, instruction=body.instruction, truncate=limit is not None,
+                                          caller=caller_of(request))
+    scores = service.reranking.scores(hidden)
     return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
             "model": service.reranker_name,
             "data": [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)],

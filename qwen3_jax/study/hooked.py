@@ -16,9 +16,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen3_jax.checks import UsageError
 from qwen3_jax.embedder import Qwen3Embedder
+from qwen3_jax.engine.reranking import RerankerPrompts
 from qwen3_jax.extras import require
 from qwen3_jax.model import Qwen3Model, gather_tokens
-from qwen3_jax.reranker import Qwen3Reranker, RerankerPrompts
+from qwen3_jax.reranker import Qwen3Reranker
 from qwen3_jax.study.forward import EMBED, FINAL, HOOK_SHAPES, HookFn, hook_names, run_hooked
 from qwen3_jax.tokenization import TextTokenizer, format_instruction, pad_batch
 

@@ -13,11 +13,11 @@ import numpy as np
 from flax import nnx
 
 from qwen3_jax.convert import export_hf, hf_key_prefix, staged_folder
-from qwen3_jax.embedder import pooled_vectors
+from qwen3_jax.engine import EmbeddingEngine, RerankingEngine
+from qwen3_jax.engine.reranking import RerankerPrompts
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
 from qwen3_jax.retrieval_metrics import evaluate
-from qwen3_jax.reranker import RerankerPrompts, answer_margins
 from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.sharding import fetch_global, shard_count
 from qwen3_jax.tokenization import TextTokenizer, format_instruction
@@ -103,20 +103,20 @@ class Trainer:
                                                layer_by_layer=False)
         runner = self.eval_runner
         runner.use(model)
+        batch_size = self.config.batch_size
         if self.prompts is not None:
-            hidden = runner(self._prompts(examples), batch_size=self.config.batch_size)
-            rows = fetch_global(model.output_rows([self.prompts.no_id, self.prompts.yes_id])).astype(np.float32)
-            scores = answer_margins(hidden, rows)
+            engine = RerankingEngine(model, self.tokenizer, runner, max_length=self.config.max_length)
+            scores = engine.scores(engine.run(self._prompts(examples), batch_size=batch_size), raw=True)
             by_query: dict[str, list[int]] = {}
             for i, e in enumerate(examples):
                 by_query.setdefault(e.query, []).append(i)
             rankings = {q: sorted(ids, key=lambda i: -scores[i]) for q, ids in by_query.items()}
             qrels = {q: {i: examples[i].label for i in ids} for q, ids in by_query.items()}
             return evaluate(rankings, qrels, EVAL_METRICS)
+        engine = EmbeddingEngine(model, self.tokenizer, runner, max_length=self.config.max_length)
         corpus = sorted({d for e in examples for d in e.documents})
         position = {d: i for i, d in enumerate(corpus)}
-        encode = lambda texts: pooled_vectors(runner(self.tokenizer.encode(texts, self.config.max_length),
-                                                     batch_size=self.config.batch_size))
+        encode = lambda texts: engine.vectors(engine.run(engine.rows(texts), batch_size=batch_size))
         similarity = encode([self._query_text(e) for e in examples]) @ encode(corpus).T
         top = np.argsort(-similarity, axis=1, kind="stable")[:, :DEEPEST]
         rankings = {i: [int(d) for d in top[i]] for i in range(len(examples))}
