@@ -245,11 +245,13 @@ def test_the_device_suite_sizes_every_part_by_texts(monkeypatch, tmp_path, texts
                                              asked["run_benchmark"]] == [(str(tmp_path / "0.6B"), 8, 8, "128"),
                                                                          (str(tmp_path / "4B"), 8, 8, "128")]
         assert {call["longest"] for call in asked["run_mixes"]} == {128}
+        assert [[tokens for tokens, _ in call["mixes"]] for call in asked["run_mixes"]] == [["5-30", "10-4000"]] * 2
         assert [call["tokens"] for call in asked["run_train_benchmark"]] == [128, 128]
         assert serve["levels"] == [8] and serve["max_requests"] == 8 and serve["max_batch_tokens"] == 1024
     else:
         assert len(asked["run_suite"]) == 1 and "run_benchmark" not in asked
         assert {call["longest"] for call in asked["run_mixes"]} == {None}
+        assert {call["mixes"] for call in asked["run_mixes"]} == {None}          # all of LENGTH_MIXES
         assert all("tokens" not in call for call in asked["run_train_benchmark"])
         assert serve["levels"] == [16, 64] and serve["max_requests"] == 200 and serve["max_batch_tokens"] is None
     assert set(json.loads((tmp_path / "d.json").read_text())["seconds"]) >= {"kernel", "suite", "serve"}

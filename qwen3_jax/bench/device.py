@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3_jax.bench.common import bench_checkpoint
-from qwen3_jax.bench.encode import GPU_SUITE, SUITE_TOKENS, run_benchmark, run_mixes, run_suite
+from qwen3_jax.bench.encode import GPU_SUITE, LENGTH_MIXES, SUITE_TOKENS, run_benchmark, run_mixes, run_suite
 from qwen3_jax.bench.serve_load import run_serve_benchmark
 from qwen3_jax.bench.train import run_train_benchmark
 
@@ -44,8 +44,10 @@ def check_packed_kernel(out=print, tokens: int = 1024) -> dict:
 # Each part of the device suite and its share of the 9 minutes one H200 run is sized for (compiles included).
 DEVICE_BUDGET_S = {"kernel": 20, "mixes_bf16_auto": 90, "mixes_bf16_cudnn": 90, "mixes_float32": 60, "suite": 90,
                    "train_0.6B": 90, "train_4B": 60, "serve": 40}
-# A rehearsal (--texts given) cuts every text at this many tokens: every code path runs, small.
+# A rehearsal (--texts given) cuts every text at this many tokens and runs the shortest mix and the long
+# tail (packing's one row and its several buckets): every code path runs, small.
 REHEARSAL_TOKENS = 128
+REHEARSAL_MIXES = (LENGTH_MIXES[0], LENGTH_MIXES[-1])
 REHEARSAL_BATCH_TOKENS = 1024            # the rehearsal server's batch budget (its longest text is 516 tokens)
 
 
@@ -59,8 +61,9 @@ def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int,
     the others. Each shape's random checkpoint is written once, by the first part that needs it, for all.
     `texts` makes the run a rehearsal (on a CPU: a few) and sizes every part: the mixes' texts, the suite's
     batch, a training step's queries (a quarter of it, 2 to 8) and the server's requests a level (and its
-    one level); a rehearsal also cuts every text at REHEARSAL_TOKENS, the kernel's rows at twice that, and
-    the server's batches at REHEARSAL_BATCH_TOKENS. None: the device run's sizes."""
+    one level); a rehearsal also runs REHEARSAL_MIXES only, cuts every text at REHEARSAL_TOKENS, the
+    kernel's rows at twice that, and the server's batches at REHEARSAL_BATCH_TOKENS. None: the device
+    run's sizes."""
 
     rehearsal = texts is not None
     texts = texts or 512
@@ -95,7 +98,8 @@ def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int,
 
         mixes = lambda dtype, count, batch, runs, attention="auto": lambda: run_mixes(
             tokenizer=tokenizer, layers=layers, dtype=dtype, texts=count, batch_size=batch, repeats=runs,
-            attention=attention, model=checkpoint("0.6B"), longest=longest, out=out)
+            attention=attention, model=checkpoint("0.6B"), longest=longest,
+            mixes=REHEARSAL_MIXES if rehearsal else None, out=out)
         queries = max(2, min(8, texts // 4)) if rehearsal else 8
         sized = {"tokens": longest} if rehearsal else {}
         train = lambda shape, configs: lambda: run_train_benchmark(

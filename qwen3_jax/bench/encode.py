@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,14 +122,15 @@ LENGTH_MIXES = (("5-30", False), ("80-185", False), ("512", False), ("10-4000", 
 
 def run_mixes(*, tokenizer: str | None, layers: int | None, dtype: str, texts: int | None, batch_size: int,
               repeats: int, attention: str = "auto", model: str | None = None, longest: int | None = None,
-              out=print) -> list[dict]:
-    """Ours against sentence-transformers on each LENGTH_MIXES mix of synthetic texts, at the 0.6B shape
-    and `dtype`, one checkpoint for all (`model`, a folder of that shape, or random weights written here);
-    `longest` cuts every mix's lengths at that many tokens (a rehearsal's small run). One table at the end."""
+              mixes: Sequence[tuple[str, bool]] | None = None, out=print) -> list[dict]:
+    """Ours against sentence-transformers on each of `mixes` (None: LENGTH_MIXES) of synthetic texts, at the 0.6B
+    shape and `dtype`, one checkpoint for all (`model`, a folder of that shape, or random weights written
+    here); `longest` cuts every mix's lengths at that many tokens (a rehearsal's small run). One table at
+    the end."""
     rows = []
     with bench_models(model=model, random=None if model else "0.6B", layers=layers, tokenizer=tokenizer, dtype=dtype,
                       attention=attention, reference=True, out=out) as (ours, st, loaded):
-        for tokens, long_tail in LENGTH_MIXES:
+        for tokens, long_tail in mixes or LENGTH_MIXES:
             low, high = parse_token_range(tokens)
             if longest and high > longest:
                 low, high, tokens = min(low, longest), longest, f"{tokens} cut at {longest}"
