@@ -126,7 +126,7 @@ def _subcommands(parser=None):
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
-BENCHMARKS = ["encode", "train", "serve", "corpus", "search", "device", "profile"]
+BENCHMARKS = ["encode", "train", "serve", "corpus", "search", "device", "profile", "prefixes"]
 
 
 @pytest.mark.parametrize("name", ["embed", "embed-corpus", "rerank", "search", "build-ann", "eval", "train",
