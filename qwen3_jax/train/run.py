@@ -27,16 +27,16 @@ from pathlib import Path
 import jax
 
 from qwen3_jax.checks import UsageError
+from qwen3_jax.claims import LOCK, Claim
 from qwen3_jax.extras import require
 from qwen3_jax.progress import progress_bar
-from qwen3_jax.textio import OutputTaken, atomic_output, hold_lock
+from qwen3_jax.textio import atomic_output
 from qwen3_jax.train.checkpoints import Checkpoints, last_committed
 from qwen3_jax.train.config import RUN_LENGTH, TrainConfig
 from qwen3_jax.train.data import ExampleStream, JsonlSource
 from qwen3_jax.train.trainer import Trainer
 
 RUN_FILE = "run.json"
-LOCK = ".lock"
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "metrics.png"
 FINAL_STEP = "final_step"          # run.json: the step final/ (and adapter/) were exported at
 CHECKPOINTS, FINAL, ADAPTER = "checkpoints", "final", "adapter"
@@ -55,10 +55,9 @@ def _computed(fields: dict) -> dict:
     return {k: v for k, v in fields.items() if k not in (*RUN_LENGTH, FINAL_STEP)}
 
 
-def _refusal(output: Path, found: dict, wanted: dict) -> str:
-    """Why `output` cannot hold this run, and what to do: an edited data file is named as such."""
-    found, wanted = _computed(found), _computed(wanted)
-    changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+def _refusal(output: Path, found: dict, wanted: dict, changed: list[str]) -> str:
+    """Why `output`, whose run.json says `found`, cannot hold this run, `wanted` (they differ in the
+    fields `changed`), and what to do: an edited data file is named as such."""
     was, now = found.get("data") or {}, wanted["data"]
     if changed == ["data"] and isinstance(was, dict) and was.get("path") == now["path"]:
         reason = (f"{output} cannot resume: its data file {now['path']} changed since the run began ({was.get('bytes')} -> {now['bytes']} "
@@ -89,7 +88,7 @@ class Run:
     def __init__(self, config: TrainConfig, *, mesh=None, out=print):
         self.config, self.out = config, out
         self.output = Path(config.output)
-        self._lock = None
+        self.claim = Claim(self.output, lambda path: path.name == LOCK)
         if self.output.is_dir():
             self._hold()              # a second run on the folder is refused before any work
         self.source = JsonlSource(config.data, config.loss)
@@ -114,8 +113,8 @@ class Run:
 
     def _hold(self) -> None:
         """The run folder's lock, held until the run ends (process 0's: the processes share one folder)."""
-        if self._lock is None and jax.process_index() == 0:
-            self._lock = hold_lock(self.output / LOCK, f"qwen3-jax train (pid {os.getpid()})")
+        if not self.claim.locks and jax.process_index() == 0:
+            self.claim.hold(f"qwen3-jax train (pid {os.getpid()})")
 
     def _plots_available(self) -> bool:
         """Whether metrics.png can be drawn (matplotlib, the study extra); a note on stderr if not."""
@@ -149,10 +148,12 @@ class Run:
         found = json.loads(run_file.read_text()) if run_file.is_file() else None
         if found is not None and "weights" not in found:
             found["weights"] = wanted["weights"]           # a run begun before run.json kept them: not known
-        if found is None and self.output.is_dir() and any(p.name != LOCK for p in self.output.iterdir()):
-            raise OutputTaken(f"{self.output} is not empty and holds no training run; use another --output")
-        if found is not None and _computed(found) != _computed(wanted) and not self.config.overwrite:
-            raise OutputTaken(_refusal(self.output, found, wanted))
+        if found is None:
+            self.claim.refuse_strangers(lambda _: f"{self.output} is not empty and holds no training run; use "
+                                                  "another --output")
+        elif not self.config.overwrite:
+            self.claim.refuse_other(_computed(found), _computed(wanted),
+                                    lambda changed: _refusal(self.output, found, wanted, changed))
         return found
 
     def _claim_output(self) -> None:
@@ -170,8 +171,7 @@ class Run:
                         shutil.rmtree(path)
                     elif path.name != LOCK:
                         path.unlink()
-            with atomic_output(self.output / RUN_FILE) as handle:
-                json.dump(wanted, handle, indent=2)
+            self.claim.record(RUN_FILE, wanted, indent=2)
         _all_processes_reach("claimed the output folder")
 
     def run(self) -> dict:
@@ -231,10 +231,8 @@ class Run:
         for name, folder in written.items():
             _log(self.out, f"wrote {name}: {folder}")
         if jax.process_index() == 0:
-            with atomic_output(self.output / RUN_FILE) as handle:
-                json.dump({**self.wanted, FINAL_STEP: self.total_steps}, handle, indent=2)
-        if self._lock is not None:
-            self._lock.close()                            # the run is over: the folder is free
+            self.claim.record(RUN_FILE, {**self.wanted, FINAL_STEP: self.total_steps}, indent=2)
+        self.claim.release()                              # the run is over: the folder is free
         return {"steps": self.total_steps, "output": str(self.output), **written}
 
     def _resuming(self, start: int, latest: int) -> str:
@@ -251,8 +249,7 @@ class Run:
         written = {name: str(self.output / name) for name in (ADAPTER, FINAL) if (self.output / name).is_dir()}
         _log(self.out, f"{self.output} already finished its {self.total_steps} steps ({self.output / FINAL}); "
                        "nothing to do (raise --steps or --epochs to train it further)")
-        if self._lock is not None:
-            self._lock.close()
+        self.claim.release()
         return {"steps": self.total_steps, "output": str(self.output), **written}
 
     def _append(self, record: dict) -> None:
