@@ -42,7 +42,8 @@ class ShardWorker:
         self.embedder, self.batch_size = _load(model, dtype, max_length), batch_size
 
     def describe(self, prompt_name: str | None, instruction: str | None) -> tuple[int, str, int]:
-        """(dimension, the prompt's prefix, max length) of this worker's model."""
+        """(dimension, the prefix of the prompt named `prompt_name` or of the `instruction`, max length)
+        of this worker's model."""
         embedder = self.embedder
         return embedder.dimension, embedder.resolve_prefix(prompt_name, None, instruction), embedder.max_length
 
@@ -80,9 +81,11 @@ class RayEngine:
         self.tokens_embedded = 0
 
     def resolve_prefix(self, prompt_name: str | None, instruction: str | None) -> str:
+        """The text put before every text for the prompt named `prompt_name` or the `instruction`."""
         return _ray().get(self.workers[0].describe.remote(prompt_name, instruction))[1]
 
     def encode(self, settings: CorpusSettings, texts: list[str]) -> np.ndarray:
+        """`texts` embedded by the first worker as the corpus's `settings` say (int8's calibration)."""
         return _ray().get(self.workers[0].encode.remote(settings, texts))
 
     def submit(self, settings: CorpusSettings, calibration, output: Path, shard: int, items: list) -> list[dict]:
@@ -95,6 +98,7 @@ class RayEngine:
         return finished
 
     def drain(self) -> list[dict]:
+        """The entries of every shard still in flight, once they are finished."""
         return self._finished(wait_for=len(self._pending))
 
     def _finished(self, wait_for: int) -> list[dict]:
@@ -113,6 +117,7 @@ class RayEngine:
         return entries
 
     def close(self) -> None:
+        """Ends the workers."""
         for worker in self.workers:
             _ray().kill(worker)
 
