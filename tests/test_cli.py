@@ -232,18 +232,18 @@ def test_the_device_suite_sizes_every_part_by_texts(monkeypatch, tmp_path, texts
     monkeypatch.setattr(device, "bench_checkpoint", checkpoint)
     sized = ["--texts", str(texts)] if texts else []
     assert main(["bench", "device", "--repeats", "1", *sized, "--json", str(tmp_path / "d.json")]) == 0
-    assert written == ["0.6B", "4B"]
+    assert written == (["0.6B"] if texts else ["0.6B", "4B"])           # a rehearsal writes no 4B checkpoint
     assert [call["texts"] for call in asked["run_mixes"]] == [texts or 512, min(texts or 512, 32)]
     assert {call["model"] for call in asked["run_mixes"]} == {str(tmp_path / "0.6B")}
-    assert [(call["model"], call["queries"]) for call in asked["run_train_benchmark"]] == \
-        [(str(tmp_path / "0.6B"), 2 if texts else 8), (str(tmp_path / "4B"), 2 if texts else 8)]
+    assert [(call["model"], call["queries"], call["configs"]) for call in asked["run_train_benchmark"]] == \
+        [(str(tmp_path / "0.6B"), 2 if texts else 8, ["full", "full, remat", "LoRA r=16"]),
+         (str(tmp_path / ("0.6B" if texts else "4B")), 2 if texts else 8, ["LoRA r=16, remat"])]
     assert [call["tokens"] for call in asked["check_packed_kernel"]] == [256 if texts else 1024]
     serve = asked["serve"][0]
     assert serve["folder"] == tmp_path / "0.6B"
     if texts:
         assert "run_suite" not in asked and [(c["model"], c["texts"], c["batch_size"], c["tokens"]) for c in
-                                             asked["run_benchmark"]] == [(str(tmp_path / "0.6B"), 8, 8, "128"),
-                                                                         (str(tmp_path / "4B"), 8, 8, "128")]
+                                             asked["run_benchmark"]] == [(str(tmp_path / "0.6B"), 8, 8, "128")]
         assert {call["longest"] for call in asked["run_mixes"]} == {128}
         assert [[tokens for tokens, _ in call["mixes"]] for call in asked["run_mixes"]] == [["5-30", "10-4000"]] * 2
         assert [call["tokens"] for call in asked["run_train_benchmark"]] == [128, 128]

@@ -48,6 +48,7 @@ DEVICE_BUDGET_S = {"kernel": 20, "mixes_bf16_auto": 90, "mixes_bf16_cudnn": 90, 
 # tail (packing's one row and its several buckets): every code path runs, small.
 REHEARSAL_TOKENS = 128
 REHEARSAL_MIXES = (LENGTH_MIXES[0], LENGTH_MIXES[-1])
+REHEARSAL_SHAPE = "0.6B"                           # the one shape of a rehearsal: the 4B parts' code paths run on it
 REHEARSAL_BATCH_TOKENS = 1024            # the rehearsal server's batch budget (its longest text is 516 tokens)
 
 
@@ -61,9 +62,9 @@ def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int,
     the others. Each shape's random checkpoint is written once, by the first part that needs it, for all.
     `texts` makes the run a rehearsal (on a CPU: a few) and sizes every part: the mixes' texts, the suite's
     batch, a training step's queries (a quarter of it, 2 to 8) and the server's requests a level (and its
-    one level); a rehearsal also runs REHEARSAL_MIXES only, cuts every text at REHEARSAL_TOKENS, the
-    kernel's rows at twice that, and the server's batches at REHEARSAL_BATCH_TOKENS. None: the device
-    run's sizes."""
+    one level); a rehearsal also runs every part at the 0.6B shape (the 4B parts' configurations
+    included), REHEARSAL_MIXES only, cuts every text at REHEARSAL_TOKENS, the kernel's rows at twice that,
+    and the server's batches at REHEARSAL_BATCH_TOKENS. None: the device run's sizes."""
 
     rehearsal = texts is not None
     texts = texts or 512
@@ -94,7 +95,7 @@ def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int,
                                         dtype="bfloat16", texts=texts, tokens=str(min(SUITE_TOKENS, longest)),
                                         long_tail=False, input=None, batch_size=texts, repeats=repeats,
                                         attention="auto", reference=True, out=out)
-                    for size in GPU_SUITE}
+                    for size in GPU_SUITE if size == REHEARSAL_SHAPE}
 
         mixes = lambda dtype, count, batch, runs, attention="auto": lambda: run_mixes(
             tokenizer=tokenizer, layers=layers, dtype=dtype, texts=count, batch_size=batch, repeats=runs,
@@ -106,6 +107,7 @@ def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int,
             model=checkpoint(shape), random=None, layers=layers, tokenizer=tokenizer, queries=queries,
             repeats=repeats, dtype="bfloat16", configs=configs, out=out, **sized)
         kernel_tokens = 2 * longest if rehearsal else 1024
+        large = REHEARSAL_SHAPE if rehearsal else "4B"           # a rehearsal writes and loads no 4B checkpoint
         parts = [("kernel", "the packed kernel against dense attention",
                   lambda: check_packed_kernel(out, tokens=kernel_tokens)),
                  ("mixes_bf16_auto", f"mixes, bf16, {texts} texts, batch 64, attention auto",
@@ -116,7 +118,7 @@ def run_device_suite(*, tokenizer: str | None, layers: int | None, repeats: int,
                   mixes("float32", min(texts, 32), 32, 1)),
                  ("suite", "512-token suite, bf16", suite),
                  ("train_0.6B", "training, 0.6B, bf16", train("0.6B", ["full", "full, remat", "LoRA r=16"])),
-                 ("train_4B", "training, 4B LoRA, bf16", train("4B", ["LoRA r=16, remat"])),
+                 ("train_4B", f"training, {large} LoRA, bf16", train(large, ["LoRA r=16, remat"])),
                  ("serve", "qwen3-jax serve, 0.6B, bf16, against encode", serve)]
         for name, title, part in parts:
             if name == "mixes_bf16_cudnn" and jax.default_backend() != "gpu":
