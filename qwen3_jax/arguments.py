@@ -82,34 +82,37 @@ def setting(default: Any = dataclasses.MISSING, *, help: str | None = None,
     return dataclasses.field(default=default, metadata={"flag_of": flag_of})
 
 
-def _value_type(annotation: str):
-    """The argparse type of a field annotated `annotation` (a string under `from __future__ import annotations`)."""
-    kind = annotation.replace(" ", "").split("|")[0]
-    return {"int": int, "float": float}.get(kind, str)
+def _kind(annotation) -> str:
+    """The name of a field's type (`annotation`, a string under `from __future__ import annotations`), the
+    first of a union: "int | None" -> "int"."""
+    name = annotation if isinstance(annotation, str) else annotation.__name__
+    return name.replace(" ", "").split("|")[0]
 
 
-def add_settings(parser: argparse.ArgumentParser, settings: type, *, skip: tuple[str, ...] = (),
+def add_settings(parser: argparse.ArgumentParser, settings: type,
                  required: tuple[str, ...] = ()) -> dict[str, argparse._MutuallyExclusiveGroup]:
     """Adds to `parser` a flag for each field of the dataclass `settings` declared with `setting` (other
-    fields are no flags), in the fields' order, each storing into the field's name; `skip` names fields left
-    out, `required` the mutually exclusive groups of which one flag must be given. A bool field is a switch
-    (store_true unless its options say otherwise). Returns the mutually exclusive groups by name, for flags
-    that are no field to join them."""
+    fields are no flags), in the fields' order, each storing into the field's name; `required` names the
+    mutually exclusive groups of which one flag must be given. A bool field is a switch (store_true unless
+    its options say otherwise), an int or float field's value is read as one. Returns the mutually
+    exclusive groups by name, for flags that are no field to join them."""
+    value_type = {"int": int, "float": float}
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for field in dataclasses.fields(settings):
-        if "flag_of" not in field.metadata or field.name in skip:
+        if "flag_of" not in field.metadata:
             continue
         declared = field.metadata["flag_of"]
         options = dict(declared["options"])
         flags = declared["flag"] or f"--{field.name.replace('_', '-')}"
         flags = (flags,) if isinstance(flags, str) else flags
         default = field.default
+        kind = _kind(field.type)
         if declared["env"] and os.environ.get(declared["env"]):
-            default = _value_type(field.type)(os.environ[declared["env"]])
-        if field.type == "bool":
+            default = value_type.get(kind, str)(os.environ[declared["env"]])
+        if kind == "bool":
             options.setdefault("action", "store_true")
         else:
-            options.setdefault("type", _value_type(field.type))
+            options.setdefault("type", value_type.get(kind, str))
             if "choices" not in options:
                 options.setdefault("metavar", flags[0].lstrip("-").replace("-", "_").upper())
         if default is dataclasses.MISSING:
@@ -117,8 +120,9 @@ def add_settings(parser: argparse.ArgumentParser, settings: type, *, skip: tuple
         group = parser
         if declared["exclusive"]:
             name = declared["exclusive"]
-            group = groups.get(name) or groups.setdefault(name, parser.add_mutually_exclusive_group(
-                required=name in required))
+            if name not in groups:
+                groups[name] = parser.add_mutually_exclusive_group(required=name in required)
+            group = groups[name]
         group.add_argument(*flags, dest=field.name, default=default,
                            help=declared["help"] or SHARED_HELP[flags[0]], **options)
     return groups

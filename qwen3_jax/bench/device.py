@@ -48,7 +48,7 @@ DEVICE_BUDGET_S = {"kernel": 20, "mixes_bf16_auto": 90, "mixes_bf16_cudnn": 90, 
 # tail (packing's one row and its several buckets): every code path runs, small.
 REHEARSAL_TOKENS = 128
 REHEARSAL_MIXES = (LENGTH_MIXES[0], LENGTH_MIXES[-1])
-REHEARSAL_SHAPE = "0.6B"                           # the one shape of a rehearsal: the 4B parts' code paths run on it
+REHEARSAL_SHAPE = "0.6B"                 # the one shape of a rehearsal: the 4B parts' code paths run on it
 REHEARSAL_BATCH_TOKENS = 1024            # the rehearsal server's batch budget (its longest text is 516 tokens)
 
 
