@@ -18,7 +18,6 @@ from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.compile_cache import enable_compilation_cache, use_default_compilation_cache
 from qwen3_jax.config import PRESETS
 from qwen3_jax.serve.settings import ServeSettings
-from qwen3_jax.study.cli import add_study_parser, run_study
 from qwen3_jax.textio import counted as _counted
 
 
@@ -382,15 +381,22 @@ PARSERS = {     # each sub-command: its help, and the function that adds its arg
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The qwen3-jax command: a sub-command for each of PARSERS (its help, the function adding its
-    arguments), each taking --debug, and `study`."""
+    arguments), each taking --debug, and `study`. `command`: the sub-command a command line names, the
+    only one whose arguments are added (and whose settings' modules are imported, so `qwen3-jax serve`
+    imports no training or study code before its first line); None: every sub-command's."""
     parser = Parser(prog="qwen3-jax", description="Qwen3-Embedding / Reranker in JAX")
     parser.add_argument("--version", action="version", version=f"qwen3-jax {version('qwen3-jax')}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (help, arguments) in PARSERS.items():
-        arguments(commands.add_parser(name, parents=[debug_parent()], help=help))
-    add_study_parser(commands)
+        named = commands.add_parser(name, parents=[debug_parent()], help=help)
+        if command in (None, name):
+            arguments(named)
+    if command in (None, "study"):
+        from qwen3_jax.study.cli import add_study_parser
+
+        add_study_parser(commands)
     return parser
 
 
@@ -718,6 +724,12 @@ def run_doctor(args) -> int:
     return doctor()
 
 
+def run_study(args) -> None:
+    from qwen3_jax.study.cli import run_study as study
+
+    study(args)
+
+
 def run_verify(args) -> int:
     from qwen3_jax.verify import verify
 
@@ -757,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen3-jax bench: error: bench {before} is now `qwen3-jax {BENCH_BEFORE[before]}` (see qwen3-jax "
               "bench --help)", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    named = given[0] if given and (given[0] in PARSERS or given[0] == "study") else None
+    args = build_parser(named).parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
         print("qwen3-jax: error: --batch-size must be at least 1", file=sys.stderr)
         return 2

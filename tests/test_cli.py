@@ -98,6 +98,26 @@ def test_the_package_and_the_command_line_s_settings_import_without_jax():
     assert run.returncode == 0 and run.stdout.split() == ["/tmp/qwen3-jax-test-cache", "0.0"], run.stderr
 
 
+def test_a_command_line_builds_only_its_own_sub_command_and_serve_imports_no_jax_before_its_first_line():
+    """main parses with the parser of the sub-command it names, so `qwen3-jax serve` imports neither JAX
+    nor the training and study code that other sub-commands' settings live beside; every sub-command is
+    still there for --help, and a parser built for all of them is unchanged."""
+    code = ("import sys\n"
+            "from qwen3_jax.cli import build_parser\n"
+            "args = build_parser('serve').parse_args(['serve', '--port', '8001', '--max-texts-per-request', '4'])\n"
+            "assert (args.port, args.max_client_batch_size) == (8001, 4)\n"
+            "loaded = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')\n"
+            "          or m.startswith(('qwen3_jax.train', 'qwen3_jax.study'))]\n"
+            "assert not loaded, loaded")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    from qwen3_jax.cli import PARSERS, build_parser
+
+    whole = build_parser()
+    commands = next(a for a in whole._actions if a.dest == "command").choices
+    assert set(commands) == {*PARSERS, "study"} and all(len(p._actions) > 2 for p in commands.values())
+
+
 def test_one_embedding_is_counted_in_the_singular(checkpoint, tmp_path, capsys):
     assert main(["embed", "--model", str(checkpoint), "--text", "a", "--output", str(tmp_path / "one.npy")]) == 0
     assert f"wrote 1 embedding of dimension 64 to {tmp_path / 'one.npy'}" in capsys.readouterr().err
