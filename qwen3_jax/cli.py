@@ -177,7 +177,8 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
 
 def _tokenizer(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=os.environ.get("QWEN3_TOKENIZER_DIR"),
-                        help="with --random: folder of a Qwen3 tokenizer.json (env QWEN3_TOKENIZER_DIR)")
+                        help="folder of a Qwen3 tokenizer.json for random weights (env QWEN3_TOKENIZER_DIR; "
+                             "default: a small built-in one)")
 
 
 def _dtype(parser: argparse.ArgumentParser) -> None:
