@@ -5,7 +5,7 @@ command line start without loading JAX: `qwen3-jax --version` answers at once, a
 comes before JAX is imported.
 """
 
-import importlib
+from qwen3_jax.lazy import lazy_names
 
 # Each public name and the module that holds it.
 _HOMES = {"Qwen3Config": "qwen3_jax.config", "Qwen3Embedder": "qwen3_jax.embedder", "Qwen3Model": "qwen3_jax.model",
@@ -14,16 +14,4 @@ _HOMES = {"Qwen3Config": "qwen3_jax.config", "Qwen3Embedder": "qwen3_jax.embedde
 
 __all__ = sorted(_HOMES)
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    """A public name (`name`), imported from its module the first time it is asked for."""
-    if name not in _HOMES:
-        raise AttributeError(f"module 'qwen3_jax' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -589,7 +589,7 @@ def run_embed_corpus(args) -> None:
     check_folder_free(args.output, args.process_id, args.num_processes)   # another job's: refused at once
     model = engine = None
     if args.engine == "ray":
-        from qwen3_jax.ray import RayEngine
+        from qwen3_jax.corpus import RayEngine
 
         if args.mesh:
             raise UsageError("--mesh shards one process's model; with --engine ray each worker holds its own")

@@ -38,6 +38,10 @@ def _per_layer(layer_state) -> list:
     return [treedef.unflatten([v[i] for v in views]) for i in range(len(views[0]))]
 
 
+class Dropped(Exception):
+    """A pass stopped between two layers: nobody waits for its result any more."""
+
+
 class LayerByLayer:
     """`Qwen3Model(ids, segments, at=ends, prefix=...)` as float32, one layer at a time (see the module's text)."""
 
@@ -61,14 +65,22 @@ class LayerByLayer:
         """How many batch shapes the jitted pass has compiled (its last program has one per shape)."""
         return self._outputs._cache_size()
 
-    def __call__(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, prefix=None) -> jax.Array:
-        return self._run(self._inputs, self._layer, self._outputs, ids, segments, ends, prefix)
+    def __call__(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, prefix=None, *,
+                 stop: Callable[[], bool] | None = None) -> jax.Array:
+        return self._run(self._inputs, self._layer, self._outputs, ids, segments, ends, prefix, stop=stop)
 
-    def _run(self, inputs: Callable, layer: Callable, outputs: Callable, ids, segments, ends, prefix) -> jax.Array:
+    def _run(self, inputs: Callable, layer: Callable, outputs: Callable, ids, segments, ends, prefix, *,
+             stop: Callable[[], bool] | None = None) -> jax.Array:
+        """The pass; with `stop`, each layer is waited for and the pass raises Dropped after the first
+        layer at whose end `stop()` is true (a long text whose client has gone)."""
         x, context = inputs(self._state, ids, segments, prefix)
         per_layer = [None] * len(self._layers) if prefix is None else list(zip(prefix.keys, prefix.values))
-        for layer_state, layer_prefix in zip(self._layers, per_layer):
+        for number, (layer_state, layer_prefix) in enumerate(zip(self._layers, per_layer), 1):
             x = layer(layer_state, x, context, layer_prefix)
+            if stop is not None:
+                x.block_until_ready()
+                if stop():
+                    raise Dropped(f"the pass was dropped after layer {number} of {len(self._layers)}")
         return outputs(self._state, x, ends)
 
     def compile(self, ids: jax.ShapeDtypeStruct, segments: jax.ShapeDtypeStruct,

@@ -4,7 +4,7 @@ Dimension letters: B batch, T tokens, D model width, N query heads, K kv heads, 
 per kv head, H head dim, F MLP width, V vocab, L layers.
 
 Each stage of a layer runs under a `jax.named_scope` (LAYER_STAGES), so a profile of the compiled
-program reads by stage (`qwen3-jax bench --profile`).
+program reads by stage (`qwen3-jax bench profile`).
 
 The operations with hand-written gradients live in `ops/` and `attention/`, and the choices that
 differ by platform in the `Backend` the model is built with; this file holds only the model's arithmetic.

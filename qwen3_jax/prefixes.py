@@ -173,16 +173,21 @@ class PrefixCache:
 
     def shared_length(self, text: Sequence[int]) -> int:
         """How many leading ids of `text` a known or kept prefix holds (0 if fewer than MIN_SHARED): what
-        a scheduler can count before deciding a batch."""
+        a scheduler (which remembers, see `share`) can count before deciding a batch."""
         text = tuple(int(i) for i in text)
         shared = max((common_length(p, text) for p in (*self._known, *self._found)
                       if p[:MIN_SHARED] == text[:MIN_SHARED]), default=0)
         shared = min(shared, len(text) - 1)
         return shared if shared >= MIN_SHARED else 0
 
-    def share(self, texts: Sequence[Sequence[int]], *, compute: bool = True) -> Sharing:
+    def share(self, texts: Sequence[Sequence[int]], *, compute: bool = True, remember: bool = False) -> Sharing:
         """Which prefix each text continues and its own ids (see Sharing); the keys and values of
-        every prefix used are computed here if they were not yet (`compute=False`: left for `fill`)."""
+        every prefix used are computed here if they were not yet (`compute=False`: left for `fill`).
+
+        Without `remember` the choice depends on the texts and the known prefixes alone, so a call's
+        vectors are the same bits whatever was computed before (a corpus job's resumed shard equals its
+        first run); with it (a server's scheduler), prefixes found in earlier calls and the leading ids
+        of recent texts count too: a client's instruction is shared from its second use on."""
         texts = [tuple(int(i) for i in t) for t in texts]
         candidates: dict[tuple[int, ...], int] = {}          # prefix ids -> tokens it would save
         best: list[tuple[int, tuple[int, ...]] | None] = [None] * len(texts)
@@ -194,13 +199,13 @@ class PrefixCache:
                 candidates[prefix] = candidates.get(prefix, 0) + saving
 
         by_start = collections.defaultdict(list)
-        for prefix in (*self._known, *self._found):
+        for prefix in (*self._known, *(self._found if remember else ())):
             by_start[prefix[:MIN_SHARED]].append(prefix)
         for i, text in enumerate(texts):
             for prefix in by_start.get(text[:MIN_SHARED], ()):
                 offer(i, prefix, common_length(prefix, text), len(prefix))
         seen = {t[:RECENT_IDS] for t in texts}             # a text computed again is no instruction seen again
-        recent = [t for t in self._recent if t not in seen]
+        recent = [t for t in self._recent if t not in seen] if remember else []
         for shared, members in shared_groups(texts + recent, len(texts)):
             members = [i for i in members if i < len(texts)]
             if not members:
@@ -208,7 +213,8 @@ class PrefixCache:
             prefix = texts[members[0]][:shared]
             for i in members:
                 offer(i, prefix, shared, shared)
-        self._recent.extend(t[:RECENT_IDS] for t in texts)
+        if remember:
+            self._recent.extend(t[:RECENT_IDS] for t in texts)
         return self._assign(texts, best, candidates, compute)
 
     def _assign(self, texts, best, candidates, compute: bool) -> Sharing:

@@ -25,7 +25,7 @@ from qwen3_jax.backend import kernel_named_on_failure
 from qwen3_jax.checks import whole_number
 from qwen3_jax.layer_by_layer import LayerByLayer
 from qwen3_jax.attention.prefix import PrefixTable
-from qwen3_jax.packing import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, per_token, plan_batches, spans
+from qwen3_jax.packing import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, per_token, plan_batches
 from qwen3_jax.prefixes import TABLE_LIMIT, PrefixCache, Sharing, unshared
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.progress import progress_bar
@@ -143,45 +143,48 @@ class LastTokenRunner:
         per_token = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._inputs)
         return PrefixTable(kv, kv, table, table, per_token, per_token)
 
-    def share(self, texts: Sequence[Sequence[int]], *, compute: bool = True) -> Sharing:
-        """Which prefix each text continues, and its own ids (prefixes.py; `compute=False` leaves the
-        prefixes' keys and values to `prefixes.fill`); every text its own when prefixes are not shared."""
+    def share(self, texts: Sequence[Sequence[int]], *, compute: bool = True, remember: bool = False) -> Sharing:
+        """Which prefix each text continues, and its own ids (PrefixCache.share: `compute=False` leaves the
+        prefixes' keys and values to `prefixes.fill`, `remember` lets earlier calls count); every text its
+        own when prefixes are not shared."""
         if self.prefixes is None:
             return unshared(texts)
-        return self.prefixes.share(texts, compute=compute)
+        return self.prefixes.share(texts, compute=compute, remember=remember)
 
-    def compile_prefixes(self, shapes: Sequence[tuple[int, int, int]], table_length: int, *,
-                         threads: int | None = None) -> None:
-        """Compiles now what texts continuing a prefix table of `table_length` tokens need: the forward
-        pass for every shape in `shapes` with that table, and the pass computing prefixes' keys and values
-        in each of its fixed shapes (a server does this in the background, see serve/scheduler.py)."""
-        def compile_keys_values(shape):
-            rows, length, _ = shape
+    def missing_programs(self, shapes, table_length: int, prefixes) -> tuple:
+        """What is not yet compiled of what a batch continuing a prefix table needs: its (rows, length,
+        slots) `shapes` with a table of `table_length`, and the pass computing each of `prefixes` (of
+        prefixes.Prefix). () when all is compiled; otherwise a key for `compile_missing`."""
+        forward = tuple(sorted(shape for shape in shapes if tuple(shape) + (table_length,) not in self._compiled))
+        passes = tuple(sorted({self._prefix_shape(len(p.ids)) for p in prefixes} - set(self._compiled_prefixes)))
+        return (forward, table_length, passes) if forward or passes else ()
+
+    def compile_missing(self, missing: tuple) -> None:
+        """Compiles what `missing_programs` listed (a server does so in the background)."""
+        forward, table_length, passes = missing
+        for rows, length in passes:
             args = [jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._inputs)] * 2
             with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
-                return (rows, length), self._keys_values.lower(self._state, *args).compile()
+                self._compiled_prefixes[rows, length] = self._keys_values.lower(self._state, *args).compile()
+        self.compile(forward, threads=1, table_length=table_length)
 
-        missing = [shape for shape in self.shapes(TABLE_LIMIT, TABLE_LIMIT) if shape[:2] not in self._compiled_prefixes]
-        with ThreadPoolExecutor(threads or 2) as pool:
-            self._compiled_prefixes.update(pool.map(compile_keys_values, missing))
-        self.compile(shapes, threads=threads, table_length=table_length)
+    def _prefix_shape(self, tokens: int) -> tuple[int, int]:
+        """The (rows, length) a prefix of `tokens` ids is computed in (alone: see _prefix_states)."""
+        (batch,) = self.plan([tokens], token_budget=TABLE_LIMIT, fixed=True)
+        return batch.num_rows, batch.length
 
-    def has_programs(self, shapes: Sequence[tuple[int, int, int]], table_length: int) -> bool:
-        """Whether every shape has its compiled program for a table of `table_length` (0: none)."""
-        return all(tuple(shape) + (table_length,) in self._compiled for shape in shapes)
-
-    def _prefix_states(self, prefixes: list[tuple[int, ...]]) -> list[tuple[jax.Array, jax.Array]]:
-        """Each prefix's keys and values [L, P, K, H], computed together in packed rows of fixed shapes."""
-        out = [None] * len(prefixes)
-        for batch in self.plan([len(p) for p in prefixes], token_budget=TABLE_LIMIT, fixed=True):
-            ids, segments, _ = (put_global(a, self._inputs) for a in layout_batch(batch, prefixes, self.pad_id))
+    def _prefix_states(self, prefixes: list[tuple[int, ...]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each prefix's keys and values [L, P, K, H] (host arrays), each computed alone in a row of a fixed
+        shape: the same bits whenever and beside whatever it is computed."""
+        out = []
+        for prefix in prefixes:
+            (batch,) = self.plan([len(prefix)], token_budget=TABLE_LIMIT, fixed=True)     # _prefix_shape's
+            ids, segments, _ = (put_global(a, self._inputs) for a in layout_batch(batch, [prefix], self.pad_id))
             program = self._compiled_prefixes.get((batch.num_rows, batch.length))
             with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
                 keys, values = program(self._state, ids, segments) if program else \
                     self._keys_values(self._state, ids, segments)
-            keys, values = np.asarray(keys), np.asarray(values)          # replicated: whole on every host
-            for r, _, i, start, end in spans(batch, prefixes):
-                out[i] = (keys[:, r, start:end], values[:, r, start:end])
+            out.append((np.asarray(keys)[:, 0, :len(prefix)], np.asarray(values)[:, 0, :len(prefix)]))
         return out
 
     def _on_devices(self, table: PrefixTable) -> PrefixTable:
@@ -191,10 +194,11 @@ class LastTokenRunner:
         return PrefixTable(*(put(a) for a in table[:4]), None, None)
 
     def dispatch(self, batch: Batch, texts: Sequence[Sequence[int]], sharing: Sharing | None = None,
-                 table: PrefixTable | None = None) -> Dispatched:
+                 table: PrefixTable | None = None, *, stop: Callable[[], bool] | None = None) -> Dispatched:
         """Lays `batch` out, sends it to the devices and starts its forward pass (which runs on while
         this returns). With `sharing` (of which `texts` are the own ids) and its `table`, each text
-        continues its shared prefix."""
+        continues its shared prefix. With `stop`, a pass run a layer at a time (one CPU device) waits for
+        each layer and raises layer_by_layer.Dropped once `stop()` is true; a scanned pass runs whole."""
         arrays = [put_global(a, self._inputs) for a in layout_batch(batch, texts, self.pad_id, self.padding_side)]
         if table is not None:
             if isinstance(table.keys, np.ndarray):
@@ -206,7 +210,8 @@ class LastTokenRunner:
         program = self._compiled.get((batch.num_rows, batch.length, batch.slots, table_length))
         # No mesh: one device; under a mesh, attention loops over each device's own rows.
         with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
-            result = (program or self._run)(*arrays, table)
+            run = program or self._run
+            result = run(*arrays, table, stop=stop) if self._layered else run(*arrays, table)
         self.tokens_computed += batch.computed_tokens
         texts_of = [i for row in batch.rows for i in row]
         self.tokens_embedded += int(sum(len(texts[i]) for i in texts_of))
@@ -214,9 +219,9 @@ class LastTokenRunner:
             self.tokens_embedded += int(sum(sharing.offset[i] for i in texts_of))
         return Dispatched(batch, result)
 
-    def _run(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, prefix=None) -> jax.Array:
+    def _run(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, prefix=None, *, stop=None) -> jax.Array:
         if self._layered:
-            return self._layered(ids, segments, ends, prefix)
+            return self._layered(ids, segments, ends, prefix, stop=stop)
         return self._forward(self._state, ids, segments, ends, prefix)
 
     @staticmethod

@@ -239,20 +239,39 @@ def test_new_parameter_values_forget_the_kept_prefixes(checkpoint):
     assert np.abs(model.encode(QUERIES, instruction=TASK) - whole.encode(QUERIES, instruction=TASK)).max() <= 1e-6
 
 
-def test_an_instruction_seen_again_is_shared_from_its_second_use(checkpoint, whole_model):
-    """A server's lone queries with a client's own instruction: the first is computed whole; the second
-    shares the instruction with the first (kept from then on); the same text computed again is no
-    instruction seen again."""
+def test_a_servers_instruction_seen_again_is_shared_from_its_second_use(checkpoint, whole_model):
+    """Through a server's scheduler (which remembers earlier calls), lone queries with a client's own
+    instruction: the first is computed whole, the ones after it share the instruction once the programs
+    for its table are compiled (in the background); every vector as computed whole."""
+    import time
+
+    from qwen3_jax.serve.scheduler import Scheduler
+
     model = Qwen3Embedder.from_pretrained(checkpoint)
-    first = model.encode(["what do bees eat"], instruction=OTHER_TASK)
-    assert model.runner.prefixes.prefix_tokens_computed == 0
-    model.encode(["what do bees eat"], instruction=OTHER_TASK)
-    assert model.runner.prefixes.prefix_tokens_computed == 0
-    second = model.encode(["where do whales sleep"], instruction=OTHER_TASK)
-    kept = model.runner.prefixes.prefix_tokens_computed
-    assert kept >= MIN_SHARED
-    third = model.encode(["how tall is the tallest tree"], instruction=OTHER_TASK)
-    assert model.runner.prefixes.prefix_tokens_computed == kept
-    texts = ["what do bees eat", "where do whales sleep", "how tall is the tallest tree"]
-    whole = whole_model.encode(texts, instruction=OTHER_TASK)
-    assert np.abs(np.concatenate([first, second, third]) - whole).max() <= 1e-6
+    scheduler = Scheduler(model.runner, max_batch_tokens=512, max_queue_tokens=100_000).start()
+    questions = ["what do bees eat", "where do whales sleep", "how tall is the tallest tree", "why do cats purr"]
+    deadline = time.time() + 300
+    for number in range(1000):
+        question = questions[number % len(questions)]
+        row = rows_of(model, [query(OTHER_TASK, question)])
+        computed = model.runner.tokens_computed
+        got = scheduler.submit(row).future.result(timeout=120)
+        assert np.abs(got - whole_model.runner(row, batch_size=1)).max() <= 1e-6
+        if number == 0:
+            assert model.runner.tokens_computed - computed >= len(row[0])          # computed whole
+        elif model.runner.tokens_computed - computed < len(row[0]):
+            break
+        assert time.time() < deadline, "the instruction was never shared"
+        time.sleep(0.2)
+    scheduler.close(timeout=60)
+    assert model.runner.prefixes.prefix_tokens_computed >= MIN_SHARED
+
+
+def test_a_call_gives_the_same_bits_whatever_was_computed_before(checkpoint):
+    """Outside a server, what is shared depends on a call's texts and the known prefixes alone: a corpus
+    job's resumed shard equals its first run bit for bit."""
+    fresh = Qwen3Embedder.from_pretrained(checkpoint).encode(QUERIES[3:], instruction=OTHER_TASK)
+    model = Qwen3Embedder.from_pretrained(checkpoint)
+    model.encode(QUERIES[:4], instruction=OTHER_TASK)
+    model.encode(QUERIES, instruction=TASK)
+    assert np.array_equal(model.encode(QUERIES[3:], instruction=OTHER_TASK), fresh)

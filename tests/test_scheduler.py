@@ -107,14 +107,14 @@ class FlakyRunner:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def dispatch(self, batch, texts):
+    def dispatch(self, batch, texts, *sharing, **stop):
         self.dispatched += 1
         self.started.set()
         if self.hold is not None:
             assert self.hold.wait(60)
         if self.dispatched in self.fail:
             raise RuntimeError(f"injected failure of batch {self.dispatched}")
-        return self.runner.dispatch(batch, texts)
+        return self.runner.dispatch(batch, texts, *sharing, **stop)
 
     def collect(self, dispatched):
         if self.release is not None:
@@ -133,9 +133,9 @@ class OrderedRunner(FlakyRunner):
         self.budget, self.release_long = budget, release_long
         self.order: list[list[int]] = []
 
-    def dispatch(self, batch, texts):
+    def dispatch(self, batch, texts, *sharing, **stop):
         self.order.append(sorted(len(texts[i]) for row in batch.rows for i in row))
-        return super().dispatch(batch, texts)
+        return super().dispatch(batch, texts, *sharing, **stop)
 
     def collect(self, dispatched):
         if dispatched.batch.length > self.budget:
@@ -234,3 +234,28 @@ def test_a_scheduler_thread_that_dies_fails_what_it_held_and_refuses_the_rest(em
     with pytest.raises(ShuttingDown, match="scheduler stopped"):
         scheduler.submit([[5, 6]])
     scheduler.close(timeout=5)
+
+
+def test_a_long_pass_whose_client_went_away_stops_at_the_end_of_a_layer(embedder, caplog):
+    """The long lane's pass runs a layer at a time on the CPU: a request cancelled (its client gone) before
+    or during it stops at the next layer's end, and the lane goes on to the next long text."""
+    from qwen3_jax.layer_by_layer import Dropped
+
+    batch = embedder.runner.plan([100], token_budget=64, fixed=True)[0]
+    with pytest.raises(Dropped, match="after layer 1 of 2"):
+        embedder.runner.dispatch(batch, [[5] * 100], stop=lambda: True)
+    hold = threading.Event()
+    runner = FlakyRunner(embedder.runner, hold=hold)
+    scheduler = Scheduler(runner, max_batch_tokens=64, max_queue_tokens=100_000).start()
+    gone = scheduler.submit([[5] * 100], request_id="gone")
+    assert runner.started.wait(60)                       # its pass is on its way to the device
+    scheduler.cancel(gone)
+    kept = scheduler.submit([[6] * 120])
+    with caplog.at_level("INFO", logger="qwen3_jax.serve"):
+        hold.set()
+        answer = kept.future.result(timeout=120)
+    assert gone.future.cancelled()
+    assert any("request gone: its client went away; the pass was dropped after layer 1" in r.message
+               for r in caplog.records)
+    assert np.abs(answer - embedder.runner([[6] * 120], batch_size=1)).max() <= 1e-5
+    scheduler.close(timeout=60)

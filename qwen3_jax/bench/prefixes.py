@@ -33,27 +33,49 @@ def word_texts(count: int, low: int, high: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, int(rng.integers(low, high + 1)))) for _ in range(count)]
 
 
-def _timed(run, repeats: int) -> tuple[float, object]:
-    """The median seconds of `repeats` calls of `run` (after one untimed call) and its last result."""
-    result = run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def _rounds(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Each of `runs` ({name: function of no arguments}) called once untimed, then `repeats` rounds in
+    which each is called once, the order alternating, so that the machine's drift falls on all alike.
+    Returns ({name: median seconds}, {name: last result})."""
+    results = {name: run() for name, run in runs.items()}
+    times = {name: [] for name in runs}
+    for round_ in range(repeats):
+        for name in (list(runs) if round_ % 2 == 0 else list(runs)[::-1]):
+            start = time.perf_counter()
+            results[name] = runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
 
 
-def _without_sharing(runner):
-    """A context in which `runner` computes every text whole."""
-    class Off:
-        def __enter__(self):
-            self.kept, runner.prefixes = runner.prefixes, None
+def _counted(runner, run, *, shared: bool):
+    """`run` (with `runner` computing every text whole unless `shared`) and a [tokens, calls] total of what
+    `runner` computes in it, the prefixes it computes included."""
+    total = [0, 0]
 
-        def __exit__(self, *exc):
-            runner.prefixes = self.kept
+    def counted():
+        kept = runner.prefixes
+        if not shared:
+            runner.prefixes = None
+        before = runner.tokens_computed + (kept.prefix_tokens_computed if kept else 0)
+        try:
+            return run()
+        finally:
+            runner.prefixes = kept
+            total[0] += runner.tokens_computed + (kept.prefix_tokens_computed if kept else 0) - before
+            total[1] += 1
 
-    return Off()
+    return counted, total
+
+
+def _figures(workload: str, count: int, real: int, computed: list, whole_computed: list, seconds: dict,
+             results: dict) -> dict:
+    """A workload's row: tokens, rates, ratios against the reference, agreement with it."""
+    return {"workload": workload, "texts": count, "real_tokens": real,
+            "computed_tokens": computed[0] / computed[1], "computed_unshared": whole_computed[0] / whole_computed[1],
+            "ours_tokens_per_s": real / seconds["ours"], "unshared_tokens_per_s": real / seconds["unshared"],
+            "reference_tokens_per_s": real / seconds["reference"], "ratio": seconds["reference"] / seconds["ours"],
+            "ratio_unshared": seconds["reference"] / seconds["unshared"],
+            "max_abs_diff": float(np.abs(results["ours"] - results["reference"]).max())}
 
 
 def query_workload(*, random: str, layers: int | None, tokenizer: str | None, dtype: str, count: int,
@@ -64,20 +86,12 @@ def query_workload(*, random: str, layers: int | None, tokenizer: str | None, dt
                       attention=attention, reference=True, out=out) as (ours, st, _):
         formatted = [f"Instruct: {TASK}\nQuery:{q}" for q in queries]
         real = sum(len(r) for r in ours.tokenizer.encode(formatted, ours.max_length))
-        prefixes = ours.runner.prefixes
-        before = ours.tokens_computed + prefixes.prefix_tokens_computed
-        ours_s, ours_out = _timed(lambda: ours.encode(queries, instruction=TASK), repeats)
-        computed = (ours.tokens_computed + prefixes.prefix_tokens_computed - before) / (repeats + 1)
-        with _without_sharing(ours.runner):
-            before = ours.tokens_computed
-            whole_s, _ = _timed(lambda: ours.encode(queries, instruction=TASK), repeats)
-            whole_computed = (ours.tokens_computed - before) / (repeats + 1)
-        st_s, st_out = _timed(lambda: st.encode(formatted), repeats)
-    return {"workload": "queries", "texts": count, "real_tokens": real, "computed_tokens": computed,
-            "computed_unshared": whole_computed, "ours_tokens_per_s": real / ours_s,
-            "unshared_tokens_per_s": real / whole_s, "reference_tokens_per_s": real / st_s,
-            "ratio": st_s / ours_s, "ratio_unshared": st_s / whole_s,
-            "max_abs_diff": float(np.abs(ours_out - st_out).max())}
+        encode = lambda: ours.encode(queries, instruction=TASK)
+        shared, computed = _counted(ours.runner, encode, shared=True)
+        whole, whole_computed = _counted(ours.runner, encode, shared=False)
+        seconds, results = _rounds({"ours": shared, "unshared": whole, "reference": lambda: st.encode(formatted)},
+                                   repeats)
+    return _figures("queries", count, real, computed, whole_computed, seconds, results)
 
 
 def card_scores(folder, query: str, documents: list[str], dtype: str):
@@ -118,25 +132,16 @@ def rerank_workload(*, random: str, layers: int | None, tokenizer: str | None, d
                           reranker=True) as folder:
         ours = Qwen3Reranker.from_pretrained(folder, dtype=dtype, attention=attention)
         real = sum(len(r) for r in ours.prompt_ids([(question, d) for d in documents]))
-        prefixes = ours.runner.prefixes
-        before = ours.runner.tokens_computed + prefixes.prefix_tokens_computed
 
         def score():                             # each call a new query: its prefix computed in the call
-            prefixes.forget()
+            ours.runner.prefixes.forget()
             return ours.score(question, documents)
 
-        ours_s, ours_out = _timed(score, repeats)
-        computed = (ours.runner.tokens_computed + prefixes.prefix_tokens_computed - before) / (repeats + 1)
-        with _without_sharing(ours.runner):
-            before = ours.runner.tokens_computed
-            whole_s, _ = _timed(lambda: ours.score(question, documents), repeats)
-            whole_computed = (ours.runner.tokens_computed - before) / (repeats + 1)
-        card_s, card_out = _timed(card_scores(folder, question, documents, dtype), repeats)
-    return {"workload": "reranking", "texts": count, "real_tokens": real, "computed_tokens": computed,
-            "computed_unshared": whole_computed, "ours_tokens_per_s": real / ours_s,
-            "unshared_tokens_per_s": real / whole_s, "reference_tokens_per_s": real / card_s,
-            "ratio": card_s / ours_s, "ratio_unshared": card_s / whole_s,
-            "max_abs_diff": float(np.abs(ours_out - card_out).max())}
+        shared, computed = _counted(ours.runner, score, shared=True)
+        whole, whole_computed = _counted(ours.runner, lambda: ours.score(question, documents), shared=False)
+        seconds, results = _rounds({"ours": shared, "unshared": whole,
+                                    "reference": card_scores(folder, question, documents, dtype)}, repeats)
+    return _figures("reranking", count, real, computed, whole_computed, seconds, results)
 
 
 def run_prefix_workloads(*, random: str = "0.6B", layers: int | None = 8, tokenizer: str | None = None,

@@ -46,6 +46,7 @@ class EmbeddingEngine(Engine):
         self.default_prompt_name = default_prompt_name
         self.max_length = max_length
         self._every_token = None                 # every_token's jitted forward pass and its weights, made on first use
+        self.keep_known_prefixes(tokenizer)
 
     @property
     def dimension(self) -> int:

@@ -98,6 +98,7 @@ class RerankingEngine(Engine):
         # Only two rows of the output projection are ever needed: "no" and "yes".
         self.answer_rows = fetch_global(model.output_rows([self.prompts.no_id, self.prompts.yes_id])).astype(
             np.float32)
+        self.keep_known_prefixes(tokenizer)
 
     def known_prefixes(self) -> list[str]:
         """The string every prompt starts with: the system turn (where a runner would keep a known prefix)."""

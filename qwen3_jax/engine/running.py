@@ -32,6 +32,17 @@ class Engine:
         engine.scheduler = scheduler
         return engine
 
+    def keep_known_prefixes(self, tokenizer) -> None:
+        """Registers each of `known_prefixes()` (strings, tokenized here by `tokenizer`) with the runner's
+        prefix cache: texts that begin with one compute only their own tokens (prefixes.py)."""
+        if self.runner.prefixes is not None:
+            for text in self.known_prefixes():
+                self.runner.prefixes.register(tokenizer.token_ids([text])[0])
+
+    def known_prefixes(self) -> list[str]:
+        """The strings put before many texts (none here; each engine lists its own)."""
+        return []
+
     def run(self, rows: Sequence[Sequence[int]], *, batch_size: int, progress: bool = False) -> np.ndarray:
         """The last hidden state of each row, float32 [n, D], in order: `batch_size` x 512 tokens a forward
         pass; `progress` shows a bar on stderr."""

@@ -10,7 +10,8 @@ all of them are done. While the device computes one batch, the next one is forme
 `in_flight` batches are started and not yet collected, so texts arriving meanwhile merge into the next.
 
 A request that would push the queue past `max_queue_tokens` is refused at once (Overloaded), a
-cancelled request's waiting texts are dropped, and `close()` stops taking requests but finishes every
+cancelled request's waiting texts are dropped (and a long text's pass, run a layer at a time on a CPU,
+stops at the end of the layer during which its client went away), and `close()` stops taking requests but finishes every
 accepted one. A batch whose forward pass raises fails its own requests (BatchFailed, logged once with
 their ids) and nothing else; after FAILURES_UNHEALTHY such batches in a row, or if either thread ever
 dies, `healthy` is False (the server's /health says 503) and a dead scheduler refuses new requests.
@@ -28,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from qwen3_jax.layer_by_layer import Dropped
 from qwen3_jax.prefixes import Sharing, table_length, unshared
 from qwen3_jax.runner import Dispatched, LastTokenRunner
 
@@ -116,8 +118,7 @@ class Scheduler:
         self._drain = DrainRate()
         self.failures_in_a_row = 0
         self.died: BaseException | None = None
-        self._tables_ready: set[int] = set()      # prefix table lengths whose programs are compiled
-        self._tables_started: set[int] = set()
+        self._compiling: set[tuple] = set()       # programs for shared prefixes being compiled in the background
         self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=f"qwen3-jax-{name}", daemon=True)
                          for loop, name in ((self._schedule, "scheduler"), (self._collect, "collector"),
                                             (self._long_lane, "long-lane"))]
@@ -136,9 +137,6 @@ class Scheduler:
     def start(self) -> "Scheduler":
         for thread in self._threads:
             thread.start()
-        if self.runner.prefixes is not None:        # the known prefixes' programs, in the background
-            for prefix in self.runner.prefixes.known:
-                self._prepare_table(table_length(len(prefix), fixed=True))
         return self
 
     def check_room(self, tokens: int) -> None:
@@ -199,38 +197,40 @@ class Scheduler:
         """The tokens a short text will compute: its own, after a prefix known to be shared."""
         row = item[0].rows[item[1]]
         prefixes = self.runner.prefixes
-        return len(row) - (prefixes.shared_length(row) if prefixes is not None and self._tables_ready else 0)
+        return len(row) - (prefixes.shared_length(row) if prefixes is not None else 0)
 
-    def _shared(self, rows: list[Sequence[int]]) -> tuple[Sharing, object]:
-        """The batch's sharing of prefixes and its table, once the programs for a table of that length
-        are compiled; until then (they compile in the background) every text its own."""
-        if self.runner.prefixes is None:
-            return unshared(rows), None
-        sharing = self.runner.share(rows, compute=False)
-        if not sharing.prefixes:
-            return sharing, None
-        length = table_length(sharing.table_tokens, fixed=True)
-        if length not in self._tables_ready:
-            self._prepare_table(length)
-            return unshared(rows), None
-        self.runner.prefixes.fill(sharing.prefixes)
-        return sharing, sharing.table(length)
+    def _batches(self, rows: list[Sequence[int]]) -> tuple[Sharing, object, list]:
+        """The rows' sharing of prefixes, its table and the batches of their own ids, once the programs
+        they need are compiled; until then (they compile in the background, one thread at a time) the
+        rows are computed whole."""
+        plan = lambda texts: self.runner.plan([len(t) for t in texts], token_budget=self.max_batch_tokens, fixed=True)
+        sharing = unshared(rows) if self.runner.prefixes is None else \
+            self.runner.share(rows, compute=False, remember=True)
+        if sharing.prefixes:
+            batches = plan(sharing.own)
+            length = table_length(sharing.table_tokens, fixed=True)
+            shapes = {(b.num_rows, b.length, b.slots) for b in batches}
+            missing = self.runner.missing_programs(shapes, length, [p for p in sharing.prefixes if p.keys is None])
+            if not missing:
+                self.runner.prefixes.fill(sharing.prefixes)
+                return sharing, sharing.table(length), batches
+            self._compile_in_background(missing)
+            sharing = unshared(rows)
+        return sharing, None, plan(rows)
 
-    def _prepare_table(self, length: int) -> None:
-        """Compiles, in a thread of its own, the programs for batches continuing a prefix table of `length`."""
-        if length in self._tables_started:
+    def _compile_in_background(self, programs: tuple) -> None:
+        """Compiles `programs` (runner.missing_programs') in a thread, unless they are being compiled."""
+        if programs in self._compiling:
             return
-        self._tables_started.add(length)
+        self._compiling.add(programs)
 
-        def compile_programs():
+        def compile_them():
             try:
-                self.runner.compile_prefixes(self.runner.shapes(self.max_batch_tokens, self.max_batch_tokens),
-                                             length, threads=1)
-                self._tables_ready.add(length)
-            except Exception:  # noqa: BLE001 - texts then run unshared, as before
-                log.exception("compiling the programs for a prefix table of %d tokens failed", length)
+                self.runner.compile_missing(programs)
+            except Exception:  # noqa: BLE001 - the texts then run whole, as before
+                log.exception("compiling the programs for shared prefixes failed")
 
-        threading.Thread(target=compile_programs, name=f"qwen3-jax-prefix-{length}", daemon=True).start()
+        threading.Thread(target=compile_them, name="qwen3-jax-prefix-programs", daemon=True).start()
 
     def _next_batch(self) -> list[tuple[Ticket, int]] | None:
         """The short texts of the next batch, first come first served within the token budget (past any
@@ -275,9 +275,12 @@ class Scheduler:
             row = item[0].rows[item[1]]
             try:
                 began = time.perf_counter()
-                started = [self.runner.dispatch(batch, [row])
+                gone = item[0].future.cancelled            # its client went away: stop at a layer's end
+                started = [self.runner.dispatch(batch, [row], stop=gone)
                            for batch in self.runner.plan([len(row)], token_budget=self.max_batch_tokens, fixed=True)]
                 self._deliver([item], started, began)
+            except Dropped as dropped:
+                log.info("request %s: its client went away; %s", item[0].request_id, dropped)
             except Exception as error:  # noqa: BLE001 - the request gets the error, the server goes on
                 self._fail([item], error)
 
@@ -292,10 +295,8 @@ class Scheduler:
                 return
             rows = [ticket.rows[i] for ticket, i in items]
             try:
-                sharing, table = self._shared(rows)
-                started = [self.runner.dispatch(batch, sharing.own, sharing, table)
-                           for batch in self.runner.plan([len(r) for r in sharing.own],
-                                                         token_budget=self.max_batch_tokens, fixed=True)]
+                sharing, table, batches = self._batches(rows)
+                started = [self.runner.dispatch(batch, sharing.own, sharing, table) for batch in batches]
             except Exception as error:  # noqa: BLE001 - the requests get the error, the server goes on
                 self._fail(items, error)
                 self._finished()

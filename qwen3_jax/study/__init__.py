@@ -1,10 +1,14 @@
-"""Studying the architecture: TransformerLens' hooks and caches, interventions, lenses and pictures."""
+"""Studying the architecture: TransformerLens' hooks and caches, interventions, lenses and pictures (each
+name imported on first use: see qwen3_jax/lazy.py)."""
 
-from qwen3_jax.study.forward import HookPoint, hook_names
-from qwen3_jax.study.hooked import ActivationCache, HookedQwen3, Tokens, act_name
-from qwen3_jax.study.interventions import ablate_heads, ablate_neurons, patching_sweep, steer
-from qwen3_jax.study.lenses import layer_cosines, layer_embeddings, layer_scores, logit_lens, yes_no_margins
+from qwen3_jax.lazy import lazy_names
 
-__all__ = ["ActivationCache", "HookPoint", "HookedQwen3", "Tokens", "ablate_heads", "ablate_neurons", "act_name",
-           "hook_names", "layer_cosines", "layer_embeddings", "layer_scores", "logit_lens", "patching_sweep", "steer",
-           "yes_no_margins"]
+_HOMES = {**dict.fromkeys(["HookPoint", "hook_names"], "qwen3_jax.study.forward"),
+          **dict.fromkeys(["ActivationCache", "HookedQwen3", "Tokens", "act_name"], "qwen3_jax.study.hooked"),
+          **dict.fromkeys(["ablate_heads", "ablate_neurons", "patching_sweep", "steer"],
+                          "qwen3_jax.study.interventions"),
+          **dict.fromkeys(["layer_cosines", "layer_embeddings", "layer_scores", "logit_lens", "yes_no_margins"],
+                          "qwen3_jax.study.lenses")}
+
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

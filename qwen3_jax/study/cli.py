@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3_jax.arguments import debug_parent
 from qwen3_jax.checks import UsageError
 
 PICTURES = ("attention", "patching", "lens", "layers")
@@ -14,7 +15,8 @@ PICTURES = ("attention", "patching", "lens", "layers")
 
 def add_study_parser(commands) -> None:
     """The `study` sub-command, added to build_parser's sub-parsers."""
-    study = commands.add_parser("study", help="a picture of what the model does: attention maps, activation "
+    study = commands.add_parser("study", parents=[debug_parent()],
+                                help="a picture of what the model does: attention maps, activation "
                                 "patching, the logit lens, per-layer curves (docs/study.md)")
     study.add_argument("picture", choices=PICTURES)
     study.add_argument("--model", required=True, help="checkpoint folder or hub id")
@@ -34,7 +36,6 @@ def add_study_parser(commands) -> None:
     study.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                        help="compute dtype (float32: equal to transformers' float32)")
     study.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
-    study.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _check(args) -> Path:

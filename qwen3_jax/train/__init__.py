@@ -1,10 +1,13 @@
-"""Fine-tuning Qwen3-Embedding and Qwen3-Reranker in JAX: losses, LoRA, the jitted step."""
+"""Fine-tuning Qwen3-Embedding and Qwen3-Reranker in JAX: losses, LoRA, the jitted step (each name imported
+on first use: see qwen3_jax/lazy.py)."""
 
-from qwen3_jax.train.batch import ContrastiveExample, contrastive_batch, pointwise_batch
-from qwen3_jax.train.losses import infonce, matryoshka, reranker_loss
-from qwen3_jax.train.lora import LoRAConfig, add_lora, load_peft_adapter, merge_lora, save_peft_adapter
-from qwen3_jax.train.step import Objective, OptimizerConfig, TrainState, TrainStep
+from qwen3_jax.lazy import lazy_names
 
-__all__ = ["ContrastiveExample", "LoRAConfig", "Objective", "OptimizerConfig", "TrainState", "TrainStep",
-           "add_lora", "contrastive_batch", "infonce", "load_peft_adapter", "matryoshka", "merge_lora",
-           "pointwise_batch", "reranker_loss", "save_peft_adapter"]
+_HOMES = {**dict.fromkeys(["ContrastiveExample", "contrastive_batch", "pointwise_batch"], "qwen3_jax.train.batch"),
+          **dict.fromkeys(["infonce", "matryoshka", "reranker_loss"], "qwen3_jax.train.losses"),
+          **dict.fromkeys(["LoRAConfig", "add_lora", "load_peft_adapter", "merge_lora", "save_peft_adapter"],
+                          "qwen3_jax.train.lora"),
+          **dict.fromkeys(["Objective", "OptimizerConfig", "TrainState", "TrainStep"], "qwen3_jax.train.step")}
+
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)
