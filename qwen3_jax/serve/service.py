@@ -74,6 +74,8 @@ class Service:
             self.reranking = reranker.engine.scheduled(self._scheduler("rerank", reranker.runner, self.reranker_name))
 
     def _scheduler(self, kind: str, runner, name: str) -> Scheduler:
+        if not self.settings.share_prefixes:
+            runner.prefixes = None
         scheduler = Scheduler(runner, max_batch_tokens=self.batch_tokens, max_queue_tokens=self.queue_tokens,
                               max_wait_ms=self.settings.max_wait_ms, report=self.metrics.reporter(name))
         self.metrics.queue_tokens.labels(name).set_function(lambda: scheduler.queued_tokens)

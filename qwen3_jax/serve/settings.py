@@ -31,6 +31,9 @@ class ServeSettings:
     fsdp: bool = setting(False, help="also split parameters over the data axis")
     max_batch_tokens: int | None = setting(None, help=f"token budget of one batch (default {CPU_BATCH_TOKENS} on "
                                                       f"the CPU, {ACCELERATOR_BATCH_TOKENS} on accelerators)")
+    share_prefixes: bool = setting(True, flag="--no-share-prefixes", action="store_false",
+                                   help="compute every text whole (default: texts that begin with the same token "
+                                        "ids compute that prefix once, docs/design/prefixes.md)")
     max_wait_ms: float = setting(2.0, help="how long a short queue waits for company before its batch starts")
     max_queue_tokens: int | None = setting(None, help="tokens waiting at most; beyond, requests get 429 (default: "
                                                       "16 batches)")
