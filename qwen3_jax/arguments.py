@@ -82,6 +82,21 @@ def setting(default: Any = dataclasses.MISSING, *, help: str | None = None,
     return dataclasses.field(default=default, metadata={"flag_of": flag_of})
 
 
+def nested(settings: type, *, prefix: str = "", off: str | None = None, off_help: str | None = None,
+           exclusive: str | None = None, **defaults) -> Any:
+    """A dataclass field holding another settings dataclass, whose flags the command line takes as well
+    (see `add_settings`).
+
+    settings: the nested dataclass; prefix: put before its field names to make its flags' destinations
+    (e.g. "lora_": rank -> lora_rank); off: a switch that makes the field None instead (e.g. "--full"),
+    with the help `off_help`, in the mutually exclusive group named `exclusive`; defaults: fields whose
+    default here differs from the dataclass's own (the field's default is `settings(**defaults)`, its
+    flags' defaults the fields' declared ones with `defaults` over them)."""
+    nest = {"settings": settings, "prefix": prefix, "off": off, "off_help": off_help, "exclusive": exclusive,
+            "defaults": defaults}
+    return dataclasses.field(default=settings(**defaults), metadata={"nest": nest})
+
+
 def _kind(annotation) -> str:
     """The name of a field's type (`annotation`, a string under `from __future__ import annotations`), the
     first of a union: "int | None" -> "int"."""
@@ -89,23 +104,39 @@ def _kind(annotation) -> str:
     return name.replace(" ", "").split("|")[0]
 
 
+def flags_of(settings: type, prefix: str = "", defaults: dict | None = None):
+    """(destination, field, default) for each field of the dataclass `settings` declared with `setting`,
+    in order, the fields of a `nested` field in its place; `prefix` goes before each destination, and
+    `defaults` (field name -> value) replace the fields' declared defaults."""
+    for field in dataclasses.fields(settings):
+        if "nest" in field.metadata:
+            nest = field.metadata["nest"]
+            yield from flags_of(nest["settings"], prefix + nest["prefix"], nest["defaults"])
+        elif "flag_of" in field.metadata:
+            yield prefix + field.name, field, (defaults or {}).get(field.name, field.default)
+
+
 def add_settings(parser: argparse.ArgumentParser, settings: type,
                  required: tuple[str, ...] = ()) -> dict[str, argparse._MutuallyExclusiveGroup]:
     """Adds to `parser` a flag for each field of the dataclass `settings` declared with `setting` (other
-    fields are no flags), in the fields' order, each storing into the field's name; `required` names the
-    mutually exclusive groups of which one flag must be given. A bool field is a switch (store_true unless
-    its options say otherwise), an int or float field's value is read as one. Returns the mutually
-    exclusive groups by name, for flags that are no field to join them."""
+    fields are no flags) and of its `nested` settings (and their `off` switches), in the fields' order,
+    each storing into its destination (see `flags_of`); `required` names the mutually exclusive groups of
+    which one flag must be given. A bool field is a switch (store_true unless its options say otherwise),
+    an int or float field's value is read as one. Returns the mutually exclusive groups by name, for
+    flags that are no field to join them."""
     value_type = {"int": int, "float": float}
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
-    for field in dataclasses.fields(settings):
-        if "flag_of" not in field.metadata:
-            continue
+
+    def group(name: str | None):
+        if name and name not in groups:
+            groups[name] = parser.add_mutually_exclusive_group(required=name in required)
+        return groups[name] if name else parser
+
+    for dest, field, default in flags_of(settings):
         declared = field.metadata["flag_of"]
         options = dict(declared["options"])
-        flags = declared["flag"] or f"--{field.name.replace('_', '-')}"
+        flags = declared["flag"] or f"--{dest.replace('_', '-')}"
         flags = (flags,) if isinstance(flags, str) else flags
-        default = field.default
         kind = _kind(field.type)
         if declared["env"] and os.environ.get(declared["env"]):
             default = value_type.get(kind, str)(os.environ[declared["env"]])
@@ -117,23 +148,35 @@ def add_settings(parser: argparse.ArgumentParser, settings: type,
                 options.setdefault("metavar", flags[0].lstrip("-").replace("-", "_").upper())
         if default is dataclasses.MISSING:
             options["required"], default = True, None
-        group = parser
-        if declared["exclusive"]:
-            name = declared["exclusive"]
-            if name not in groups:
-                groups[name] = parser.add_mutually_exclusive_group(required=name in required)
-            group = groups[name]
-        group.add_argument(*flags, dest=field.name, default=default,
-                           help=declared["help"] or SHARED_HELP[flags[0]], **options)
+        group(declared["exclusive"]).add_argument(*flags, dest=dest, default=default,
+                                                  help=declared["help"] or SHARED_HELP[flags[0]], **options)
+    for field in dataclasses.fields(settings):
+        nest = field.metadata.get("nest")
+        if nest and nest["off"]:
+            group(nest["exclusive"]).add_argument(nest["off"], action="store_true", help=nest["off_help"])
     return groups
 
 
 def settings_from(settings: type, args: argparse.Namespace, **given):
-    """An instance of the dataclass `settings` from the parsed `args` (its flags' fields), with `given`
-    (fields that are no flag, or that the command computes) taking precedence."""
-    flagged = {field.name: getattr(args, field.name) for field in dataclasses.fields(settings)
-               if "flag_of" in field.metadata and hasattr(args, field.name)}
-    return settings(**{**flagged, **given})
+    """An instance of the dataclass `settings` from the parsed `args` (its flags' destinations, a `nested`
+    field's too: None where its `off` switch was given), with `given` (fields that are no flag, or that
+    the command computes) taking precedence."""
+    return settings(**{**_parsed(settings, args, ""), **given})
+
+
+def _parsed(settings: type, args: argparse.Namespace, prefix: str) -> dict:
+    """The fields of the dataclass `settings` that `args` holds (destinations prefixed with `prefix`)."""
+    values = {}
+    for field in dataclasses.fields(settings):
+        nest = field.metadata.get("nest")
+        if nest and nest["off"] and getattr(args, nest["off"].lstrip("-").replace("-", "_"), False):
+            values[field.name] = None
+        elif nest:
+            inner = _parsed(nest["settings"], args, prefix + nest["prefix"])
+            values[field.name] = nest["settings"](**{**nest["defaults"], **inner})
+        elif "flag_of" in field.metadata and hasattr(args, prefix + field.name):
+            values[field.name] = getattr(args, prefix + field.name)
+    return values
 
 
 def debug_parent() -> argparse.ArgumentParser:

@@ -62,12 +62,12 @@ def _distributed(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    """`train`'s flags: TrainConfig's fields (see `arguments.setting`), --full beside --lora-rank, and the
-    flags every sharded, compiling, multi-process command shares."""
+    """`train`'s flags: TrainConfig's fields and its objective's, optimizer's and LoRA's (see
+    `arguments.setting` and `arguments.nested`: --full beside --lora-rank), and the flags every sharded,
+    compiling, multi-process command shares."""
     from qwen3_jax.train.config import TrainConfig
 
-    groups = add_settings(parser, TrainConfig, required=("length",))
-    groups["lora"].add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    add_settings(parser, TrainConfig, required=("length",))
     _mesh_options(parser)
     _compile_cache(parser)
     _distributed(parser)
@@ -683,7 +683,7 @@ def run_eval(args) -> None:
 def run_train(args) -> None:
     from qwen3_jax.train.run import TrainConfig, train
 
-    config = settings_from(TrainConfig, args, lora_rank=None if args.full else args.lora_rank, fsdp=args.fsdp)
+    config = settings_from(TrainConfig, args, fsdp=args.fsdp)
     train(config, mesh=_mesh(args), out=lambda message: print(message, file=sys.stderr))
 
 

@@ -215,13 +215,13 @@ def test_an_existing_output_of_init_random_or_convert_exits_2(checkpoint, tmp_pa
 
 
 def test_train_and_serve_flags_are_their_settings_fields_declared_once(monkeypatch):
-    """`train` and `serve` take a flag for each field their settings dataclass declares with `setting`,
-    the flag's default is the field's own, and the parsed flags make the dataclass a library user gets."""
-    import dataclasses
-
-    from qwen3_jax.arguments import settings_from
+    """`train` and `serve` take a flag for each field their settings dataclass declares with `setting`
+    (train's nested objective, optimizer and LoRA settings included), the flag's default is the field's
+    own, and the parsed flags make the dataclass a library user gets."""
+    from qwen3_jax.arguments import flags_of, settings_from
     from qwen3_jax.serve.settings import ServeSettings
     from qwen3_jax.train.config import TrainConfig
+    from qwen3_jax.train.lora import PROJECTIONS
 
     monkeypatch.delenv("QWEN3_JAX_API_KEY", raising=False)
     train = build_parser().parse_args(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--steps", "3"])
@@ -229,16 +229,18 @@ def test_train_and_serve_flags_are_their_settings_fields_declared_once(monkeypat
     assert settings_from(ServeSettings, build_parser().parse_args(["serve"])) == ServeSettings()
     for settings, command in ((TrainConfig, "train"), (ServeSettings, "serve")):
         shown = " ".join(_subcommands()[command].format_help().split())
-        for field in dataclasses.fields(settings):
-            if "flag_of" in field.metadata:
-                declared = field.metadata["flag_of"]
-                flag = declared["flag"] or f"--{field.name.replace('_', '-')}"
-                assert (flag if isinstance(flag, str) else flag[0]) in shown, field.name
+        for dest, field, _ in flags_of(settings):
+            declared = field.metadata["flag_of"]
+            flag = declared["flag"] or f"--{dest.replace('_', '-')}"
+            assert (flag if isinstance(flag, str) else flag[0]) in shown, dest
     changed = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--epochs", "2",
                                          "--full", "--no-batch-negatives", "--matryoshka-dims", "64,32", "--lr", "3e-5"])
-    config = settings_from(TrainConfig, changed, lora_rank=None)
-    assert (config.epochs, config.lora_rank, config.use_batch, config.matryoshka_dims, config.learning_rate) == \
-        (2.0, None, False, (64, 32), 3e-5)
+    config = settings_from(TrainConfig, changed)
+    assert (config.epochs, config.lora, config.objective.use_batch, config.objective.matryoshka_dims,
+            config.optimizer.learning_rate) == (2.0, None, False, (64, 32), 3e-5)
+    lora = settings_from(TrainConfig, build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output",
+                                                                 "o", "--steps", "1", "--lora-rank", "4"])).lora
+    assert (lora.rank, lora.alpha, lora.dropout, lora.targets) == (4, 32.0, 0.05, tuple(PROJECTIONS))
     monkeypatch.setenv("QWEN3_JAX_API_KEY", "secret")
     assert settings_from(ServeSettings, build_parser().parse_args(["serve"])).api_key == "secret"
 

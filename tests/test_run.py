@@ -115,7 +115,7 @@ def _trained(checkpoint, data, output, **overrides):
     settings = dict(model=str(checkpoint), data=data["train"], output=str(output), eval_data=data["eval"],
                     lora_rank=8, lora_alpha=16, lora_dropout=0.0, learning_rate=3e-3, warmup_steps=2,
                     batch_size=16, steps=24, save_every=12, eval_every=12, max_length=64, quiet=True)
-    return train(TrainConfig(**{**settings, **overrides}), out=lambda _: None)
+    return train(TrainConfig.from_flat({**settings, **overrides}), out=lambda _: None)
 
 
 def test_lora_run_learns_and_exports_for_sentence_transformers_and_peft(checkpoint, data, tmp_path):
@@ -185,10 +185,38 @@ def test_reranker_run_exports_a_folder_both_score_alike(reranker_checkpoint, dat
 
 # --- bad input: one clear error, nothing written that looks finished ---------------------------------
 
+def test_run_json_records_the_settings_flat_as_before_they_were_nested():
+    """The objective's, optimizer's and LoRA's settings live in their own dataclasses, but run.json
+    records them on one level under the names it always had (a run begun before resumes), and that
+    form reads back into the same config; full fine-tuning records lora_rank None."""
+    from qwen3_jax.arguments import settings_from
+    from qwen3_jax.cli import build_parser
+
+    flags = ["train", "--model", "m", "--data", "d", "--output", "o", "--steps", "3"]
+    config = settings_from(TrainConfig, build_parser("train").parse_args(
+        [*flags, "--lora-targets", "q_proj,v_proj", "--lr", "3e-5", "--temperature", "0.1", "--warmup", "2"]))
+    assert config.flat() == {
+        "model": "m", "data": "d", "output": "o", "loss": "infonce", "lora_rank": 8, "lora_alpha": 32.0,
+        "lora_dropout": 0.05, "lora_targets": "q_proj,v_proj", "temperature": 0.1, "hard_negatives": None,
+        "use_batch": True, "include_qq": False, "include_dd": False, "false_negative_margin": None,
+        "matryoshka_dims": (), "instruction": None, "batch_size": 32, "mini_batch_size": None, "max_length": 512,
+        "row_length": None, "learning_rate": 3e-5, "warmup_steps": 2, "schedule": "cosine", "weight_decay": 0.01,
+        "max_grad_norm": 1.0, "steps": 3, "epochs": None, "remat": "off", "dtype": "float32", "fsdp": False,
+        "eval_data": None, "eval_every": None, "save_every": 100, "keep": 3, "log_every": 1, "seed": 0,
+        "overwrite": False, "quiet": False, "tensorboard": None}
+    assert TrainConfig.from_flat(config.flat()) == config
+    full = settings_from(TrainConfig, build_parser("train").parse_args([*flags, "--full"]))
+    assert full.lora is None and full.flat() == {**config.flat(), "lora_rank": None, "lora_targets": "all-linear",
+                                                 "temperature": 0.05, "learning_rate": 1e-4, "warmup_steps": 0}
+    assert TrainConfig.from_flat(full.flat()) == full
+    with pytest.raises(TypeError, match="no setting lr"):
+        TrainConfig.from_flat({**config.flat(), "lr": 1e-3})
+
+
 def _config(checkpoint, data, output, **overrides):
     settings = dict(model=str(checkpoint), data=data["train"], output=str(output), batch_size=8, steps=2,
                     max_length=64, quiet=True)
-    return TrainConfig(**{**settings, **overrides})
+    return TrainConfig.from_flat({**settings, **overrides})
 
 
 @pytest.mark.parametrize("line, message", [
@@ -306,9 +334,9 @@ def test_two_processes_train_like_one(checkpoint, data, tmp_path, compile_cache,
 
     from qwen3_jax import make_mesh
 
-    config = TrainConfig(model=str(checkpoint), data=data["train"], output=str(tmp_path / "one"), lora_rank=4,
-                         learning_rate=5e-3, batch_size=8, steps=4, save_every=2, max_length=64, row_length=256,
-                         seed=3, quiet=True)
+    config = TrainConfig.from_flat(dict(model=str(checkpoint), data=data["train"], output=str(tmp_path / "one"),
+                                        lora_rank=4, learning_rate=5e-3, batch_size=8, steps=4, save_every=2,
+                                        max_length=64, row_length=256, seed=3, quiet=True))
     train(config, mesh=make_mesh(data=2, devices=jax.devices()[:2]), out=lambda _: None)
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]

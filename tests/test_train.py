@@ -299,7 +299,7 @@ def test_reranker_loss_gradients_match_the_causal_lm(reranker_checkpoint):
     labels = [1, 0, 1, 0]
     prompts = reranker.prompt_ids(pairs, "Given a web search query, retrieve relevant passages that answer the query")
     step = TrainStep(load_model(reranker_checkpoint, with_lm_head=True),
-                     objective=Objective(kind="reranker", answer_ids=(reranker.no_id, reranker.yes_id)),
+                     objective=Objective(loss="reranker", answer_ids=(reranker.no_id, reranker.yes_id)),
                      optimizer=OptimizerConfig())
     batch = step.place(pointwise_batch(prompts, labels, pad_id=reranker.tokenizer.end_of_text_id))
     (loss, _), grads = jax.jit(step.loss_and_grads)(step.init().trainable, step.frozen, batch, jax.random.PRNGKey(0))
@@ -382,7 +382,7 @@ def test_bad_settings_fail_before_anything_compiles(checkpoint):
     with pytest.raises(ValueError, match="do not fit together"):
         infonce(np.ones((3, 8)), np.ones((4, 2, 8)), np.ones((4, 2), bool), temperature=0.1)
     with pytest.raises(ValueError, match="GradCache"):
-        TrainStep(model, objective=Objective(kind="reranker", answer_ids=(1, 2)), optimizer=OptimizerConfig(),
+        TrainStep(model, objective=Objective(loss="reranker", answer_ids=(1, 2)), optimizer=OptimizerConfig(),
                   mini_batches=2)
     with pytest.raises(ValueError, match="remat='some'"):
         TrainStep(model, objective=Objective(), optimizer=OptimizerConfig(), remat="some")
@@ -421,6 +421,14 @@ def test_remat_keeps_one_layer_of_activations_instead_of_all():
     layer_input = 1024 * 64 * 4              # 4 layers more: without remat each keeps all it computes
     assert deeper_off - off > 40 * layer_input and deeper_full - full < 5 * layer_input, (off, deeper_off, full,
                                                                                           deeper_full)
+
+
+def test_remat_dots_except_mlp_keeps_attention_s_products_and_not_the_mlp_s():
+    """MaxText's save_dot_except_mlp: remat "dots_except_mlp" keeps attention's projections and recomputes
+    the MLP's, so its gradient's working memory lies strictly between "full" (none kept) and "dots" (all
+    kept); a policy that kept every projection would equal "dots"."""
+    full, except_mlp, dots = (_gradient_working_memory(remat=remat) for remat in ("full", "dots_except_mlp", "dots"))
+    assert full < except_mlp < dots, (full, except_mlp, dots)
 
 
 def test_the_embedding_gradient_is_not_held_through_the_backward_pass():

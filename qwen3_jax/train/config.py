@@ -6,11 +6,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from qwen3_jax.arguments import setting
+from qwen3_jax.arguments import nested, setting
 from qwen3_jax.backend import COMPUTE_DTYPES
 from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.hub import model_identity, resolve_model, weights_fingerprint
+from qwen3_jax.model import REMAT_POLICIES
 from qwen3_jax.textio import file_identity
+from qwen3_jax.train.lora import LoRAConfig
+from qwen3_jax.train.step import Objective, OptimizerConfig
 
 # Settings that do not change what a run computes, so a resumed run may differ in them.
 # (--row-length only pads the rows.)
@@ -25,40 +28,22 @@ RUN_LENGTH = ("steps", "epochs")
 HIGHEST_PLAUSIBLE_LR = {"lora": 1e-2, "full": 1e-3}
 
 
-def dimensions(text: str) -> tuple[int, ...]:
-    """--matryoshka-dims "1024,512,256" as (1024, 512, 256)."""
-    return tuple(int(part) for part in text.split(",") if part.strip())
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything `qwen3-jax train` takes, each field declared once as its flag (`setting`: its --help is
-    the help below); `lora_rank=None` is full fine-tuning (--full); `hard_negatives=None` uses as many as
-    the data's lines carry (fewer on a line are masked)."""
+    the help below), the objective's, the optimizer's and LoRA's in their own dataclasses (`nested`);
+    `lora=None` is full fine-tuning (--full); `hard_negatives=None` uses as many as the data's lines
+    carry (fewer on a line are masked). `flat()` and `from_flat` give and read the one-level form that
+    run.json records (lora_rank, learning_rate, temperature, ...)."""
 
     model: str = setting(help="checkpoint folder or hub id to start from")
     data: str = setting(help="training .jsonl (docs/fine-tuning.md has the line formats)")
     output: str = setting(help="run folder: checkpoints, metrics.jsonl, final/, adapter/")
-    loss: str = setting("infonce", choices=["infonce", "reranker"],
-                        help="infonce: an embedding model, contrastive; reranker: a Qwen3-Reranker's yes/no")
-    lora_rank: int | None = setting(8, exclusive="lora", help="LoRA rank (default 8)")
-    lora_alpha: float = setting(32.0, help="LoRA scale numerator (alpha / rank)")
-    lora_dropout: float = setting(0.05, help="dropout on the LoRA branch")
-    lora_targets: str = setting("all-linear",
-                                help="all-linear or some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    temperature: float = setting(0.05, help="InfoNCE temperature")
+    objective: Objective = nested(Objective)
+    lora: LoRAConfig | None = nested(LoRAConfig, prefix="lora_", off="--full", exclusive="lora",
+                                     off_help="full fine-tuning instead of LoRA", dropout=0.05)
     hard_negatives: int | None = setting(None, help="hard negatives per query (default: the most any line has; "
                                                     "fewer are masked)")
-    use_batch: bool = setting(True, flag="--no-batch-negatives", action="store_false",
-                              help="only each query's own documents as negatives (default: the whole batch's "
-                                   "too; ms-swift's INFONCE_USE_BATCH=False)")
-    include_qq: bool = setting(False, help="other queries as negatives too")
-    include_dd: bool = setting(False, help="other documents as the positive's negatives")
-    false_negative_margin: float | None = setting(
-        None, help="leave out negatives more similar than the positive plus this (the report uses 0.1)")
-    matryoshka_dims: tuple[int, ...] = setting((), type=dimensions,
-                                               help="e.g. 1024,512,256,128: the loss summed over dims (default: "
-                                                    "the full width only)")
     instruction: str | None = setting(None, help="task instruction for queries without their own")
     batch_size: int = setting(32, help="queries per step over all devices")
     mini_batch_size: int | None = setting(None, help="GradCache: embed the step's texts this many at a time "
@@ -67,18 +52,14 @@ class TrainConfig:
     row_length: int | None = setting(None, help="pad each step's packed rows to at least this many tokens: steps "
                                                 "whose texts fit share one compiled program (each new row length "
                                                 "compiles the step again)")
-    learning_rate: float = setting(1e-4, flag="--lr", help="peak learning rate")
-    warmup_steps: int = setting(0, flag="--warmup", help="warm-up steps")
-    schedule: str = setting("cosine", choices=["cosine", "linear", "constant"],
-                            help="learning-rate decay after the warm-up")
-    weight_decay: float = setting(0.01, help="AdamW weight decay")
-    max_grad_norm: float = setting(1.0, help="clip gradients to this global norm")
+    optimizer: OptimizerConfig = nested(OptimizerConfig)
     steps: int | None = setting(None, exclusive="length",
                                 help="optimizer steps (raised on a finished run: it continues)")
     epochs: float | None = setting(None, exclusive="length",
                                    help="passes over the data (raised on a finished run: it continues)")
-    remat: str = setting("off", choices=["off", "full", "dots"],
-                         help="recompute each layer in the backward pass (dots: keep the matrix products)")
+    remat: str = setting("off", choices=list(REMAT_POLICIES),
+                         help="recompute each layer in the backward pass (dots: keep the matrix products; "
+                              "dots_except_mlp: keep attention's, recompute the MLP's)")
     dtype: str = setting("float32", choices=COMPUTE_DTYPES,
                          help="compute dtype (auto: bfloat16 where its products are fast); weights and optimizer "
                               "stay float32")
@@ -96,42 +77,78 @@ class TrainConfig:
                                                                 "DIR (pip install \"qwen3-jax[tensorboard]\")")
 
     def __post_init__(self):
-        if self.loss not in ("infonce", "reranker"):
-            raise UsageError(f"--loss {self.loss!r}: choose infonce or reranker")
         if (self.steps is None) == (self.epochs is None):
             raise UsageError("give exactly one of --steps and --epochs")
         for name in ("batch_size", "max_length", "save_every", "keep", "log_every", "steps", "eval_every",
-                     "mini_batch_size", "lora_rank", "row_length"):
+                     "mini_batch_size", "row_length"):
             if getattr(self, name) is not None:
                 whole_number(getattr(self, name), f"--{name.replace('_', '-')}")
         if self.epochs is not None and not self.epochs > 0:
             raise UsageError(f"--epochs={self.epochs} must be positive")
         if self.hard_negatives is not None and self.hard_negatives < 0:
             raise UsageError(f"--hard-negatives={self.hard_negatives} must be 0 or more")
-        if self.loss == "reranker" and self.mini_batch_size:
+        if self.objective.loss == "reranker" and self.mini_batch_size:
             raise UsageError("--mini-batch-size (GradCache) serves the contrastive loss, not the reranker's")
 
     def implausible(self, total_steps: int) -> list[str]:
         """One line for each setting that is allowed but seldom what anyone means (a run of `total_steps`)."""
-        kind = "lora" if self.lora_rank else "full"
+        kind = "lora" if self.lora else "full"
+        objective, optimizer = self.objective, self.optimizer
         found = []
-        if self.learning_rate > HIGHEST_PLAUSIBLE_LR[kind]:
-            found.append(f"--lr {self.learning_rate:g} is far above what {'LoRA' if self.lora_rank else 'full fine-tuning'} "
-                         f"uses (ms-swift's default is {1e-4 if self.lora_rank else 1e-5:g}; above "
+        if optimizer.learning_rate > HIGHEST_PLAUSIBLE_LR[kind]:
+            found.append(f"--lr {optimizer.learning_rate:g} is far above what {'LoRA' if self.lora else 'full fine-tuning'} "
+                         f"uses (ms-swift's default is {1e-4 if self.lora else 1e-5:g}; above "
                          f"{HIGHEST_PLAUSIBLE_LR[kind]:g} a run usually diverges)")
-        if self.loss == "infonce" and self.temperature > 1:
-            found.append(f"--temperature {self.temperature:g} is above 1: the similarities barely separate "
+        if objective.loss == "infonce" and objective.temperature > 1:
+            found.append(f"--temperature {objective.temperature:g} is above 1: the similarities barely separate "
                          "(sentence-transformers uses 0.05, ms-swift 0.1)")
-        if self.warmup_steps >= total_steps:
-            found.append(f"--warmup {self.warmup_steps} is not shorter than the run ({total_steps} steps): the "
+        if optimizer.warmup_steps >= total_steps:
+            found.append(f"--warmup {optimizer.warmup_steps} is not shorter than the run ({total_steps} steps): the "
                          "learning rate never reaches --lr (sentence-transformers warms up for 10% of a run)")
-        if self.weight_decay > 0.5:
-            found.append(f"--weight-decay {self.weight_decay:g} is above 0.5: it pulls the weights to zero faster "
+        if optimizer.weight_decay > 0.5:
+            found.append(f"--weight-decay {optimizer.weight_decay:g} is above 0.5: it pulls the weights to zero faster "
                          "than the loss trains them (ms-swift uses 0.1, sentence-transformers 0.01)")
-        if self.loss == "infonce" and self.batch_size == 1 and self.hard_negatives == 0:
+        if objective.loss == "infonce" and self.batch_size == 1 and self.hard_negatives == 0:
             found.append("--batch-size 1 with --hard-negatives 0: each query has only its positive, so the "
                          "contrastive loss is 0 and nothing trains")
         return found
+
+    def flat(self) -> dict:
+        """The settings as one level, the form run.json has always recorded: each nested part's flags under
+        their destinations (temperature, lora_rank, learning_rate, ...; its other fields are not settings of
+        a run), full fine-tuning as lora_rank None beside the default adapter's other fields, the LoRA
+        targets as the flag spells them."""
+        fields = {}
+        for field, names in _flat_names(type(self)):
+            part = getattr(self, field.name)
+            if "nest" not in field.metadata:
+                fields[field.name] = part
+                continue
+            part = field.default if part is None else part
+            fields.update({flat: getattr(part, name) for flat, name in names.items()})
+        if self.lora is None:
+            fields["lora_rank"] = None
+        fields["lora_targets"] = LoRAConfig(targets=fields["lora_targets"]).spelled_targets
+        return fields
+
+    @classmethod
+    def from_flat(cls, fields: dict) -> "TrainConfig":
+        """The config whose `flat()` holds `fields` (flat names: a nested part's settings not given keep its
+        defaults here; lora_rank None is full fine-tuning); a name that is no setting is a TypeError."""
+        known = _known_names(cls)
+        if set(fields) - known:
+            raise TypeError(f"TrainConfig has no setting {', '.join(sorted(set(fields) - known))}")
+        values = {}
+        for field, names in _flat_names(cls):
+            if "nest" not in field.metadata:
+                if field.name in fields:
+                    values[field.name] = fields[field.name]
+            elif field.name == "lora" and fields.get("lora_rank", 0) is None:
+                values["lora"] = None                             # full fine-tuning
+            else:
+                given = {name: fields[flat] for flat, name in names.items() if flat in fields}
+                values[field.name] = dataclasses.replace(field.default, **given)
+        return cls(**values)
 
     def fingerprint(self) -> dict:
         """What the run computes, as run.json stores it (JSON types). Inputs are named by what they are,
@@ -139,7 +156,7 @@ class TrainConfig:
         the data file's resolved path, size and hash, so `--model ./emb` resumes a run started with
         `--model emb` from another folder, while other weights at the model's path, or a data file
         edited since, cannot resume (it would go on from other weights, or its examples would shift)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
+        fields = {k: v for k, v in self.flat().items() if k not in NOT_FINGERPRINTED}
         fields.update(model=model_identity(self.model), data=file_identity(self.data),
                       weights=weights_fingerprint(resolve_model(self.model)),
                       eval_data=self.eval_data and str(Path(self.eval_data).resolve()))
@@ -148,7 +165,24 @@ class TrainConfig:
     @classmethod
     def from_fingerprint(cls, fields: dict, **settings) -> "TrainConfig":
         """The config a run.json describes (with settings that are not fingerprinted)."""
-        known = {field.name for field in dataclasses.fields(cls)}        # not weights, nor final_step
-        fields = {k: v for k, v in fields.items() if k in known}
-        return cls(**{**fields, "data": fields["data"]["path"], "matryoshka_dims": tuple(fields["matryoshka_dims"]),
-                      **settings})
+        known = _known_names(cls)
+        fields = {k: v for k, v in fields.items() if k in known}           # not weights, nor final_step
+        return cls.from_flat({**fields, "data": fields["data"]["path"], **settings})
+
+
+def _known_names(settings: type) -> set[str]:
+    """Every flat name of the dataclass `settings` (see `_flat_names`)."""
+    return {flat for field, names in _flat_names(settings) for flat in names or [field.name]}
+
+
+def _flat_names(settings: type) -> list[tuple[dataclasses.Field, dict[str, str]]]:
+    """Each field of the dataclass `settings` with, for a `nested` one, its flags' flat names (the
+    destinations, e.g. lora_rank) -> the nested dataclass's field names (rank); {} for a plain field."""
+    parts = []
+    for field in dataclasses.fields(settings):
+        nest = field.metadata.get("nest")
+        names = {} if nest is None else {nest["prefix"] + inner.name: inner.name
+                                         for inner in dataclasses.fields(nest["settings"])
+                                         if "flag_of" in inner.metadata}
+        parts.append((field, names))
+    return parts

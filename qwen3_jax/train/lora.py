@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen3_jax.arguments import setting
 from qwen3_jax.backend import Backend
 from qwen3_jax.checks import UsageError, whole_number
 from qwen3_jax.model import Qwen3Model
@@ -41,12 +42,15 @@ class LoRAParam(nnx.Param):
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """rank, alpha, dropout and target projections (peft names; "all-linear" = all seven)."""
+    """rank, alpha, dropout and target projections (peft names, or "all-linear" = all seven, given as a
+    tuple or as one comma-separated string); each field declared once as its `qwen3-jax train` flag
+    (`setting`, under the prefix lora_: --lora-rank, ...)."""
 
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = tuple(PROJECTIONS)
+    rank: int = setting(8, exclusive="lora", help="LoRA rank (default 8)")
+    alpha: float = setting(32.0, help="LoRA scale numerator (alpha / rank)")
+    dropout: float = setting(0.0, help="dropout on the LoRA branch")
+    targets: tuple[str, ...] = setting(
+        "all-linear", help="all-linear or some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -64,6 +68,11 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def spelled_targets(self) -> str:
+        """The targets as the flag spells them: "all-linear" for all seven, else comma-separated."""
+        return "all-linear" if self.targets == tuple(PROJECTIONS) else ",".join(self.targets)
 
 
 class LoRA(nnx.Module):

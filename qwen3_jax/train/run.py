@@ -91,9 +91,9 @@ class Run:
         self.claim = Claim(self.output, lambda path: path.name == LOCK)
         if self.output.is_dir():
             self._hold()              # a second run on the folder is refused before any work
-        self.source = JsonlSource(config.data, config.loss)
+        self.source = JsonlSource(config.data, config.objective.loss)
         self.stream = ExampleStream(self.source, batch_size=config.batch_size, seed=config.seed)
-        eval_source = JsonlSource(config.eval_data, config.loss) if config.eval_data else None
+        eval_source = JsonlSource(config.eval_data, config.objective.loss) if config.eval_data else None
         self.eval_examples = [eval_source[i] for i in range(len(eval_source))] if eval_source else []
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.stream.steps_per_epoch()))
         for line in config.implausible(self.total_steps):
@@ -239,8 +239,8 @@ class Run:
         """What a run that goes on from a checkpoint says: continuing a finished run, or resuming."""
         if self.continues is None:
             return f"resuming from step {start} ({self.checkpoints.path(latest)})"
-        replanned = "" if self.config.schedule == "constant" else (
-            f"; the {self.config.schedule} learning-rate schedule is planned again over {self.total_steps} steps")
+        replanned = "" if self.config.optimizer.schedule == "constant" else (
+            f"; the {self.config.optimizer.schedule} learning-rate schedule is planned again over {self.total_steps} steps")
         return (f"continuing the finished run from step {start} to step {self.total_steps} ({FINAL}/ is "
                 f"replaced at the end{replanned})")
 

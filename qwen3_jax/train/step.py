@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen3_jax.arguments import setting
 from qwen3_jax.backend import kernel_named_on_failure
 from qwen3_jax.checks import UsageError, check_dim
 from qwen3_jax.model import Qwen3Model, check_remat
@@ -28,41 +29,60 @@ from qwen3_jax.train.losses import infonce, matryoshka, reranker_loss
 from qwen3_jax.train.lora import LoRAParam
 
 SCHEDULES = ("cosine", "linear", "constant")
+LOSSES = ("infonce", "reranker")
+
+
+def dimensions(text: str) -> tuple[int, ...]:
+    """--matryoshka-dims "1024,512,256" as (1024, 512, 256)."""
+    return tuple(int(part) for part in text.split(",") if part.strip())
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """What a step minimises: "infonce" (embeddings; see losses.infonce) or "reranker" (the yes/no
-    cross-entropy of the answer rows `answer_ids` = (id of "no", id of "yes"))."""
+    cross-entropy of the answer rows `answer_ids` = (id of "no", id of "yes")); each field declared once
+    as its `qwen3-jax train` flag (`setting`); `matryoshka_weights` and `answer_ids` are no flags."""
 
-    kind: str = "infonce"
-    temperature: float = 0.05
-    use_batch: bool = True
-    include_qq: bool = False
-    include_dd: bool = False
-    false_negative_margin: float | None = None
-    matryoshka_dims: tuple[int, ...] = ()
+    loss: str = setting("infonce", choices=list(LOSSES),
+                        help="infonce: an embedding model, contrastive; reranker: a Qwen3-Reranker's yes/no")
+    temperature: float = setting(0.05, help="InfoNCE temperature")
+    use_batch: bool = setting(True, flag="--no-batch-negatives", action="store_false",
+                              help="only each query's own documents as negatives (default: the whole batch's "
+                                   "too; ms-swift's INFONCE_USE_BATCH=False)")
+    include_qq: bool = setting(False, help="other queries as negatives too")
+    include_dd: bool = setting(False, help="other documents as the positive's negatives")
+    false_negative_margin: float | None = setting(
+        None, help="leave out negatives more similar than the positive plus this (the report uses 0.1)")
+    matryoshka_dims: tuple[int, ...] = setting((), type=dimensions,
+                                               help="e.g. 1024,512,256,128: the loss summed over dims (default: "
+                                                    "the full width only)")
     matryoshka_weights: tuple[float, ...] | None = None
     answer_ids: tuple[int, int] | None = None
 
-    def check(self, hidden_size: int) -> None:
-        """Raises a clear error for a setting that cannot work, before anything compiles."""
-        if self.kind not in ("infonce", "reranker"):
-            raise UsageError(f"loss {self.kind!r}: choose infonce or reranker")
-        if self.kind == "reranker" and self.answer_ids is None:
-            raise ValueError("the reranker loss needs answer_ids (the tokens of 'no' and 'yes')")
+    def __post_init__(self):
+        """Raises a clear error for a setting that cannot work, before anything loads (the dims are checked
+        against the model's width by `check`)."""
+        object.__setattr__(self, "matryoshka_dims", tuple(self.matryoshka_dims))
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss {self.loss!r}: choose infonce or reranker")
         if not self.temperature > 0:
             raise UsageError(f"temperature={self.temperature} must be positive")
         if not self.use_batch and (self.include_qq or self.include_dd):
             raise UsageError("include_qq and include_dd compare across the batch; they need use_batch")
-        for dim in self.matryoshka_dims:
-            check_dim(dim, hidden_size, name="matryoshka dim ")
         if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims):
             raise UsageError(f"{len(self.matryoshka_dims)} matryoshka dims but {len(self.matryoshka_weights)} weights")
 
-    def loss(self, model: Qwen3Model, embeddings: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
-        """The loss of the pooled final states [texts, D] of a step's batch."""
-        if self.kind == "reranker":
+    def check(self, hidden_size: int) -> None:
+        """Raises a clear error for a setting that cannot work with a model of width `hidden_size`."""
+        if self.loss == "reranker" and self.answer_ids is None:
+            raise ValueError("the reranker loss needs answer_ids (the tokens of 'no' and 'yes')")
+        for dim in self.matryoshka_dims:
+            check_dim(dim, hidden_size, name="matryoshka dim ")
+
+    def __call__(self, model: Qwen3Model, embeddings: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
+        """The loss of the pooled final states `embeddings` [texts, D] of a step's `batch` (`model`: for the
+        reranker's answer rows)."""
+        if self.loss == "reranker":
             logits = einsum("ND,AD->NA", embeddings, model.output_rows(self.answer_ids).astype(jnp.float32))
             return reranker_loss(logits, batch["labels"])
         loss = functools.partial(infonce, temperature=self.temperature, use_batch=self.use_batch,
@@ -79,22 +99,25 @@ class Objective:
 class OptimizerConfig:
     """AdamW after global-norm clipping, the learning rate warmed up linearly from 0 then decayed
     (cosine or linear to 0, or constant), as transformers' schedules do; `accumulate` micro-steps
-    per update (each micro-step's negatives are its own, as in ms-swift; GradCache makes them global)."""
+    per update (each micro-step's negatives are its own, as in ms-swift; GradCache makes them global).
+    The fields declared with `setting` are `qwen3-jax train`'s flags; a run sets `total_steps`."""
 
-    learning_rate: float = 1e-4
+    learning_rate: float = setting(1e-4, flag="--lr", help="peak learning rate")
     total_steps: int = 1000
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
+    warmup_steps: int = setting(0, flag="--warmup", help="warm-up steps")
+    schedule: str = setting("cosine", choices=list(SCHEDULES), help="learning-rate decay after the warm-up")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    max_grad_norm: float | None = setting(1.0, help="clip gradients to this global norm")
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
     accumulate: int = 1
 
-    def learning_rates(self) -> optax.Schedule:
+    def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise UsageError(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+
+    def learning_rates(self) -> optax.Schedule:
         decay_steps = max(self.total_steps - self.warmup_steps, 1)
         decay = {"cosine": optax.cosine_decay_schedule(self.learning_rate, decay_steps),
                  "linear": optax.linear_schedule(self.learning_rate, 0.0, decay_steps),
@@ -129,7 +152,7 @@ def trainable_filter(model: Qwen3Model):
 class TrainStep:
     """The jitted step for a model: `state, metrics = step(state, batch)`; `init()` gives the first state.
 
-    `remat` ("off", "full", "dots") rematerialises each decoder layer; `mini_batches` > 1 runs GradCache:
+    `remat` (a name of model.REMAT_POLICIES) rematerialises each decoder layer; `mini_batches` > 1 runs GradCache:
     all texts are embedded without activations in that many mini-batches, the loss gradient is taken
     with respect to the embeddings, then each mini-batch is run again with its share of that gradient,
     so a contrastive batch far larger than memory gets exactly the plain step's gradients.
@@ -142,7 +165,7 @@ class TrainStep:
             raise UsageError(f"attention={model.backend.attention!r} takes one text a row, and training packs several "
                              "texts into each: choose --attention pallas (GPU), splash (TPU) or blockwise")
         check_remat(remat)
-        if mini_batches > 1 and objective.kind != "infonce":
+        if mini_batches > 1 and objective.loss != "infonce":
             raise UsageError("GradCache (mini-batches) serves the contrastive loss; the reranker loss is per "
                              "example: use gradient accumulation instead")
         self.objective, self.optimizer, self.remat, self.mini_batches = objective, optimizer, remat, mini_batches
@@ -211,7 +234,7 @@ class TrainStep:
         if self.mini_batches == 1:
             def loss_of(trainable):
                 pooled = jnp.stack([self._embed(trainable, frozen, batch, m, rng, self.remat) for m in range(count)])
-                return self.objective.loss(self.model(trainable, frozen), self._texts(pooled, batch), batch)
+                return self.objective(self.model(trainable, frozen), self._texts(pooled, batch), batch)
             return jax.value_and_grad(loss_of, has_aux=True)(trainable)
         # The last mini-batch keeps its activations from the first pass (its pullback), so only the
         # others run again: the peak is still one mini-batch's forward and backward pass.
@@ -221,7 +244,7 @@ class TrainStep:
                                              trainable)
         model = self.model(trainable, frozen)
         (loss, metrics), cotangent = jax.value_and_grad(
-            lambda p: self.objective.loss(model, self._texts(p, batch), batch),
+            lambda p: self.objective(model, self._texts(p, batch), batch),
             has_aux=True)(jnp.concatenate([pooled, last_pooled[None]]))
 
         def rerun(grads, m):

@@ -3,6 +3,7 @@ into batches, evaluating on held-out examples, exporting the result."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -24,8 +25,8 @@ from qwen3_jax.tokenization import TextTokenizer, format_instruction
 from qwen3_jax.train.batch import ContrastiveExample, contrastive_batch, pointwise_batch
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.train.data import Example
-from qwen3_jax.train.lora import LoRAConfig, add_lora, merge_lora, save_peft_adapter
-from qwen3_jax.train.step import Objective, OptimizerConfig, TrainState, TrainStep
+from qwen3_jax.train.lora import add_lora, merge_lora, save_peft_adapter
+from qwen3_jax.train.step import TrainState, TrainStep
 
 EVAL_METRICS = ("recall@1", "recall@10", "ndcg@10")
 DEEPEST = max(int(metric.partition("@")[2]) for metric in EVAL_METRICS)      # the ranking depth they read
@@ -39,25 +40,18 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, total_steps: int, negatives: int, mesh=None):
         self.config, self.mesh, self.negatives = config, mesh, negatives
         self.folder = resolve_model(config.model)
-        reranker = config.loss == "reranker"
+        reranker = config.objective.loss == "reranker"
         model = load_model(self.folder, dtype=config.dtype, param_dtype="float32", mesh=mesh, fsdp=config.fsdp,
                            with_lm_head=reranker)
         self.key_prefix = _key_prefix(self.folder)
-        self.lora = None
-        if config.lora_rank:
-            self.lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                   targets=config.lora_targets)
+        self.lora = config.lora
+        if self.lora:
             add_lora(model, self.lora, seed=config.seed)
         self.tokenizer = TextTokenizer.from_folder(self.folder)
         self.prompts = RerankerPrompts(self.tokenizer, config.max_length) if reranker else None
-        objective = Objective(kind=config.loss, temperature=config.temperature, use_batch=config.use_batch,
-                              include_qq=config.include_qq, include_dd=config.include_dd,
-                              false_negative_margin=config.false_negative_margin,
-                              matryoshka_dims=tuple(config.matryoshka_dims),
-                              answer_ids=(self.prompts.no_id, self.prompts.yes_id) if reranker else None)
-        optimizer = OptimizerConfig(learning_rate=config.learning_rate, total_steps=total_steps,
-                                    warmup_steps=config.warmup_steps, schedule=config.schedule,
-                                    weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+        objective = dataclasses.replace(config.objective, answer_ids=(self.prompts.no_id, self.prompts.yes_id)
+                                        if reranker else None)
+        optimizer = dataclasses.replace(config.optimizer, total_steps=total_steps)
         texts = config.batch_size * (2 + negatives)
         self.mini_batches = math.ceil(texts / config.mini_batch_size) if config.mini_batch_size else 1
         self.step = TrainStep(model, objective=objective, optimizer=optimizer, remat=config.remat,
