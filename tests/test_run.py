@@ -213,6 +213,22 @@ def test_run_json_records_the_settings_flat_as_before_they_were_nested():
         TrainConfig.from_flat({**config.flat(), "lr": 1e-3})
 
 
+def test_a_run_json_of_the_flat_settings_compares_by_what_it_computes():
+    """A run.json written before the settings were nested may spell the LoRA targets "all" or name all
+    seven, or record --lora-* flags given beside --full: the run it describes is the one a config now
+    records, so it resumes; other targets, or another alpha for an adapter, are another run."""
+    from qwen3_jax.train.lora import PROJECTIONS
+    from qwen3_jax.train.run import _computed
+
+    now = {"lora_rank": 8, "lora_alpha": 32.0, "lora_targets": "all-linear", "steps": 3}
+    assert _computed({**now, "lora_targets": "all"}) == _computed({**now, "lora_targets": ",".join(PROJECTIONS)}) \
+        == _computed({**now, "steps": 6}) == _computed(now)
+    assert _computed({**now, "lora_targets": "q_proj"}) != _computed(now)
+    assert _computed({**now, "lora_alpha": 16.0}) != _computed(now)
+    full = {**now, "lora_rank": None}
+    assert _computed({**full, "lora_alpha": 16.0, "lora_targets": "q_proj"}) == _computed(full)
+
+
 def _config(checkpoint, data, output, **overrides):
     settings = dict(model=str(checkpoint), data=data["train"], output=str(output), batch_size=8, steps=2,
                     max_length=64, quiet=True)

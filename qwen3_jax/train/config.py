@@ -96,8 +96,8 @@ class TrainConfig:
         objective, optimizer = self.objective, self.optimizer
         found = []
         if optimizer.learning_rate > HIGHEST_PLAUSIBLE_LR[kind]:
-            found.append(f"--lr {optimizer.learning_rate:g} is far above what {'LoRA' if self.lora else 'full fine-tuning'} "
-                         f"uses (ms-swift's default is {1e-4 if self.lora else 1e-5:g}; above "
+            found.append(f"--lr {optimizer.learning_rate:g} is far above what "
+                         f"{'LoRA' if self.lora else 'full fine-tuning'} uses (ms-swift's default is {1e-4 if self.lora else 1e-5:g}; above "
                          f"{HIGHEST_PLAUSIBLE_LR[kind]:g} a run usually diverges)")
         if objective.loss == "infonce" and objective.temperature > 1:
             found.append(f"--temperature {objective.temperature:g} is above 1: the similarities barely separate "

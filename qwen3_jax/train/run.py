@@ -34,6 +34,7 @@ from qwen3_jax.textio import atomic_output
 from qwen3_jax.train.checkpoints import Checkpoints, last_committed
 from qwen3_jax.train.config import RUN_LENGTH, TrainConfig
 from qwen3_jax.train.data import ExampleStream, JsonlSource
+from qwen3_jax.train.lora import LoRAConfig
 from qwen3_jax.train.trainer import Trainer
 
 RUN_FILE = "run.json"
@@ -51,8 +52,16 @@ def _all_processes_reach(point: str) -> None:
 
 
 def _computed(fields: dict) -> dict:
-    """What a run.json says the run computes: all but its length and how far it got."""
-    return {k: v for k, v in fields.items() if k not in (*RUN_LENGTH, FINAL_STEP)}
+    """What a run.json says the run computes: all but its length and how far it got, the LoRA targets by
+    the projections they name ("all" and "all-linear" are all seven), and no adapter's settings in full
+    fine-tuning (lora_rank None: a run.json written before the settings were nested records the --lora-*
+    flags given beside --full)."""
+    computed = {k: v for k, v in fields.items() if k not in (*RUN_LENGTH, FINAL_STEP)}
+    if computed.get("lora_rank", 0) is None:
+        return {k: v for k, v in computed.items() if k not in ("lora_alpha", "lora_dropout", "lora_targets")}
+    if "lora_targets" in computed:
+        computed["lora_targets"] = LoRAConfig(targets=computed["lora_targets"]).spelled_targets
+    return computed
 
 
 def _refusal(output: Path, found: dict, wanted: dict, changed: list[str]) -> str:
@@ -239,8 +248,9 @@ class Run:
         """What a run that goes on from a checkpoint says: continuing a finished run, or resuming."""
         if self.continues is None:
             return f"resuming from step {start} ({self.checkpoints.path(latest)})"
-        replanned = "" if self.config.optimizer.schedule == "constant" else (
-            f"; the {self.config.optimizer.schedule} learning-rate schedule is planned again over {self.total_steps} steps")
+        schedule = self.config.optimizer.schedule
+        replanned = "" if schedule == "constant" else (
+            f"; the {schedule} learning-rate schedule is planned again over {self.total_steps} steps")
         return (f"continuing the finished run from step {start} to step {self.total_steps} ({FINAL}/ is "
                 f"replaced at the end{replanned})")
 
