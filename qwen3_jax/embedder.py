@@ -106,10 +106,6 @@ class Qwen3Embedder:
         """How many (batch, length) programs the forward pass has compiled so far."""
         return self.runner.compiled_programs
 
-    def resolve_prefix(self, prompt_name: str | None, prompt: str | None, instruction: str | None) -> str:
-        """The string put before every text (see EmbeddingEngine.prefix)."""
-        return self.engine.prefix(prompt_name, prompt, instruction)
-
     def encode(self, texts: Sequence[str] | str, *, prompt_name: str | None = None, prompt: str | None = None,
                instruction: str | None = None, dim: int | None = None, batch_size: int = 32,
                normalize: bool = True, max_length: int | None = None, show_progress_bar: bool = False,

@@ -1,6 +1,6 @@
 """What every corpus engine does with a shard (`embed_shard`, through `encode_texts`, the one call to
-the embedder), and `LocalEngine`, which does it in this process (`ray_data.RayEngine`: on a Ray
-cluster's workers). An engine gives a `CorpusJob` the model's dimension and max length, and
+the embedder's EmbeddingEngine), and `LocalEngine`, which does it in this process (`ray_data.RayEngine`:
+on a Ray cluster's workers). An engine gives a `CorpusJob` the model's dimension and max length, and
 `resolve_prefix`, `encode`, `submit`, `drain` and `tokens_embedded`.
 """
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3_jax.checks import check_max_length
 from qwen3_jax.corpus.sources import Item
 from qwen3_jax.corpus.store import (CorpusSettings, calibration_tag, records_digest, write_rejects,
                                     write_shard)
@@ -17,10 +18,11 @@ from qwen3_jax.quantize import quantize
 
 
 def encode_texts(embedder, settings: CorpusSettings, texts: list[str], batch_size: int) -> np.ndarray:
-    """`texts` embedded by `embedder` (a Qwen3Embedder) as the corpus's `settings` say (prompt, dim,
-    max length), `batch_size` texts a batch."""
-    return embedder.encode(texts, prompt=settings.prefix, dim=settings.dim, batch_size=batch_size,
-                           max_length=settings.max_length)
+    """`texts` embedded by the engine of `embedder` (a Qwen3Embedder) as the corpus's `settings` say
+    (prefix, dim, max length), `batch_size` texts a batch."""
+    engine = embedder.engine
+    rows = engine.rows(texts, prompt=settings.prefix, max_length=check_max_length(settings.max_length))
+    return engine.vectors(engine.run(rows, batch_size=batch_size), settings.dim)
 
 
 def embed_shard(embedder, settings: CorpusSettings, calibration, output: Path, shard: int, items: list[Item], *,
@@ -64,7 +66,7 @@ class LocalEngine:
 
     def resolve_prefix(self, prompt_name: str | None, instruction: str | None) -> str:
         """The text put before every text for the prompt named `prompt_name` or the `instruction`."""
-        return self.embedder.resolve_prefix(prompt_name, None, instruction)
+        return self.embedder.engine.prefix(prompt_name, None, instruction)
 
     def encode(self, settings: CorpusSettings, texts: list[str]) -> np.ndarray:
         """`texts` embedded as the corpus's `settings` say (int8's calibration)."""

@@ -45,7 +45,7 @@ class ShardWorker:
         """(dimension, the prefix of the prompt named `prompt_name` or of the `instruction`, max length)
         of this worker's model."""
         embedder = self.embedder
-        return embedder.dimension, embedder.resolve_prefix(prompt_name, None, instruction), embedder.max_length
+        return embedder.dimension, embedder.engine.prefix(prompt_name, None, instruction), embedder.max_length
 
     def encode(self, settings: CorpusSettings, texts: list[str]) -> np.ndarray:
         """`texts` embedded as the corpus's `settings` say (int8's calibration)."""
