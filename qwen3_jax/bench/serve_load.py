@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import jax
 import numpy as np
 
 from qwen3_jax.bench.common import synthetic_texts
@@ -283,8 +282,7 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
         f"{'p50 s':>7} {'p99 s':>7}")
     for row in rows:
         _print_row(row, out)
-    budget = max_batch_tokens or ServeSettings().batch_tokens(jax.default_backend())
-    encoded = encode_rate(folder, requests[:max_requests], dtype=dtype, token_budget=budget)
+    encoded = encode_rate(folder, requests[:max_requests], dtype=dtype, max_batch_tokens=max_batch_tokens)
     ours = max(row["tokens_per_s"] for row in rows if row["server"] == "qwen3-jax")
     out(f"\nencode on the same texts in one process: {encoded:.0f} tokens/s; the server at its best level keeps "
         f"{ours / encoded:.2f} of it")
@@ -299,15 +297,18 @@ def _signal_others(target: Target, targets: list[Target], number: int) -> None:
             os.killpg(other.process.pid, number)
 
 
-def encode_rate(folder: Path, requests: list[Request], *, dtype: str, token_budget: int) -> float:
+def encode_rate(folder: Path, requests: list[Request], *, dtype: str, max_batch_tokens: int | None) -> float:
     """Tokens/s of Qwen3Embedder.encode on the requests' texts in this process (after a warm-up call
-    that compiles), with the server's batch budget: the rate the server is measured against."""
+    that compiles): the rate the server is measured against. `folder`: the checkpoint, loaded in compute
+    `dtype`; a batch holds the server's budget, `max_batch_tokens` (None: the server's default for the
+    model's backend)."""
     from qwen3_jax.embedder import Qwen3Embedder
     from qwen3_jax.packing import TOKENS_PER_TEXT
 
     embedder = Qwen3Embedder.from_pretrained(folder, dtype=dtype)
     texts = [text for request in requests for text in request.texts]
-    batch_size = max(1, token_budget // TOKENS_PER_TEXT)
+    budget = ServeSettings(max_batch_tokens=max_batch_tokens).batch_tokens(embedder.model.backend.platform)
+    batch_size = max(1, budget // TOKENS_PER_TEXT)
     embedder.encode(texts, batch_size=batch_size)
     start = time.perf_counter()
     embedder.encode(texts, batch_size=batch_size)
