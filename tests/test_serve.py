@@ -129,7 +129,7 @@ def test_tei_embed_all_similarity_and_predict_through_huggingface_hub_and_transf
     ids = np.asarray(sentence_transformer.tokenize([CARD_QUERY + text])["input_ids"])
     _, reference = transformers_hidden_states(checkpoint, ids, np.ones_like(ids))
     assert states.shape == reference.shape and np.abs(states - reference).max() <= 1e-4
-    several = httpx.post(server.url + "/embed_all", json={"inputs": [text, "Beijing"]}).json()
+    several = httpx.post(server.url + "/embed_all", json={"inputs": [text, "Beijing"]}, timeout=120).json()
     for got, each in zip(several, (text, "Beijing")):            # lengths that are no power of two
         ids = np.asarray(sentence_transformer.tokenize([each])["input_ids"])
         assert np.abs(np.asarray(got) - transformers_hidden_states(checkpoint, ids, np.ones_like(ids))[1][0]).max() \
