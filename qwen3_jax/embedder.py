@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from qwen3_jax.checks import UsageError, check_dim, check_max_length, check_texts
 from qwen3_jax.compile_cache import use_default_compilation_cache
+from qwen3_jax.engine.running import OnEngine
 from qwen3_jax.engine.embedding import EmbeddingEngine, normalize_rows
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
@@ -20,7 +21,7 @@ from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.tokenization import TextTokenizer, read_sentence_transformers_files
 
 
-class Qwen3Embedder:
+class Qwen3Embedder(OnEngine):
     """Encodes texts into Qwen3-Embedding vectors: last-token pooling, MRL dims, L2 normalisation.
     `truncate_dim` is sentence-transformers': every `encode` keeps that many values unless told otherwise."""
 
@@ -50,15 +51,6 @@ class Qwen3Embedder:
         return cls(model, TextTokenizer.from_folder(folder), prompts=settings.prompts,
                    default_prompt_name=settings.default_prompt_name,
                    max_length=max_length if max_length is not None else settings.max_seq_length, mesh=mesh, **kwargs)
-
-    @property
-    def runner(self) -> LastTokenRunner:
-        """The engine's LastTokenRunner (replaceable, e.g. by a test's wrapper)."""
-        return self.engine.runner
-
-    @runner.setter
-    def runner(self, runner: LastTokenRunner) -> None:
-        self.engine.runner = runner
 
     @property
     def tokenizer(self) -> TextTokenizer:

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from qwen3_jax.checks import UsageError, check_texts
 from qwen3_jax.compile_cache import use_default_compilation_cache
+from qwen3_jax.engine.running import OnEngine
 from qwen3_jax.engine.reranking import DEFAULT_MAX_LENGTH, RerankingEngine, best_first
 from qwen3_jax.hub import resolve_model
 from qwen3_jax.loader import load_model
@@ -19,7 +20,7 @@ from qwen3_jax.runner import LastTokenRunner
 from qwen3_jax.tokenization import TextTokenizer
 
 
-class Qwen3Reranker:
+class Qwen3Reranker(OnEngine):
     """Scores (query, document) pairs with a Qwen3-Reranker checkpoint: P("yes") in [0, 1]."""
 
     def __init__(self, model: Qwen3Model, tokenizer: TextTokenizer, *, max_length: int = DEFAULT_MAX_LENGTH,
@@ -43,15 +44,6 @@ class Qwen3Reranker:
         model = load_model(folder, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh,
                            fsdp=fsdp, with_lm_head=True, strict=strict)
         return cls(model, TextTokenizer.from_folder(folder), mesh=mesh, **kwargs)
-
-    @property
-    def runner(self) -> LastTokenRunner:
-        """The engine's LastTokenRunner (replaceable, e.g. by a test's wrapper)."""
-        return self.engine.runner
-
-    @runner.setter
-    def runner(self, runner: LastTokenRunner) -> None:
-        self.engine.runner = runner
 
     def prompt_ids(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[list[int]]:
         """Token ids of each prompt (see RerankingEngine.rows)."""

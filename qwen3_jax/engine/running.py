@@ -66,3 +66,18 @@ class Engine:
     def cancel(self, ticket: Ticket) -> None:
         """Drops the rows of a submitted request that have not started (its caller went away)."""
         self.scheduler.cancel(ticket)
+
+
+class OnEngine:
+    """What a public model API over an engine (`self.engine`) shares: its runner, replaceable (e.g. by a
+    test's wrapper)."""
+
+    engine: Engine
+
+    @property
+    def runner(self) -> LastTokenRunner:
+        return self.engine.runner
+
+    @runner.setter
+    def runner(self, runner: LastTokenRunner) -> None:
+        self.engine.runner = runner
