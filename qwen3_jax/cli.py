@@ -123,6 +123,9 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     serve.add_argument("--requests", type=int, default=60, help="at most this many requests a level")
     serve.add_argument("--seconds", type=float, default=180, help="at most this long a level")
     serve.add_argument("--max-batch-tokens", type=int, default=None, help="the server's batch budget")
+    serve.add_argument("--instruction", default=None,
+                       help="every query in Qwen3's instruction format with this task; ours also runs with "
+                            "--no-share-prefixes (as it served before shared prefixes)")
     serve.add_argument("--soak", type=int, default=None, metavar="N",
                        help="instead: send N mixed requests (within --seconds) and report the server's RSS after "
                             "warm-up, at its peak and at the end, and latency drift")
@@ -515,7 +518,8 @@ def bench_serve(args):
                         scratch=Path(scratch))
         return run_serve_benchmark(Path(folder), infinity=args.infinity, dtype=args.dtype, levels=levels,
                                    max_requests=args.requests, max_seconds=args.seconds,
-                                   max_batch_tokens=args.max_batch_tokens, scratch=Path(scratch))
+                                   max_batch_tokens=args.max_batch_tokens, scratch=Path(scratch),
+                                   instruction=args.instruction)
 
 
 def bench_corpus(args):

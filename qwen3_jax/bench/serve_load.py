@@ -34,7 +34,7 @@ import numpy as np
 
 from qwen3_jax.bench.common import synthetic_texts
 from qwen3_jax.serve.settings import ServeSettings
-from qwen3_jax.tokenization import TextTokenizer
+from qwen3_jax.tokenization import TextTokenizer, format_instruction
 
 QUERY_TOKENS = (5, 30)
 DOCUMENT_TOKENS = (80, 500)
@@ -50,15 +50,16 @@ class Request:
     tokens: int
 
 
-def workload(tokenizer: TextTokenizer, count: int, *, seed: int = 0) -> list[Request]:
-    """`count` requests of the mix in the module docstring, in a fixed order (QUERY_SHARE are queries)."""
-
-
+def workload(tokenizer: TextTokenizer, count: int, *, seed: int = 0, instruction: str | None = None) -> list[Request]:
+    """`count` requests of the mix in the module docstring, in a fixed order (QUERY_SHARE are queries, each
+    in Qwen3's instruction format when an `instruction` is given)."""
     rng = np.random.default_rng(seed)
     requests = []
     for number in range(count):
         if rng.random() < QUERY_SHARE:
             texts = synthetic_texts(tokenizer, 1, *QUERY_TOKENS, seed=seed * 100_003 + number)
+            if instruction is not None:
+                texts = [format_instruction(instruction) + text for text in texts]
         else:
             size = int(rng.integers(DOCUMENTS_PER_BATCH[0], DOCUMENTS_PER_BATCH[1] + 1))
             texts = synthetic_texts(tokenizer, size, *DOCUMENT_TOKENS, seed=seed * 100_003 + number)
@@ -234,16 +235,21 @@ def running(targets: list[Target], timeout: float) -> Iterator[list[Target]]:
 
 def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, levels: Sequence[int],
                         max_requests: int, max_seconds: float, max_batch_tokens: int | None, scratch: Path,
-                        out=print) -> list[dict]:
-    """Ours (and Infinity, given its `infinity_emb` executable) on `folder`: agreement, then each level."""
+                        instruction: str | None = None, out=print) -> list[dict]:
+    """Ours (and Infinity, given its `infinity_emb` executable) on `folder`: agreement, then each level.
+    With an `instruction`, every query carries it, and ours also runs with --no-share-prefixes (as it
+    served before shared prefixes: "qwen3-jax whole")."""
     tokenizer = TextTokenizer.from_folder(folder)
-    requests = workload(tokenizer, 400)
+    requests = workload(tokenizer, 400, instruction=instruction)
     lone = [r for r in requests if len(r.texts) == 1]
     ours = [sys.executable, "-m", "qwen3_jax.cli", "serve", "--model", str(folder), "--port", "{port}",
             "--dtype", dtype, "--max-length", str(DOCUMENT_TOKENS[1] + 16)]
     if max_batch_tokens:
         ours += ["--max-batch-tokens", str(max_batch_tokens)]
     targets = [Target("qwen3-jax", ours, Path(folder).name, scratch / "qwen3-jax.log")]
+    if instruction is not None:
+        targets.append(Target("qwen3-jax whole", ours + ["--no-share-prefixes"], Path(folder).name,
+                              scratch / "qwen3-jax-whole.log"))
     if infinity:
         targets.append(Target("infinity", [infinity, "v2", "--model-id", str(folder), "--engine", "torch", "--device",
                                            "cpu", "--dtype", dtype, "--host", "127.0.0.1", "--port", "{port}",
@@ -257,10 +263,11 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
             out(f"{target.name}: ready in {target.startup_s:.1f} s")
             if got is None:
                 raise RuntimeError(f"{target.name} refused the sample; see {target.log}")
-        if len(vectors) == 2:
-            difference = float(np.abs(vectors[0] - vectors[1]).max())
-            cosine = float((vectors[0] * vectors[1]).sum(-1).min())
-            out(f"agreement on {len(sample)} texts: max |ours - Infinity| = {difference:.2e}, min cosine {cosine:.4f}")
+        for other, got in zip(started[1:], vectors[1:]):
+            difference = float(np.abs(vectors[0] - got).max())
+            cosine = float((vectors[0] * got).sum(-1).min())
+            out(f"agreement on {len(sample)} texts: max |ours - {other.name}| = {difference:.2e}, "
+                f"min cosine {cosine:.4f}")
             if difference > AGREEMENT if dtype == "float32" else cosine < AGREEMENT_COSINE:
                 raise RuntimeError(f"the servers disagree (max difference {difference:.2e}, min cosine {cosine:.4f}; "
                                    f"float32 needs <= {AGREEMENT}, bfloat16 a cosine >= {AGREEMENT_COSINE}); "
