@@ -65,11 +65,11 @@ class LayerByLayer:
         """How many batch shapes the jitted pass has compiled (its last program has one per shape)."""
         return self._outputs._cache_size()
 
-    def __call__(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, prefix=None, *,
+    def __call__(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, *, prefix=None,
                  stop: Callable[[], bool] | None = None) -> jax.Array:
-        return self._run(self._inputs, self._layer, self._outputs, ids, segments, ends, prefix, stop=stop)
+        return self._run(self._inputs, self._layer, self._outputs, ids, segments, ends, prefix=prefix, stop=stop)
 
-    def _run(self, inputs: Callable, layer: Callable, outputs: Callable, ids, segments, ends, prefix, *,
+    def _run(self, inputs: Callable, layer: Callable, outputs: Callable, ids, segments, ends, *, prefix=None,
              stop: Callable[[], bool] | None = None) -> jax.Array:
         """The pass; with `stop`, each layer is waited for and the pass raises Dropped after the first
         layer at whose end `stop()` is true (a long text whose client has gone)."""

@@ -67,8 +67,12 @@ class LastTokenRunner:
         self.row_limit = model.backend.packed_row_limit
         if not self.pack and padding_side != "right":
             raise ValueError("cuDNN attention needs right padding; use padding_side='right'")
+        # The pass, and the pass whose texts continue a prefix table (its last argument).
         self._forward = jax.jit(functools.partial(_last_hidden, self._graphdef),
-                                in_shardings=(None,) + (self._inputs,) * 3 + (None,), out_shardings=self._inputs)
+                                in_shardings=(None,) + (self._inputs,) * 3, out_shardings=self._inputs)
+        self._forward_shared = jax.jit(functools.partial(_last_hidden, self._graphdef),
+                                       in_shardings=(None,) + (self._inputs,) * 3 + (None,),
+                                       out_shardings=self._inputs)
         self._keys_values = jax.jit(functools.partial(_keys_values, self._graphdef),
                                     out_shardings=replicated(mesh))
         # Shared prefixes need each kernel's log-sum-exp, which cuDNN's fused kernel does not give.
@@ -97,7 +101,8 @@ class LastTokenRunner:
     @property
     def compiled_programs(self) -> int:
         """How many batch shapes (rows, length, slots) have been compiled so far."""
-        on_call = self._layered.compiled_programs if self._layered else self._forward._cache_size()
+        on_call = self._layered.compiled_programs if self._layered else \
+            self._forward._cache_size() + self._forward_shared._cache_size()
         return on_call + len(self._compiled)          # compiled when first called, and ahead of time
 
     def plan(self, lengths: Sequence[int], *, token_budget: int, fixed: bool = False) -> list[Batch]:
@@ -127,8 +132,11 @@ class LastTokenRunner:
             with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
                 if self._layered:
                     return shape + (table_length,), self._layered.compile(*args, prefix)
-                program = self._forward.lower(self._state, *args, prefix).compile()
-                return shape + (table_length,), lambda *arrays: program(self._state, *arrays)
+                if prefix is None:
+                    program = self._forward.lower(self._state, *args).compile()
+                    return shape + (table_length,), lambda *arrays, prefix=None: program(self._state, *arrays)
+                program = self._forward_shared.lower(self._state, *args, prefix).compile()
+                return shape + (table_length,), lambda *arrays, prefix: program(self._state, *arrays, prefix)
 
         missing = [shape for shape in shapes if tuple(shape) + (table_length,) not in self._compiled]
         with ThreadPoolExecutor(threads or 2) as pool:
@@ -211,7 +219,7 @@ class LastTokenRunner:
         # No mesh: one device; under a mesh, attention loops over each device's own rows.
         with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
             run = program or self._run
-            result = run(*arrays, table, stop=stop) if self._layered else run(*arrays, table)
+            result = run(*arrays, prefix=table, stop=stop) if self._layered else run(*arrays, prefix=table)
         self.tokens_computed += batch.computed_tokens
         texts_of = [i for row in batch.rows for i in row]
         self.tokens_embedded += int(sum(len(texts[i]) for i in texts_of))
@@ -221,8 +229,10 @@ class LastTokenRunner:
 
     def _run(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, prefix=None, *, stop=None) -> jax.Array:
         if self._layered:
-            return self._layered(ids, segments, ends, prefix, stop=stop)
-        return self._forward(self._state, ids, segments, ends, prefix)
+            return self._layered(ids, segments, ends, prefix=prefix, stop=stop)
+        if prefix is None:
+            return self._forward(self._state, ids, segments, ends)
+        return self._forward_shared(self._state, ids, segments, ends, prefix)
 
     @staticmethod
     def collect(dispatched: Dispatched) -> list[tuple[int, np.ndarray]]:

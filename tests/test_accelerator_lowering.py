@@ -81,7 +81,7 @@ def test_texts_continuing_a_shared_prefix_lower_with_their_kernel(folder, impl):
     runner = LastTokenRunner(model, pad_id=0)
     ids, segments, ends = _packed_batch()
     table = runner._table_shapes(*ids.shape, 64)
-    text = lowered(runner._forward, runner._state, ids, segments, ends, table, platform=PLATFORMS[impl])
+    text = lowered(runner._forward_shared, runner._state, ids, segments, ends, table, platform=PLATFORMS[impl])
     assert KERNEL_CALLS[impl] in custom_calls(text), custom_calls(text)
     text = lowered(runner._keys_values, runner._state, ids, segments, platform=PLATFORMS[impl])
     assert KERNEL_CALLS[impl] in custom_calls(text), custom_calls(text)

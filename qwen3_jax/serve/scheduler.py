@@ -330,9 +330,7 @@ class Scheduler:
     def _deliver(self, items: list[tuple[Ticket, int]], started: list[Dispatched], began: float) -> None:
         done = [result for dispatched in started for result in self.runner.collect(dispatched)]
         finished = time.perf_counter()
-        real = sum(len(items[k][0].rows[items[k][1]]) for k, _ in done)
-        computed = sum(d.batch.computed_tokens for d in started)
-        self._drain.observe(real, began, finished)
+        self._drain.observe(sum(len(items[k][0].rows[items[k][1]]) for k, _ in done), began, finished)
         with self._lock:                              # a request cancelled meanwhile gets nothing
             self.failures_in_a_row = 0
             for k, state in done:
@@ -342,8 +340,11 @@ class Scheduler:
                 if ticket.remaining == 0 and not ticket.future.done():
                     ticket.future.set_result(np.stack(ticket.results))
         try:
-            self.report(BatchReport(len(items), len({id(ticket) for ticket, _ in items}), real, computed,
-                                    finished - began))
+            for dispatched in started:                # one report a device batch
+                held = [items[k] for row in dispatched.batch.rows for k in row]
+                self.report(BatchReport(len(held), len({id(ticket) for ticket, _ in held}),
+                                        sum(len(ticket.rows[i]) for ticket, i in held),
+                                        dispatched.batch.computed_tokens, finished - began))
         except Exception:  # noqa: BLE001 - a metrics failure is no reason to stop serving
             log.exception("reporting a batch to the metrics failed")
 
