@@ -32,7 +32,7 @@ DTYPE_HELP = ("compute dtype (default float32, results equal to transformers'); 
               "CPUs with fast bfloat16 products (AMX, AVX-512 BF16), float32 on other CPUs")
 
 
-def resolve_implementation(impl: str, dtype=None, platform: str | None = None) -> str:
+def resolve_implementation(impl: str, platform: str | None = None) -> str:
     """The kernel `impl` names; "auto" is a pure function of the platform (default: JAX's backend):
     the packed Pallas kernel on GPUs, splash on TPUs, blockwise elsewhere, in every dtype. Nothing is
     tried out: `qwen3-jax doctor` checks each kernel on a device, and a kernel that fails there is an
@@ -95,11 +95,11 @@ class Backend:
     layer_by_layer: bool = False            # inference on one device runs a layer at a time (layer_by_layer.py)
 
     @classmethod
-    def resolve(cls, attention: str = "auto", dtype=None, platform: str | None = None) -> "Backend":
+    def resolve(cls, attention: str = "auto", platform: str | None = None) -> "Backend":
         """The choices for `platform` (default: JAX's backend, read here and nowhere in the maths)."""
         platform = platform or _default_platform()
         cpu = platform == "cpu"
-        return cls(platform, resolve_implementation(attention, dtype, platform), half_products_in_float32=cpu,
+        return cls(platform, resolve_implementation(attention, platform), half_products_in_float32=cpu,
                    materialise_gradients=cpu, weight_gradients_in_float32=cpu, attention_row_by_row=cpu,
                    blockwise_block=None if cpu else ACCELERATOR_BLOCK, layer_by_layer=cpu)
 

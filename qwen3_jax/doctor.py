@@ -79,8 +79,8 @@ def doctor(out=print) -> int:
     devices = jax.devices()
     out(f"jax {jax.__version__}; backend {backend}: {len(devices)} x {devices[0].device_kind} "
         f"({jax.process_count()} process(es))")
-    chosen = {dtype: resolve_implementation("auto", dtype) for dtype in DTYPES}
-    out("--attention auto picks: " + ", ".join(f"{impl} for {dtype}" for dtype, impl in chosen.items()))
+    chosen = resolve_implementation("auto")
+    out(f"--attention auto picks: {chosen} (in every dtype)")
     status = 0
     for impl in KERNELS.get(backend, KERNELS["cpu"]):
         for dtype in DTYPES:
@@ -93,7 +93,7 @@ def doctor(out=print) -> int:
                 wrong = not worst <= TOLERANCE[dtype]
                 line = f"{'WRONG' if wrong else 'ok'}: max difference from dense {worst:.1e} (values and gradients), " \
                        f"{seconds:.1f} s to compile and run"
-            if wrong and chosen[dtype] == impl:
+            if wrong and chosen == impl:
                 status = 1
                 line += f" -- 'auto' picks it for {dtype}: choose another with --attention"
             out(f"  {impl:>9} {dtype:>8}{how}: {line}")

@@ -42,7 +42,15 @@ class Qwen3Embedder(OnEngine):
                         max_length: int | None = None, attention: str = "auto", mesh: Mesh | None = None,
                         fsdp: bool = False, revision: str | None = None, cache_dir: str | None = None,
                         strict: bool = False, **kwargs) -> "Qwen3Embedder":
-        """Loads a local checkpoint folder or a hub id ("Qwen/Qwen3-Embedding-0.6B")."""
+        """Loads a local checkpoint folder or a hub id ("Qwen/Qwen3-Embedding-0.6B").
+
+        `dtype`: the compute dtype (float32, bfloat16, or auto); `param_dtype`: the weights' (default: as
+        stored); `max_length`: tokens a text may hold (default: sentence_bert_config.json's); `attention`:
+        the kernel (backend.IMPLEMENTATIONS); `mesh`, `fsdp`: the device mesh and whether parameters split
+        over its data axis too; `revision`, `cache_dir`: the hub's; `strict`: refuse unknown weight names.
+        This turns on JAX's persistent compilation cache for the process (compile_cache.py), unless a cache
+        was chosen before (JAX's own settings, `qwen3_jax.enable_compilation_cache(...)`; "off", or
+        QWEN3_JAX_COMPILE_CACHE=off, keeps it off): JAX allows only that process-wide setting."""
         use_default_compilation_cache()
         folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
         model = load_model(folder, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh,

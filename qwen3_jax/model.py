@@ -188,7 +188,7 @@ class Qwen3Model(nnx.Module):
                  vocab_multiple: int = 1, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
-        self.backend = Backend.resolve(attention_impl, dtype, platform)
+        self.backend = Backend.resolve(attention_impl, platform)
         # Vocabulary rows padded to a multiple of the tensor-parallel axis; the extra rows stay zero.
         vocab_rows = -(-cfg.vocab_size // vocab_multiple) * vocab_multiple
         self.embed = nnx.Param(_init(rngs.params(), (vocab_rows, cfg.hidden_size), param_dtype))

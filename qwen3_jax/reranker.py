@@ -38,7 +38,8 @@ class Qwen3Reranker(OnEngine):
                         attention: str = "auto", mesh: Mesh | None = None, fsdp: bool = False,
                         revision: str | None = None, cache_dir: str | None = None, strict: bool = False,
                         **kwargs) -> "Qwen3Reranker":
-        """Loads a local reranker folder or a hub id ("Qwen/Qwen3-Reranker-0.6B"); tied or separate LM head."""
+        """Loads a local reranker folder or a hub id ("Qwen/Qwen3-Reranker-0.6B"); tied or separate LM head.
+        The arguments and the compilation cache are as for Qwen3Embedder.from_pretrained."""
         use_default_compilation_cache()
         folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
         model = load_model(folder, dtype=dtype, param_dtype=param_dtype, attention=attention, mesh=mesh,

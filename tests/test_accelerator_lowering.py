@@ -149,10 +149,10 @@ def test_attention_sharded_over_data_and_model_runs_the_kernel_per_shard(impl):
 def test_auto_is_chosen_once_from_the_platform_alone(folder):
     """"auto" names a kernel by platform, the same inside a trace as outside it (no trial compile whose
     failure under tracing would be cached for the process), and a model holds the resolved name."""
-    assert [resolve_implementation("auto", dtype, platform) for platform in ("gpu", "tpu", "cpu")
-            for dtype in ("float32", "bfloat16")] == ["pallas"] * 2 + ["splash"] * 2 + ["blockwise"] * 2
+    assert [resolve_implementation("auto", platform) for platform in ("gpu", "tpu", "cpu")] == \
+        ["pallas", "splash", "blockwise"]
     traced = []
-    jax.jit(lambda x: traced.append(resolve_implementation("auto", x.dtype, "gpu")) or x)(jnp.ones(2, jnp.bfloat16))
+    jax.jit(lambda x: traced.append(resolve_implementation("auto", "gpu")) or x)(jnp.ones(2, jnp.bfloat16))
     assert traced == ["pallas"]
     assert load_model(folder).backend.attention == "blockwise"
 
@@ -164,7 +164,7 @@ def test_doctor_checks_each_kernel_here_and_names_attention_when_the_chosen_one_
     lines = []
     assert doctor.doctor(out=lines.append) == 0
     report = "\n".join(lines)
-    assert "auto picks: blockwise for float32, blockwise for bfloat16" in report
+    assert "auto picks: blockwise (in every dtype)" in report
     assert report.count(": ok: max difference from dense") == 4 and "compile cache" in report
 
     def broken(impl, dtype):
