@@ -206,8 +206,11 @@ class PrefixCache:
                 offer(i, prefix, common_length(prefix, text), len(prefix))
         seen = {t[:RECENT_IDS] for t in texts}             # a text computed again is no instruction seen again
         recent = [t for t in self._recent if t not in seen] if remember else []
+        kept = [0 if pick is None else pick[0] for pick in best]      # what kept prefixes already share
         for shared, members in shared_groups(texts + recent, len(texts)):
-            members = [i for i in members if i < len(texts)]
+            # A new prefix must share at least MIN_SHARED ids more than a kept one gives its texts: a
+            # query whose first words a recent one had does not compute the instruction again for them.
+            members = [i for i in members if i < len(texts) and shared >= kept[i] + MIN_SHARED]
             if not members:
                 continue
             prefix = texts[members[0]][:shared]

@@ -276,3 +276,20 @@ def test_a_call_gives_the_same_bits_whatever_was_computed_before(checkpoint):
     model.encode(QUERIES[:4], instruction=OTHER_TASK)
     model.encode(QUERIES, instruction=TASK)
     assert np.array_equal(model.encode(QUERIES[3:], instruction=OTHER_TASK), fresh)
+
+
+def test_a_new_prefix_must_share_more_than_a_kept_one():
+    """A query whose first words a recent one had shares the kept instruction, not a new prefix a few
+    ids longer (which would compute the instruction again); a much longer common start is a new prefix."""
+    computed = []
+    cache = PrefixCache(lambda prefixes: computed.extend(prefixes) or
+                        [(np.zeros((1, len(p), 1, 2)),) * 2 for p in prefixes])
+    instruction = tuple(range(10, 30))
+    cache.register(instruction)
+    cache.share([instruction + (5, 6, 7, 100)], remember=True)
+    assert cache.share([instruction + (5, 6, 7, 200)], remember=True).offset == [20]
+    assert computed == [instruction]
+    long = tuple(range(300, 340))
+    cache.share([instruction + long + (1,)], remember=True)
+    assert cache.share([instruction + long + (2,)], remember=True).offset == [60]
+    assert computed == [instruction, instruction + long]
