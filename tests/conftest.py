@@ -155,7 +155,7 @@ def embedder(checkpoint):
     return Qwen3Embedder.from_pretrained(checkpoint)
 
 
-def long_text(words: int = 450) -> str:
-    rng = np.random.default_rng(0)
+def long_text(words: int = 450, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
     vocab = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega graph tensor mesh".split()
     return " ".join(rng.choice(vocab, words))

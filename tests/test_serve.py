@@ -304,9 +304,9 @@ def test_malformed_json_and_truncation_on_request(server, local):
 
 
 def _texts_of(words: int, count: int, seed: int) -> list[str]:
-    """`count` texts of about `words` words (a few dozen to a few hundred tokens, within the limit)."""
-    rng = np.random.default_rng(seed)
-    return [long_text(words) + f" {rng.integers(1000)}" for _ in range(count)]
+    """`count` texts of `words` random words (a few dozen to a few hundred tokens, within the limit), no two
+    alike from their first word: the server shares no prefix among them, so each costs its whole length."""
+    return [long_text(words, seed=seed * count + i + 1) for i in range(count)]
 
 
 def test_overload_gets_429_and_every_accepted_request_completes(checkpoint, local, tmp_path):
