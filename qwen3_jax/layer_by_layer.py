@@ -24,10 +24,11 @@ from flax import nnx
 from qwen3_jax.model import Qwen3Model
 
 
-def layer_views(stacked: jax.Array) -> list[jax.Array]:
-    """The [L, ...] array `stacked` of one CPU device as L arrays that share its memory."""
+def layer_views(stacked: jax.Array | np.ndarray, device: jax.Device | None = None) -> list[jax.Array]:
+    """The [L, ...] array `stacked` of one CPU device (or a host array, put on `device`) as L arrays that
+    share its memory."""
     host = np.asarray(stacked)                  # the array's own memory (read-only), not a copy
-    device = next(iter(stacked.devices()))
+    device = device or next(iter(stacked.devices()))
     return [jax.device_put(host[i], device, may_alias=True) for i in range(len(host))]
 
 
@@ -36,6 +37,11 @@ def _per_layer(layer_state) -> list:
     leaves, treedef = jax.tree.flatten(layer_state)
     views = [layer_views(leaf) for leaf in leaves]
     return [treedef.unflatten([v[i] for v in views]) for i in range(len(views[0]))]
+
+
+def _placement(prefix):
+    """A prefix table without its keys and values (each layer gets its own; the inputs need the rest)."""
+    return None if prefix is None else prefix._replace(keys=None, values=None)
 
 
 class Dropped(Exception):
@@ -60,6 +66,10 @@ class LayerByLayer:
         self._state = nnx.state(model)
         self._layers = _per_layer(nnx.state(model.layers))
 
+    def views(self, host: np.ndarray) -> list[jax.Array]:
+        """A host array [L, ...] (a prefix table's keys or values) as a view a layer on the weights' device."""
+        return layer_views(host, next(iter(jax.tree.leaves(self._layers[0])[0].devices())))
+
     @property
     def compiled_programs(self) -> int:
         """How many batch shapes the jitted pass has compiled (its last program has one per shape)."""
@@ -73,7 +83,7 @@ class LayerByLayer:
              stop: Callable[[], bool] | None = None) -> jax.Array:
         """The pass; with `stop`, each layer is waited for and the pass raises Dropped after the first
         layer at whose end `stop()` is true (a long text whose client has gone)."""
-        x, context = inputs(self._state, ids, segments, prefix)
+        x, context = inputs(self._state, ids, segments, _placement(prefix))
         per_layer = [None] * len(self._layers) if prefix is None else list(zip(prefix.keys, prefix.values))
         for number, (layer_state, layer_prefix) in enumerate(zip(self._layers, per_layer), 1):
             x = layer(layer_state, x, context, layer_prefix)
@@ -87,8 +97,8 @@ class LayerByLayer:
                 ends: jax.ShapeDtypeStruct, prefix=None) -> Callable:
         """The pass compiled now for arrays of these shapes (and a prefix table of these shapes, or
         none): a function of (ids, segments, ends, prefix)."""
-        inputs = self._inputs.lower(self._state, ids, segments, prefix).compile()
-        x, context = jax.eval_shape(self._inputs, self._state, ids, segments, prefix)
+        inputs = self._inputs.lower(self._state, ids, segments, _placement(prefix)).compile()
+        x, context = jax.eval_shape(self._inputs, self._state, ids, segments, _placement(prefix))
         layer_prefix = None if prefix is None else tuple(
             jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (prefix.keys, prefix.values))
         layer = self._layer.lower(self._layers[0], x, context, layer_prefix).compile()

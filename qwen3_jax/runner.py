@@ -26,10 +26,13 @@ from qwen3_jax.checks import whole_number
 from qwen3_jax.layer_by_layer import LayerByLayer
 from qwen3_jax.attention.prefix import PrefixTable
 from qwen3_jax.packing import TOKENS_PER_TEXT, Batch, fixed_shapes, layout_batch, per_token, plan_batches
-from qwen3_jax.prefixes import TABLE_LIMIT, PrefixCache, Sharing, unshared
+from qwen3_jax.prefixes import TABLE_LIMIT, Prefix, PrefixCache, Sharing, table_length, unshared
 from qwen3_jax.model import Qwen3Model
 from qwen3_jax.progress import progress_bar
 from qwen3_jax.sharding import batch_sharding, fetch_global, put_global, replicated, shard_count
+
+TABLES_KEPT = 4            # prefix tables kept on the devices (see LastTokenRunner.table)
+LONE_TEXT_TOKENS = 64       # the own ids of a lone query whose programs a server compiles ahead (compile_lone_texts)
 
 
 def _last_hidden(graphdef, state, ids, segments, ends, prefix=None):
@@ -84,6 +87,7 @@ class LastTokenRunner:
                          else None)
         self._compiled: dict[tuple[int, int, int, int], Callable] = {}
         self._compiled_prefixes: dict[tuple[int, int], Callable] = {}
+        self._tables: collections.OrderedDict[tuple, PrefixTable] = collections.OrderedDict()
         self.tokens_embedded = self.tokens_computed = 0
 
     def use(self, model: Qwen3Model) -> None:
@@ -97,13 +101,15 @@ class LastTokenRunner:
             self._layered.use(model)
         if self.prefixes is not None:             # prefixes computed with the old values
             self.prefixes.forget()
+            self._tables.clear()
 
     @property
     def compiled_programs(self) -> int:
-        """How many batch shapes (rows, length, slots) have been compiled so far."""
+        """How many programs have been compiled so far: batch shapes (rows, length, slots, prefix table)
+        and passes over prefixes."""
         on_call = self._layered.compiled_programs if self._layered else \
-            self._forward._cache_size() + self._forward_shared._cache_size()
-        return on_call + len(self._compiled)          # compiled when first called, and ahead of time
+            self._forward._cache_size() + self._forward_shared._cache_size() + self._keys_values._cache_size()
+        return on_call + len(self._compiled) + len(self._compiled_prefixes)   # on first call, and ahead of time
 
     def plan(self, lengths: Sequence[int], *, token_budget: int, fixed: bool = False) -> list[Batch]:
         """The batches for texts of these token counts (see layout.plan_batches), for this runner's
@@ -176,6 +182,20 @@ class LastTokenRunner:
                 self._compiled_prefixes[rows, length] = self._keys_values.lower(self._state, *args).compile()
         self.compile(forward, threads=1, table_length=table_length)
 
+    def compile_lone_texts(self, token_budget: int, own_tokens: int = LONE_TEXT_TOKENS) -> None:
+        """Compiles now, for each known prefix, what a lone text of up to `own_tokens` ids of its own after
+        it takes in a server's batch of `token_budget` tokens (its prefix pass and table programs): the
+        first instruction query a server gets computes only its own tokens, with no program compiled in
+        the background meanwhile."""
+        if self.prefixes is None:
+            return
+        shapes = {(b.num_rows, b.length, b.slots) for n in range(1, own_tokens + 1)
+                  for b in self.plan([n], token_budget=token_budget, fixed=True)}
+        for ids in self.prefixes.known:
+            missing = self.missing_programs(shapes, table_length(len(ids), fixed=True), [Prefix(ids)])
+            if missing:
+                self.compile_missing(missing)
+
     def _prefix_shape(self, tokens: int) -> tuple[int, int]:
         """The (rows, length) a prefix of `tokens` ids is computed in (alone: see _prefix_states)."""
         (batch,) = self.plan([tokens], token_budget=TABLE_LIMIT, fixed=True)
@@ -195,11 +215,26 @@ class LastTokenRunner:
             out.append((np.asarray(keys)[:, 0, :len(prefix)], np.asarray(values)[:, 0, :len(prefix)]))
         return out
 
-    def _on_devices(self, table: PrefixTable) -> PrefixTable:
-        """A host prefix table (Sharing.table) sent to the devices, a whole copy on each."""
-        sharing = replicated(self.mesh)
-        put = (lambda a: jnp.asarray(a)) if sharing is None else (lambda a: put_global(a, sharing))
-        return PrefixTable(*(put(a) for a in table[:4]), None, None)
+    def table(self, sharing: Sharing, length: int | None = None) -> PrefixTable | None:
+        """The prefix table of `sharing`'s prefixes (Sharing.table) on the devices, a whole copy on each; a
+        pass run a layer at a time gets each layer's keys and values as views of the host table. The last
+        TABLES_KEPT tables are kept: a server's lone queries after one instruction reuse one."""
+        if not sharing.prefixes:
+            return None
+        key = (tuple(p.ids for p in sharing.prefixes), length)
+        if key not in self._tables:
+            host = sharing.table(length)
+            if self._layered:
+                keys, values = (self._layered.views(a) for a in host[:2])
+                table = PrefixTable(keys, values, *(jnp.asarray(a) for a in host[2:4]), None, None)
+            else:
+                put = (lambda a: put_global(a, replicated(self.mesh))) if self.mesh else jnp.asarray
+                table = PrefixTable(*(put(a) for a in host[:4]), None, None)
+            self._tables[key] = table
+            while len(self._tables) > TABLES_KEPT:
+                self._tables.popitem(last=False)
+        self._tables.move_to_end(key)
+        return self._tables[key]
 
     def dispatch(self, batch: Batch, texts: Sequence[Sequence[int]], sharing: Sharing | None = None,
                  table: PrefixTable | None = None, *, stop: Callable[[], bool] | None = None) -> Dispatched:
@@ -209,8 +244,6 @@ class LastTokenRunner:
         each layer and raises layer_by_layer.Dropped once `stop()` is true; a scanned pass runs whole."""
         arrays = [put_global(a, self._inputs) for a in layout_batch(batch, texts, self.pad_id, self.padding_side)]
         if table is not None:
-            if isinstance(table.keys, np.ndarray):
-                table = self._on_devices(table)
             text_entry, offset = (put_global(per_token(batch, texts, values, self.padding_side), self._inputs)
                                   for values in (sharing.entry, sharing.offset))
             table = table._replace(text_entry=text_entry, offset=offset)
@@ -263,8 +296,7 @@ class LastTokenRunner:
                 bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
 
             sharing = self.share(texts)
-            table = sharing.table()
-            table = None if table is None else self._on_devices(table)
+            table = self.table(sharing)
             in_flight: collections.deque[Dispatched] = collections.deque()
             for batch in self.plan([len(t) for t in sharing.own], token_budget=batch_size * TOKENS_PER_TEXT):
                 in_flight.append(self.dispatch(batch, sharing.own, sharing, table))

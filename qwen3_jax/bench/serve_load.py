@@ -125,6 +125,23 @@ class Target:
         data = sorted(json.loads(body)["data"], key=lambda item: item["index"])
         return np.stack([np.frombuffer(base64.b64decode(item["embedding"]), "<f4") for item in data])
 
+    def settle(self, timeout: float) -> None:
+        """Waits until the server compiles nothing in the background (our /metrics'
+        qwen3_programs_compiling is 0; a server without it is taken as settled), at most `timeout` s."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            try:
+                connection.request("GET", "/metrics")
+                text = connection.getresponse().read().decode()
+            finally:
+                connection.close()
+            compiling = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith("qwen3_programs_compiling{")]
+            if not any(compiling):
+                return
+            time.sleep(1)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -275,6 +292,7 @@ def run_serve_benchmark(folder: Path, *, infinity: str | None, dtype: str, level
         for target in started:
             _signal_others(target, started, signal.SIGSTOP)          # only the server under test has work
             drive(target, lone, concurrency=1, max_requests=5, max_seconds=60)          # warm
+            target.settle(timeout=600)
             _signal_others(target, started, signal.SIGCONT)
         rows += [{**row, "mix": "lone query"}
                  for row in lone_queries(started, lone, max_requests=max_requests, max_seconds=max_seconds)]

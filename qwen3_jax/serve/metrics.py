@@ -34,8 +34,11 @@ class Metrics:
         self.batch_seconds = Histogram("qwen3_batch_seconds", "a batch from its start to its results", ["model"],
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.queue_tokens = Gauge("qwen3_queue_tokens", "tokens waiting in the queue", ["model"], registry=r)
-        self.compiled = Gauge("qwen3_compiled_programs", "programs compiled (all before the server became ready)",
+        self.compiled = Gauge("qwen3_compiled_programs", "programs compiled (at start-up, and in the background "
+                              "for a new shape of shared prefixes)",
                               ["model"], registry=r)
+        self.compiling = Gauge("qwen3_programs_compiling", "sets of programs for a new shape of shared prefixes being "
+                               "compiled in the background (their texts run whole meanwhile)", ["model"], registry=r)
         self.startup = Gauge("qwen3_startup_seconds", "seconds from start to ready (loading and compiling)",
                              registry=r)
 

@@ -119,6 +119,7 @@ class Scheduler:
         self.failures_in_a_row = 0
         self.died: BaseException | None = None
         self._compiling: set[tuple] = set()       # programs for shared prefixes being compiled in the background
+        self._not_compiled: set[tuple] = set()    # and those that failed to (their texts run whole)
         self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=f"qwen3-jax-{name}", daemon=True)
                          for loop, name in ((self._schedule, "scheduler"), (self._collect, "collector"),
                                             (self._long_lane, "long-lane"))]
@@ -213,22 +214,33 @@ class Scheduler:
             missing = self.runner.missing_programs(shapes, length, [p for p in sharing.prefixes if p.keys is None])
             if not missing:
                 self.runner.prefixes.fill(sharing.prefixes)
-                return sharing, sharing.table(length), batches
+                return sharing, self.runner.table(sharing, length), batches
             self._compile_in_background(missing)
             sharing = unshared(rows)
         return sharing, None, plan(rows)
 
+    @property
+    def compiling(self) -> int:
+        """How many sets of programs for shared prefixes are being compiled in the background now."""
+        return len(self._compiling)
+
     def _compile_in_background(self, programs: tuple) -> None:
-        """Compiles `programs` (runner.missing_programs') in a thread, unless they are being compiled."""
-        if programs in self._compiling:
-            return
-        self._compiling.add(programs)
+        """Compiles `programs` (runner.missing_programs') in a thread, unless they are being compiled or
+        failed to."""
+        with self._lock:
+            if programs in self._compiling or programs in self._not_compiled:
+                return
+            self._compiling.add(programs)
 
         def compile_them():
             try:
                 self.runner.compile_missing(programs)
             except Exception:  # noqa: BLE001 - the texts then run whole, as before
                 log.exception("compiling the programs for shared prefixes failed")
+                self._not_compiled.add(programs)
+            finally:
+                with self._lock:
+                    self._compiling.discard(programs)
 
         threading.Thread(target=compile_them, name="qwen3-jax-prefix-programs", daemon=True).start()
 

@@ -79,6 +79,7 @@ class Service:
         scheduler = Scheduler(runner, max_batch_tokens=self.batch_tokens, max_queue_tokens=self.queue_tokens,
                               max_wait_ms=self.settings.max_wait_ms, report=self.metrics.reporter(name))
         self.metrics.queue_tokens.labels(name).set_function(lambda: scheduler.queued_tokens)
+        self.metrics.compiling.labels(name).set_function(lambda: scheduler.compiling)
         self.schedulers[kind] = scheduler
         return scheduler
 
@@ -88,12 +89,15 @@ class Service:
                 if engine is not None}
 
     def compile(self) -> int:
-        """Compiles every shape a batch of each model can take (nothing compiles once serving), and
-        embeds the int8 calibration texts; returns how many programs that made."""
+        """Compiles every shape a batch of each model can take, and a lone text's after each known prefix
+        (the programs for other prefix tables compile in the background when first needed), and embeds the
+        int8 calibration texts; returns how many programs that made."""
         for kind, engine in self.engines().items():
             runner = engine.runner
             runner.compile(runner.shapes(self.batch_tokens, engine.max_length))
-            self.metrics.compiled.labels(self._names(kind)[0]).set(runner.compiled_programs)
+            runner.compile_lone_texts(self.batch_tokens)
+            self.metrics.compiled.labels(self._names(kind)[0]).set_function(
+                lambda runner=runner: runner.compiled_programs)
         if self.embedding is not None and self.calibration_texts:
             rows = self.embedding.rows(self.calibration_texts, prompt="")
             self._calibration_states = self.embedding.run(
