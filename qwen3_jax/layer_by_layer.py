@@ -59,6 +59,8 @@ class LayerByLayer:
         self._layer = jax.jit(lambda state, x, context, prefix:
                               model.apply_layer(layer_graphdef, state, x, context, prefix=prefix))
         self._outputs = jax.jit(lambda state, x, at: nnx.merge(graphdef, state).outputs(x, at).astype(jnp.float32))
+        self._layer_keys_values = jax.jit(lambda state, x, context:
+                                          model.apply_layer(layer_graphdef, state, x, context, keys_values=True))
         self.use(model)
 
     def use(self, model: Qwen3Model) -> None:
@@ -72,8 +74,8 @@ class LayerByLayer:
 
     @property
     def compiled_programs(self) -> int:
-        """How many batch shapes the jitted pass has compiled (its last program has one per shape)."""
-        return self._outputs._cache_size()
+        """How many batch shapes the jitted passes have compiled (the last program of each has one per shape)."""
+        return self._outputs._cache_size() + self._layer_keys_values._cache_size()
 
     def __call__(self, ids: jax.Array, segments: jax.Array, ends: jax.Array, *, prefix=None,
                  stop: Callable[[], bool] | None = None) -> jax.Array:
@@ -92,6 +94,24 @@ class LayerByLayer:
                 if stop():
                     raise Dropped(f"the pass was dropped after layer {number} of {len(self._layers)}")
         return outputs(self._state, x, ends)
+
+    def keys_values(self, ids: jax.Array, segments: jax.Array, programs: tuple | None = None) -> tuple[list, list]:
+        """Each layer's keys and values [B, T, K, H] (what a prefix table holds): `Qwen3Model(...,
+        return_keys_values=True)` a layer at a time; `programs` from `compile_keys_values`, or jitted."""
+        inputs, layer = programs or (self._inputs, self._layer_keys_values)
+        x, context = inputs(self._state, ids, segments, None)
+        keys, values = [], []
+        for layer_state in self._layers:
+            x, (layer_keys, layer_values) = layer(layer_state, x, context)
+            keys.append(layer_keys)
+            values.append(layer_values)
+        return keys, values
+
+    def compile_keys_values(self, ids: jax.ShapeDtypeStruct, segments: jax.ShapeDtypeStruct) -> tuple:
+        """`keys_values`' programs compiled now for arrays of these shapes."""
+        x, context = jax.eval_shape(self._inputs, self._state, ids, segments, None)
+        return (self._inputs.lower(self._state, ids, segments, None).compile(),
+                self._layer_keys_values.lower(self._layers[0], x, context).compile())
 
     def compile(self, ids: jax.ShapeDtypeStruct, segments: jax.ShapeDtypeStruct,
                 ends: jax.ShapeDtypeStruct, prefix=None) -> Callable:

@@ -179,7 +179,8 @@ class LastTokenRunner:
         for rows, length in passes:
             args = [jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._inputs)] * 2
             with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
-                self._compiled_prefixes[rows, length] = self._keys_values.lower(self._state, *args).compile()
+                self._compiled_prefixes[rows, length] = self._layered.compile_keys_values(*args) if self._layered \
+                    else self._keys_values.lower(self._state, *args).compile()
         self.compile(forward, threads=1, table_length=table_length)
 
     def compile_lone_texts(self, token_budget: int, own_tokens: int = LONE_TEXT_TOKENS) -> None:
@@ -210,9 +211,13 @@ class LastTokenRunner:
             ids, segments, _ = (put_global(a, self._inputs) for a in layout_batch(batch, [prefix], self.pad_id))
             program = self._compiled_prefixes.get((batch.num_rows, batch.length))
             with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
-                keys, values = program(self._state, ids, segments) if program else \
-                    self._keys_values(self._state, ids, segments)
-            out.append((np.asarray(keys)[:, 0, :len(prefix)], np.asarray(values)[:, 0, :len(prefix)]))
+                if self._layered:
+                    keys, values = (np.stack([np.asarray(a)[0, :len(prefix)] for a in layers])
+                                    for layers in self._layered.keys_values(ids, segments, program))
+                else:
+                    keys, values = (np.asarray(a)[:, 0, :len(prefix)] for a in
+                                    (program or functools.partial(self._keys_values, self._state))(ids, segments))
+            out.append((keys, values))
         return out
 
     def table(self, sharing: Sharing, length: int | None = None) -> PrefixTable | None:

@@ -49,14 +49,20 @@ def prefix_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
     visible [B, T, P] -> float32 output [B, T, N, H] and log-sum-exp [B, T, N] (a query that sees none
     has a log-sum-exp of about MASKED, so merging gives it no weight)."""
     b, t, n, h = q.shape
-    qg = group_queries(q, keys.shape[1])                                           # [B, T, K, G, H]
-    scores = einsum("BTKGH,PKH->BTKGP", qg, keys, preferred_element_type=jnp.float32) * h**-0.5
-    scores = jnp.where(visible[:, :, None, None, :], scores, MASKED)
+    heads = keys.shape[1]
+    # Key-value heads first, once: both products batch over them, and XLA's CPU products want their batch
+    # axis leading (left in place, each product and the softmax between them transposed again: 17% of a
+    # layer of short reranked documents, against 5% this way).
+    qk = jnp.einsum("BTKGH->KBTGH", group_queries(q, heads))
+    scores = einsum("KBTGH,PKH->KBTGP", qk, keys, preferred_element_type=jnp.float32) * h**-0.5
+    scores = jnp.where(visible[None, :, :, None, :], scores, MASKED)
     top = scores.max(axis=-1, keepdims=True)
     probs = jnp.exp(scores - top)
     total = probs.sum(axis=-1, keepdims=True)
-    out = einsum("BTKGP,PKH->BTKGH", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
-    return (out / total).reshape(b, t, n, h), (top + jnp.log(total)).reshape(b, t, n)
+    out = einsum("KBTGP,PKH->KBTGH", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    logsumexp = (top + jnp.log(total))[..., 0]
+    return (jnp.einsum("KBTGH->BTKGH", out / total).reshape(b, t, n, h),
+            jnp.einsum("KBTG->BTKG", logsumexp).reshape(b, t, n))
 
 
 def merge_attention(parts: tuple[tuple[jax.Array, jax.Array], ...], dtype) -> jax.Array:
