@@ -233,7 +233,7 @@ def test_new_parameter_values_forget_the_kept_prefixes(checkpoint):
     model = Qwen3Embedder.from_pretrained(checkpoint)
     model.encode(QUERIES, instruction=TASK)
     changed = load_model(checkpoint)
-    changed.layers.attn.wk[...] = changed.layers.attn.wk[...] * 1.5
+    changed.layers.attn.wv[...] = changed.layers.attn.wv[...] * 1.5      # (keys would be normed back: QK-norm)
     model.runner.use(changed)
     whole = unshared(Qwen3Embedder.from_pretrained(checkpoint))
     whole.runner.use(changed)
