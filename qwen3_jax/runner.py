@@ -87,7 +87,7 @@ class LastTokenRunner:
                          else None)
         self._compiled: dict[tuple[int, int, int, int], Callable] = {}
         self._compiled_prefixes: dict[tuple[int, int], Callable] = {}
-        self._tables: collections.OrderedDict[tuple, PrefixTable] = collections.OrderedDict()
+        self._tables: collections.OrderedDict[tuple, tuple[PrefixTable, PrefixTable]] = collections.OrderedDict()
         self.tokens_embedded = self.tokens_computed = 0
 
     def use(self, model: Qwen3Model) -> None:
@@ -235,11 +235,11 @@ class LastTokenRunner:
             else:
                 put = (lambda a: put_global(a, replicated(self.mesh))) if self.mesh else jnp.asarray
                 table = PrefixTable(*(put(a) for a in host[:4]), None, None)
-            self._tables[key] = table
+            self._tables[key] = table, host          # the host table too: the views share its memory
             while len(self._tables) > TABLES_KEPT:
                 self._tables.popitem(last=False)
         self._tables.move_to_end(key)
-        return self._tables[key]
+        return self._tables[key][0]
 
     def dispatch(self, batch: Batch, texts: Sequence[Sequence[int]], sharing: Sharing | None = None,
                  table: PrefixTable | None = None, *, stop: Callable[[], bool] | None = None) -> Dispatched:
