@@ -197,9 +197,14 @@ class LastTokenRunner:
             if missing:
                 self.compile_missing(missing)
 
-    def _prefix_shape(self, tokens: int) -> tuple[int, int]:
-        """The (rows, length) a prefix of `tokens` ids is computed in (alone: see _prefix_states)."""
+    def _prefix_batch(self, tokens: int) -> Batch:
+        """The batch a prefix of `tokens` ids is computed in (alone: see _prefix_states)."""
         (batch,) = self.plan([tokens], token_budget=TABLE_LIMIT, fixed=True)
+        return batch
+
+    def _prefix_shape(self, tokens: int) -> tuple[int, int]:
+        """The (rows, length) of `_prefix_batch`."""
+        batch = self._prefix_batch(tokens)
         return batch.num_rows, batch.length
 
     def _prefix_states(self, prefixes: list[tuple[int, ...]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -207,7 +212,7 @@ class LastTokenRunner:
         shape: the same bits whenever and beside whatever it is computed."""
         out = []
         for prefix in prefixes:
-            (batch,) = self.plan([len(prefix)], token_budget=TABLE_LIMIT, fixed=True)     # _prefix_shape's
+            batch = self._prefix_batch(len(prefix))
             ids, segments, _ = (put_global(a, self._inputs) for a in layout_batch(batch, [prefix], self.pad_id))
             program = self._compiled_prefixes.get((batch.num_rows, batch.length))
             with jax.set_mesh(self.mesh), kernel_named_on_failure(self.model.backend):
